@@ -1,0 +1,246 @@
+//! `copies` mode: content-addressed dedupe that never drops a legitimate repeat.
+//!
+//! For every distinct payload we count how many times each replica has sent it. The k-th copy
+//! from any replica is forwarded the moment its count passes what was already forwarded; all
+//! other copies are duplicates. With deterministic replicas, the client sees each payload
+//! exactly as many times as one replica sent it, whichever replica is fastest and whichever dies.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::{MAX_SLOTS, Slot, Verdict};
+
+type Map = HashMap<u64, Entry, foldhash::fast::RandomState>;
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    forwarded: u32,
+    counts: [u32; MAX_SLOTS],
+    last_seen: Instant,
+}
+
+/// Per-session state of the `copies` mode.
+#[derive(Debug)]
+pub struct Copies {
+    entries: Map,
+    window: Duration,
+    max_entries: usize,
+    seed: u64,
+    last_sweep: Instant,
+    evictions: u64,
+}
+
+impl Copies {
+    /// `window`: how long a payload is remembered after its last copy; `max_entries`: hard cap
+    /// on remembered payloads (oldest evicted first).
+    pub fn new(window: Duration, max_entries: usize, seed: u64, now: Instant) -> Self {
+        Self {
+            entries: Map::default(),
+            window,
+            max_entries: max_entries.max(1),
+            seed,
+            last_sweep: now,
+            evictions: 0,
+        }
+    }
+
+    /// Decides the fate of one copy of `payload` from `slot`.
+    pub fn on_answer(&mut self, slot: Slot, payload: &[u8], now: Instant) -> Verdict {
+        debug_assert!(slot < MAX_SLOTS);
+        let slot = slot.min(MAX_SLOTS - 1);
+        self.maybe_sweep(now);
+        let key = xxhash_rust::xxh3::xxh3_64_with_seed(payload, self.seed);
+        if let Some(entry) = self.entries.get_mut(&key) {
+            entry.last_seen = now;
+            let count = &mut entry.counts[slot];
+            *count = count.saturating_add(1);
+            if *count > entry.forwarded {
+                entry.forwarded = *count;
+                return Verdict::Forward;
+            }
+            return Verdict::Duplicate;
+        }
+        if self.entries.len() >= self.max_entries {
+            self.make_room(now);
+        }
+        let mut counts = [0; MAX_SLOTS];
+        counts[slot] = 1;
+        self.entries.insert(
+            key,
+            Entry {
+                forwarded: 1,
+                counts,
+                last_seen: now,
+            },
+        );
+        Verdict::Forward
+    }
+
+    /// A replica that joins late is assumed to be in step with the others: without this, its
+    /// counters would start at zero and it could not carry the stream alone until it had
+    /// re-sent every payload already forwarded.
+    pub fn on_slot_joined(&mut self, slot: Slot) {
+        let slot = slot.min(MAX_SLOTS - 1);
+        for entry in self.entries.values_mut() {
+            entry.counts[slot] = entry.forwarded;
+        }
+    }
+
+    /// Payloads currently remembered.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Entries dropped to respect the cap since the last call (each one risks a duplicate).
+    pub fn take_evictions(&mut self) -> u64 {
+        std::mem::take(&mut self.evictions)
+    }
+
+    fn maybe_sweep(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_sweep) < self.window {
+            return;
+        }
+        self.last_sweep = now;
+        self.sweep(now);
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let window = self.window;
+        self.entries
+            .retain(|_, e| now.saturating_duration_since(e.last_seen) < window);
+        // Give memory back after a burst; keep some headroom to avoid churn.
+        if self.entries.capacity() > 64 && self.entries.len() < self.entries.capacity() / 4 {
+            self.entries.shrink_to(self.entries.len() * 2);
+        }
+    }
+
+    fn make_room(&mut self, now: Instant) {
+        self.sweep(now);
+        while self.entries.len() >= self.max_entries {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.last_seen)
+                .map(|(k, _)| *k)
+            else {
+                return;
+            };
+            self.entries.remove(&oldest);
+            self.evictions += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dedupe::Verdict::{Duplicate, Forward};
+
+    fn copies() -> (Copies, Instant) {
+        let now = Instant::now();
+        (Copies::new(Duration::from_secs(1), 1024, 7, now), now)
+    }
+
+    #[test]
+    fn first_copy_wins_later_copies_dropped() {
+        let (mut c, t) = copies();
+        assert_eq!(c.on_answer(1, b"state 1", t), Forward);
+        assert_eq!(c.on_answer(0, b"state 1", t), Duplicate);
+        assert_eq!(c.on_answer(2, b"state 1", t), Duplicate);
+        assert_eq!(c.on_answer(0, b"state 2", t), Forward);
+    }
+
+    #[test]
+    fn legitimate_repeats_are_never_lost() {
+        // Each replica sends the same keepalive three times; the client must see it three times.
+        let (mut c, t) = copies();
+        let mut forwarded = 0;
+        for round in 0..3 {
+            for slot in [0, 1, 2] {
+                if c.on_answer(slot, b"keepalive", t + Duration::from_millis(round)) == Forward {
+                    forwarded += 1;
+                }
+            }
+        }
+        assert_eq!(forwarded, 3);
+    }
+
+    #[test]
+    fn fastest_replica_carries_the_stream_when_others_lag() {
+        let (mut c, t) = copies();
+        // Replica 0 sends "k" twice before replica 1 sends it at all.
+        assert_eq!(c.on_answer(0, b"k", t), Forward);
+        assert_eq!(c.on_answer(0, b"k", t), Forward);
+        assert_eq!(c.on_answer(1, b"k", t), Duplicate);
+        assert_eq!(c.on_answer(1, b"k", t), Duplicate);
+        // Replica 0 dies; replica 1's third copy is new.
+        assert_eq!(c.on_answer(1, b"k", t), Forward);
+    }
+
+    #[test]
+    fn entries_expire_after_quiet_window() {
+        let (mut c, t) = copies();
+        assert_eq!(c.on_answer(0, b"x", t), Forward);
+        assert_eq!(
+            c.on_answer(1, b"x", t + Duration::from_millis(5)),
+            Duplicate
+        );
+        let later = t + Duration::from_secs(3);
+        assert_eq!(c.on_answer(0, b"x", later), Forward);
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn continuous_repeats_keep_the_entry_alive() {
+        // A keepalive every 400 ms with a 1 s window: counters must never reset, or a lagging
+        // replica's copy would be forwarded as new.
+        let (mut c, t) = copies();
+        let mut forwarded = 0;
+        for i in 0..20u64 {
+            let at = t + Duration::from_millis(400 * i);
+            if c.on_answer(0, b"ka", at) == Forward {
+                forwarded += 1;
+            }
+            if c.on_answer(1, b"ka", at + Duration::from_millis(900)) == Forward {
+                forwarded += 1;
+            }
+        }
+        assert_eq!(forwarded, 20);
+    }
+
+    #[test]
+    fn cap_bounds_memory_and_evicts_oldest() {
+        let now = Instant::now();
+        let mut c = Copies::new(Duration::from_secs(60), 4, 1, now);
+        for i in 0..10u8 {
+            c.on_answer(0, &[i], now + Duration::from_millis(u64::from(i)));
+        }
+        assert_eq!(c.len(), 4);
+        assert_eq!(c.take_evictions(), 6);
+        // The newest entries are still known.
+        assert_eq!(c.on_answer(1, &[9], now), Duplicate);
+    }
+
+    #[test]
+    fn late_joiner_is_assumed_in_step() {
+        let (mut c, t) = copies();
+        assert_eq!(c.on_answer(0, b"ka", t), Forward);
+        assert_eq!(c.on_answer(0, b"ka", t), Forward);
+        c.on_slot_joined(3);
+        // The newcomer's next keepalive is the third one, not a duplicate of the first.
+        assert_eq!(c.on_answer(3, b"ka", t), Forward);
+        assert_eq!(c.on_answer(0, b"ka", t), Duplicate);
+    }
+
+    #[test]
+    fn empty_payloads_are_deduplicated_too() {
+        let (mut c, t) = copies();
+        assert_eq!(c.on_answer(0, b"", t), Forward);
+        assert_eq!(c.on_answer(1, b"", t), Duplicate);
+    }
+}

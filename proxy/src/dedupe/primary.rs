@@ -1,0 +1,198 @@
+//! `primary` mode: one replica per session speaks for all.
+//!
+//! Cheapest mode (no per-payload state), for games whose replicas are not byte-identical.
+//! The price: answers the other replicas sent while the primary was failing are not
+//! delivered, so a silent death costs up to `failover_after` of answers.
+
+use std::time::{Duration, Instant};
+
+use super::{MAX_SLOTS, Slot, SlotState, Verdict};
+
+/// Per-session state of the `primary` mode.
+#[derive(Debug)]
+pub struct Primary {
+    failover_after: Duration,
+    primary: Option<Slot>,
+    /// When the current primary last answered, or when it became primary.
+    primary_heard: Instant,
+    last_heard: [Option<Instant>; MAX_SLOTS],
+}
+
+impl Primary {
+    /// State for a session created at `now` over `slots`.
+    pub fn new(failover_after: Duration, now: Instant, slots: &[SlotState]) -> Self {
+        let mut p = Self {
+            failover_after,
+            primary: None,
+            primary_heard: now,
+            last_heard: [None; MAX_SLOTS],
+        };
+        p.primary = p.choose(slots, None);
+        p
+    }
+
+    /// The current primary slot.
+    pub fn primary(&self) -> Option<Slot> {
+        self.primary
+    }
+
+    /// Decides the fate of one answer from `slot`.
+    pub fn on_answer(&mut self, slot: Slot, now: Instant, slots: &[SlotState]) -> Verdict {
+        if slot >= MAX_SLOTS {
+            return Verdict::Duplicate;
+        }
+        self.last_heard[slot] = Some(now);
+        match self.primary {
+            Some(p) if p == slot => {
+                self.primary_heard = now;
+                Verdict::Forward
+            }
+            Some(_) => {
+                let silent = now.saturating_duration_since(self.primary_heard);
+                let eligible = slots.get(slot) == Some(&SlotState::Ready);
+                if silent >= self.failover_after && eligible {
+                    self.primary = Some(slot);
+                    self.primary_heard = now;
+                    Verdict::ForwardAfterFailover
+                } else {
+                    Verdict::Duplicate
+                }
+            }
+            None => {
+                // No primary could be chosen before (nothing live): take the first to speak.
+                self.primary = Some(slot);
+                self.primary_heard = now;
+                Verdict::ForwardAfterFailover
+            }
+        }
+    }
+
+    /// A slot was (re)filled; forget what was heard from its previous occupant.
+    pub fn on_slot_joined(&mut self, slot: Slot) {
+        if let Some(h) = self.last_heard.get_mut(slot) {
+            *h = None;
+        }
+    }
+
+    /// Moves the primary off a replica that is gone or draining. True when it moved.
+    pub fn on_slots_changed(&mut self, slots: &[SlotState], now: Instant) -> bool {
+        let keep = self
+            .primary
+            .is_some_and(|p| slots.get(p) == Some(&SlotState::Ready));
+        if keep {
+            return false;
+        }
+        let before = self.primary;
+        // A draining primary is still better than none at all.
+        let next = self.choose(slots, before);
+        if next == before {
+            return false;
+        }
+        self.primary = next;
+        self.primary_heard = now;
+        before.is_some() && next.is_some()
+    }
+
+    /// Best successor: a ready replica heard most recently, then the next ready one in order
+    /// after `after`; a draining one only when no ready replica is left.
+    fn choose(&self, slots: &[SlotState], after: Option<Slot>) -> Option<Slot> {
+        let n = slots.len().min(MAX_SLOTS);
+        if n == 0 {
+            return None;
+        }
+        let start = after.map_or(0, |a| a + 1);
+        let order = (0..n).map(|i| (start + i) % n);
+        let pick = |wanted: SlotState| {
+            order
+                .clone()
+                .filter(|&s| slots[s] == wanted)
+                // max_by_key keeps the last maximum; iterate in reverse so ties go to the
+                // first in order.
+                .rev()
+                .max_by_key(|&s| self.last_heard[s])
+        };
+        pick(SlotState::Ready).or_else(|| pick(SlotState::Draining))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SlotState::{Draining, Gone, Ready};
+    use Verdict::{Duplicate, Forward, ForwardAfterFailover};
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn only_primary_is_forwarded() {
+        let t = Instant::now();
+        let slots = [Ready, Ready, Ready];
+        let mut p = Primary::new(50 * MS, t, &slots);
+        assert_eq!(p.primary(), Some(0));
+        assert_eq!(p.on_answer(1, t, &slots), Duplicate);
+        assert_eq!(p.on_answer(0, t, &slots), Forward);
+        assert_eq!(p.on_answer(2, t + MS, &slots), Duplicate);
+    }
+
+    #[test]
+    fn silent_primary_fails_over_to_a_speaking_replica() {
+        let t = Instant::now();
+        let slots = [Ready, Ready];
+        let mut p = Primary::new(50 * MS, t, &slots);
+        assert_eq!(p.on_answer(0, t, &slots), Forward);
+        assert_eq!(p.on_answer(1, t + 10 * MS, &slots), Duplicate);
+        assert_eq!(p.on_answer(1, t + 49 * MS, &slots), Duplicate);
+        assert_eq!(p.on_answer(1, t + 50 * MS, &slots), ForwardAfterFailover);
+        assert_eq!(p.primary(), Some(1));
+        assert_eq!(p.on_answer(0, t + 51 * MS, &slots), Duplicate);
+    }
+
+    #[test]
+    fn primary_that_never_speaks_is_replaced() {
+        let t = Instant::now();
+        let slots = [Ready, Ready];
+        let mut p = Primary::new(50 * MS, t, &slots);
+        assert_eq!(p.on_answer(1, t + 60 * MS, &slots), ForwardAfterFailover);
+    }
+
+    #[test]
+    fn removed_primary_moves_at_once() {
+        let t = Instant::now();
+        let mut slots = [Ready, Ready, Ready];
+        let mut p = Primary::new(50 * MS, t, &slots);
+        p.on_answer(2, t, &slots);
+        p.on_answer(1, t + MS, &slots);
+        slots[0] = Gone;
+        assert!(p.on_slots_changed(&slots, t + 2 * MS));
+        // The most recently heard ready replica takes over.
+        assert_eq!(p.primary(), Some(1));
+        assert_eq!(p.on_answer(1, t + 3 * MS, &slots), Forward);
+    }
+
+    #[test]
+    fn draining_replica_is_never_chosen_while_a_ready_one_exists() {
+        let t = Instant::now();
+        let mut slots = [Ready, Draining, Ready];
+        let mut p = Primary::new(50 * MS, t, &slots);
+        assert_eq!(p.primary(), Some(0));
+        // The draining replica keeps speaking while the primary is silent: no failover to it.
+        assert_eq!(p.on_answer(1, t + 100 * MS, &slots), Duplicate);
+        slots[0] = Draining;
+        assert!(p.on_slots_changed(&slots, t + 101 * MS));
+        assert_eq!(p.primary(), Some(2));
+        // Only draining replicas left: better one of them than silence.
+        slots[2] = Gone;
+        assert!(p.on_slots_changed(&slots, t + 102 * MS));
+        assert!(matches!(p.primary(), Some(0 | 1)));
+    }
+
+    #[test]
+    fn no_live_replica_then_first_speaker_wins() {
+        let t = Instant::now();
+        let slots = [Gone, Gone];
+        let mut p = Primary::new(50 * MS, t, &slots);
+        assert_eq!(p.primary(), None);
+        let slots = [Gone, Ready];
+        assert_eq!(p.on_answer(1, t, &slots), ForwardAfterFailover);
+    }
+}

@@ -1,0 +1,904 @@
+//! The session table: one session per (listener, client address).
+//!
+//! Sans-io: callers pass datagram sizes, payloads, addresses and `now`; the table answers with
+//! verdicts. Opening and closing the session's upstream socket is the caller's job, keyed by
+//! the [`SessionId`] the table hands out.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use crate::dedupe::{Deduper, MAX_SLOTS, Mode, Slot, SlotState, Verdict};
+use crate::ratelimit::{Limiter, Rate};
+use crate::replicas::{ReplicaState, Snapshot};
+
+/// Dense id of a live session, stable for its lifetime (re-used after it closes).
+pub type SessionId = usize;
+
+/// Index of the listener (front address) a session came in on.
+pub type ListenerId = u16;
+
+/// Why a datagram was not passed on. Labels the `spotable_drops_total` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Zero-length client datagram: no game protocol needs one.
+    Empty,
+    /// Larger than `max_datagram`.
+    Oversized,
+    /// The client exceeded its packet rate.
+    RateLimited,
+    /// The session table is full.
+    SessionLimit,
+    /// No replica to send to.
+    NoReplicas,
+    /// An answer from an address that is not a current replica of the session.
+    NotReplica,
+    /// An answer for a session that has closed.
+    UnknownSession,
+    /// `sequence` mode: number older than the replay window.
+    StaleSequence,
+    /// The kernel refused a send (buffer full, no route…).
+    SendFailed,
+    /// Could not open the session's upstream socket.
+    SocketError,
+}
+
+impl DropReason {
+    /// Every reason, for pre-registering metrics.
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Empty,
+        DropReason::Oversized,
+        DropReason::RateLimited,
+        DropReason::SessionLimit,
+        DropReason::NoReplicas,
+        DropReason::NotReplica,
+        DropReason::UnknownSession,
+        DropReason::StaleSequence,
+        DropReason::SendFailed,
+        DropReason::SocketError,
+    ];
+
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Empty => "empty",
+            DropReason::Oversized => "oversized",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::SessionLimit => "session_limit",
+            DropReason::NoReplicas => "no_replicas",
+            DropReason::NotReplica => "not_replica",
+            DropReason::UnknownSession => "unknown_session",
+            DropReason::StaleSequence => "stale_sequence",
+            DropReason::SendFailed => "send_failed",
+            DropReason::SocketError => "socket_error",
+        }
+    }
+}
+
+/// Behaviour shared by every session of a proxy.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Dedupe algorithm and its parameters.
+    pub mode: Mode,
+    /// A session with no client datagram for this long is closed.
+    pub session_timeout: Duration,
+    /// Per-client packet rate limit; `None` for unlimited.
+    pub rate: Option<Rate>,
+    /// Largest client datagram accepted, in bytes.
+    pub max_datagram: usize,
+    /// Most replicas one session fans out to (≤ [`MAX_SLOTS`]).
+    pub fanout: usize,
+    /// Whether replicas that appear later join running sessions.
+    pub late_join: bool,
+}
+
+/// The global session budget, shared by all workers' tables. One atomic touched per session
+/// open and close, never per packet.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    in_use: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl Admission {
+    /// A budget of `max` sessions.
+    pub fn new(max: usize) -> Self {
+        Self {
+            in_use: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    fn try_acquire(&self) -> bool {
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        self.in_use.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Sessions open across all tables.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Acquire)
+    }
+}
+
+/// The replicas of one session, by slot.
+#[derive(Debug)]
+pub struct Members {
+    addrs: Vec<SocketAddr>,
+    states: Vec<SlotState>,
+    /// Live addresses, rebuilt on change so the send path only reads a slice.
+    targets: Vec<SocketAddr>,
+}
+
+impl Members {
+    fn from_snapshot(snapshot: &Snapshot, limit: usize) -> Self {
+        let mut m = Members {
+            addrs: Vec::new(),
+            states: Vec::new(),
+            targets: Vec::new(),
+        };
+        for r in snapshot.for_new_session(limit) {
+            m.addrs.push(r.addr);
+            m.states.push(slot_state(Some(r.state)));
+        }
+        m.rebuild_targets();
+        m
+    }
+
+    fn rebuild_targets(&mut self) {
+        self.targets.clear();
+        let live = self.addrs.iter().zip(&self.states);
+        self.targets
+            .extend(live.filter(|(_, s)| s.is_live()).map(|(a, _)| *a));
+    }
+
+    /// The live slot holding `addr`.
+    pub fn slot_of(&self, addr: SocketAddr) -> Option<Slot> {
+        self.addrs
+            .iter()
+            .zip(&self.states)
+            .position(|(a, s)| *a == addr && s.is_live())
+    }
+
+    /// Where each slot stands.
+    pub fn states(&self) -> &[SlotState] {
+        &self.states
+    }
+
+    /// Live replica addresses, in slot order.
+    pub fn targets(&self) -> &[SocketAddr] {
+        &self.targets
+    }
+
+    /// Brings the members in line with `snapshot`; returns the slots that were (re)filled.
+    fn apply(&mut self, snapshot: &Snapshot, settings: &Settings) -> (bool, Vec<Slot>) {
+        let mut changed = false;
+        for (addr, state) in self.addrs.iter().zip(self.states.iter_mut()) {
+            if *state == SlotState::Gone {
+                continue;
+            }
+            let new = slot_state(snapshot.state_of(*addr));
+            if new != *state {
+                *state = new;
+                changed = true;
+            }
+        }
+        let mut joined = Vec::new();
+        if settings.late_join {
+            let limit = settings.fanout.min(MAX_SLOTS);
+            for r in snapshot.for_new_session(MAX_SLOTS) {
+                if self.live() >= limit {
+                    break;
+                }
+                if r.state != ReplicaState::Ready || self.slot_of(r.addr).is_some() {
+                    continue;
+                }
+                let slot = match self.states.iter().position(|s| *s == SlotState::Gone) {
+                    Some(slot) => {
+                        self.addrs[slot] = r.addr;
+                        self.states[slot] = SlotState::Ready;
+                        slot
+                    }
+                    None if self.addrs.len() < MAX_SLOTS => {
+                        self.addrs.push(r.addr);
+                        self.states.push(SlotState::Ready);
+                        self.addrs.len() - 1
+                    }
+                    None => break,
+                };
+                joined.push(slot);
+                changed = true;
+            }
+        }
+        if changed {
+            self.rebuild_targets();
+        }
+        (changed, joined)
+    }
+
+    fn live(&self) -> usize {
+        self.states.iter().filter(|s| s.is_live()).count()
+    }
+}
+
+fn slot_state(state: Option<ReplicaState>) -> SlotState {
+    match state {
+        Some(ReplicaState::Ready) => SlotState::Ready,
+        Some(ReplicaState::Draining) => SlotState::Draining,
+        None => SlotState::Gone,
+    }
+}
+
+/// One client's session.
+#[derive(Debug)]
+pub struct Session {
+    /// Listener the client talks to.
+    pub listener: ListenerId,
+    /// The client's address.
+    pub client: SocketAddr,
+    last_active: Instant,
+    members: Members,
+    dedupe: Deduper,
+    limiter: Option<Limiter>,
+}
+
+impl Session {
+    /// The session's replicas.
+    pub fn members(&self) -> &Members {
+        &self.members
+    }
+
+    /// Whether the upstream socket must be IPv6 (any member is).
+    pub fn needs_ipv6(&self) -> bool {
+        self.members.addrs.iter().any(SocketAddr::is_ipv6)
+    }
+}
+
+/// What to do with a client datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientVerdict<'a> {
+    /// Send it to `targets` from the session's upstream socket. When `opened`, the session is
+    /// new and its socket must be opened first.
+    Forward {
+        /// The session.
+        id: SessionId,
+        /// True for the first datagram of a session.
+        opened: bool,
+        /// Replica addresses.
+        targets: &'a [SocketAddr],
+    },
+    /// Drop it, counting the reason.
+    Drop(DropReason),
+}
+
+/// What to do with a replica's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerVerdict {
+    /// Send it to `client` through `listener`.
+    Deliver {
+        /// Front socket to send from.
+        listener: ListenerId,
+        /// Destination.
+        client: SocketAddr,
+        /// The primary moved to this answer's replica.
+        failover: bool,
+    },
+    /// Suppressed: already delivered, or not the primary's.
+    Duplicate,
+    /// Dropped for a reason worth counting.
+    Drop(DropReason),
+}
+
+/// What a replica-set change did to the sessions.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Sessions whose members changed.
+    pub sessions_changed: usize,
+    /// Primaries moved because theirs was removed or draining.
+    pub failovers: u64,
+    /// Replicas that joined running sessions.
+    pub late_joins: u64,
+}
+
+/// Sessions of one worker.
+#[derive(Debug)]
+pub struct SessionTable {
+    settings: Arc<Settings>,
+    admission: Admission,
+    snapshot: Arc<Snapshot>,
+    seed: u64,
+    by_client: HashMap<(ListenerId, SocketAddr), SessionId, foldhash::fast::RandomState>,
+    sessions: Slab<Session>,
+    evictions: u64,
+}
+
+impl SessionTable {
+    /// An empty table. `seed` keys content hashes (pick it at random).
+    pub fn new(
+        settings: Arc<Settings>,
+        admission: Admission,
+        snapshot: Arc<Snapshot>,
+        seed: u64,
+    ) -> Self {
+        Self {
+            settings,
+            admission,
+            snapshot,
+            seed,
+            by_client: HashMap::default(),
+            sessions: Slab::new(),
+            evictions: 0,
+        }
+    }
+
+    /// Sessions in this table.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// True when the table holds no session.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// A session by id.
+    pub fn get(&self, id: SessionId) -> Option<&Session> {
+        self.sessions.get(id)
+    }
+
+    /// The replica snapshot new sessions are built from.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    /// A client datagram of `len` bytes arrived from `client` on `listener`.
+    pub fn on_client(
+        &mut self,
+        listener: ListenerId,
+        client: SocketAddr,
+        len: usize,
+        now: Instant,
+    ) -> ClientVerdict<'_> {
+        if len == 0 {
+            return ClientVerdict::Drop(DropReason::Empty);
+        }
+        if len > self.settings.max_datagram {
+            return ClientVerdict::Drop(DropReason::Oversized);
+        }
+        let (id, opened) = match self.by_client.get(&(listener, client)) {
+            Some(&id) => (id, false),
+            None => match self.open(listener, client, now) {
+                Ok(id) => (id, true),
+                Err(reason) => return ClientVerdict::Drop(reason),
+            },
+        };
+        let Some(session) = self.sessions.get_mut(id) else {
+            return ClientVerdict::Drop(DropReason::UnknownSession);
+        };
+        if let Some(limiter) = &mut session.limiter
+            && !limiter.allow(now)
+        {
+            return ClientVerdict::Drop(DropReason::RateLimited);
+        }
+        session.last_active = now;
+        if session.members.targets.is_empty() {
+            return ClientVerdict::Drop(DropReason::NoReplicas);
+        }
+        ClientVerdict::Forward {
+            id,
+            opened,
+            targets: &session.members.targets,
+        }
+    }
+
+    fn open(
+        &mut self,
+        listener: ListenerId,
+        client: SocketAddr,
+        now: Instant,
+    ) -> Result<SessionId, DropReason> {
+        let members = Members::from_snapshot(&self.snapshot, self.settings.fanout.min(MAX_SLOTS));
+        if members.targets.is_empty() {
+            return Err(DropReason::NoReplicas);
+        }
+        if !self.admission.try_acquire() {
+            return Err(DropReason::SessionLimit);
+        }
+        let seed = self.seed ^ (self.sessions.vacant_key() as u64).rotate_left(17);
+        let dedupe = Deduper::new(&self.settings.mode, seed, now, &members.states);
+        let id = self.sessions.insert(Session {
+            listener,
+            client,
+            last_active: now,
+            members,
+            dedupe,
+            limiter: self.settings.rate.map(|r| Limiter::new(r, now)),
+        });
+        self.by_client.insert((listener, client), id);
+        Ok(id)
+    }
+
+    /// An answer arrived on session `id`'s upstream socket from `from`.
+    pub fn on_answer(
+        &mut self,
+        id: SessionId,
+        from: SocketAddr,
+        payload: &[u8],
+        now: Instant,
+    ) -> AnswerVerdict {
+        let Some(session) = self.sessions.get_mut(id) else {
+            return AnswerVerdict::Drop(DropReason::UnknownSession);
+        };
+        let Some(slot) = session.members.slot_of(from) else {
+            return AnswerVerdict::Drop(DropReason::NotReplica);
+        };
+        let verdict = session
+            .dedupe
+            .on_answer(slot, payload, now, &session.members.states);
+        match verdict {
+            Verdict::Forward | Verdict::ForwardAfterFailover => {
+                // Only a new payload can push an entry out, and a new payload is forwarded.
+                self.evictions += session.dedupe.take_evictions();
+                AnswerVerdict::Deliver {
+                    listener: session.listener,
+                    client: session.client,
+                    failover: verdict == Verdict::ForwardAfterFailover,
+                }
+            }
+            Verdict::Duplicate => AnswerVerdict::Duplicate,
+            Verdict::Stale => AnswerVerdict::Drop(DropReason::StaleSequence),
+        }
+    }
+
+    /// Closes sessions idle since before `now - session_timeout`, appending their ids to
+    /// `closed` so the caller can close their sockets.
+    pub fn expire(&mut self, now: Instant, closed: &mut Vec<SessionId>) {
+        let timeout = self.settings.session_timeout;
+        let start = closed.len();
+        closed.extend(
+            self.sessions
+                .iter()
+                .filter(|(_, s)| now.saturating_duration_since(s.last_active) >= timeout)
+                .map(|(id, _)| id),
+        );
+        for &id in &closed[start..] {
+            self.close(id);
+        }
+    }
+
+    /// Closes one session (its socket failed, or the worker is shutting down).
+    pub fn close(&mut self, id: SessionId) {
+        if let Some(s) = self.sessions.try_remove(id) {
+            self.by_client.remove(&(s.listener, s.client));
+            self.admission.release();
+        }
+    }
+
+    /// Adopts a new replica snapshot: removed replicas leave every session at once, draining
+    /// ones stop being primary, and with `late_join` new ones join running sessions.
+    pub fn apply(&mut self, snapshot: Arc<Snapshot>, now: Instant) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        for (_, s) in self.sessions.iter_mut() {
+            let (changed, joined) = s.members.apply(&snapshot, &self.settings);
+            if !changed {
+                continue;
+            }
+            report.sessions_changed += 1;
+            for slot in &joined {
+                s.dedupe.on_slot_joined(*slot);
+            }
+            report.late_joins += joined.len() as u64;
+            if s.dedupe.on_slots_changed(&s.members.states, now) {
+                report.failovers += 1;
+            }
+        }
+        self.snapshot = snapshot;
+        report
+    }
+
+    /// Content-dedupe entries evicted by the per-session cap since the last call; each one
+    /// risks a duplicate, so it is worth a metric.
+    pub fn take_evictions(&mut self) -> u64 {
+        std::mem::take(&mut self.evictions)
+    }
+}
+
+impl Drop for SessionTable {
+    fn drop(&mut self) {
+        for _ in 0..self.sessions.len() {
+            self.admission.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicas::Replica;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn settings(mode: Mode) -> Settings {
+        Settings {
+            mode,
+            session_timeout: Duration::from_secs(60),
+            rate: None,
+            max_datagram: 1500,
+            fanout: MAX_SLOTS,
+            late_join: false,
+        }
+    }
+
+    fn copies() -> Mode {
+        Mode::Copies {
+            window: Duration::from_secs(1),
+            max_entries: 1024,
+        }
+    }
+
+    fn snapshot(version: u64, replicas: &[(u16, ReplicaState)]) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            version,
+            replicas: replicas
+                .iter()
+                .map(|&(p, state)| Replica {
+                    addr: addr(p),
+                    state,
+                })
+                .collect(),
+        })
+    }
+
+    fn table(settings: Settings, max: usize, replicas: &[u16]) -> SessionTable {
+        let replicas: Vec<_> = replicas.iter().map(|&p| (p, ReplicaState::Ready)).collect();
+        SessionTable::new(
+            Arc::new(settings),
+            Admission::new(max),
+            snapshot(1, &replicas),
+            42,
+        )
+    }
+
+    fn open(t: &mut SessionTable, client: u16, now: Instant) -> SessionId {
+        match t.on_client(0, addr(client), 10, now) {
+            ClientVerdict::Forward { id, .. } => id,
+            other => panic!("expected forward, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn first_datagram_opens_a_session_and_fans_out() {
+        let now = Instant::now();
+        let mut t = table(settings(copies()), 10, &[7001, 7002, 7003]);
+        let v = t.on_client(0, addr(5000), 10, now);
+        assert_eq!(
+            v,
+            ClientVerdict::Forward {
+                id: 0,
+                opened: true,
+                targets: &[addr(7001), addr(7002), addr(7003)],
+            }
+        );
+        assert!(matches!(
+            t.on_client(0, addr(5000), 10, now),
+            ClientVerdict::Forward {
+                id: 0,
+                opened: false,
+                ..
+            }
+        ));
+        // Same client on another listener is another session.
+        assert!(matches!(
+            t.on_client(1, addr(5000), 10, now),
+            ClientVerdict::Forward {
+                id: 1,
+                opened: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn answers_are_deduplicated_and_only_from_replicas() {
+        let now = Instant::now();
+        let mut t = table(settings(copies()), 10, &[7001, 7002]);
+        let id = open(&mut t, 5000, now);
+        let deliver = AnswerVerdict::Deliver {
+            listener: 0,
+            client: addr(5000),
+            failover: false,
+        };
+        assert_eq!(t.on_answer(id, addr(7002), b"a", now), deliver);
+        assert_eq!(
+            t.on_answer(id, addr(7001), b"a", now),
+            AnswerVerdict::Duplicate
+        );
+        assert_eq!(
+            t.on_answer(id, addr(6666), b"b", now),
+            AnswerVerdict::Drop(DropReason::NotReplica)
+        );
+        assert_eq!(
+            t.on_answer(id + 1, addr(7001), b"b", now),
+            AnswerVerdict::Drop(DropReason::UnknownSession)
+        );
+    }
+
+    #[test]
+    fn empty_and_oversized_datagrams_are_dropped() {
+        let now = Instant::now();
+        let mut t = table(settings(copies()), 10, &[7001]);
+        assert_eq!(
+            t.on_client(0, addr(1), 0, now),
+            ClientVerdict::Drop(DropReason::Empty)
+        );
+        assert_eq!(
+            t.on_client(0, addr(1), 1501, now),
+            ClientVerdict::Drop(DropReason::Oversized)
+        );
+        assert!(t.is_empty(), "a dropped datagram must not open a session");
+    }
+
+    #[test]
+    fn session_limit_holds_across_tables_and_frees_on_close() {
+        let now = Instant::now();
+        let s = Arc::new(settings(copies()));
+        let admission = Admission::new(3);
+        let snap = snapshot(1, &[(7001, ReplicaState::Ready)]);
+        let mut a = SessionTable::new(s.clone(), admission.clone(), snap.clone(), 1);
+        let mut b = SessionTable::new(s, admission.clone(), snap, 2);
+        open(&mut a, 1, now);
+        let id = open(&mut a, 2, now);
+        open(&mut b, 3, now);
+        assert_eq!(
+            b.on_client(0, addr(4), 10, now),
+            ClientVerdict::Drop(DropReason::SessionLimit)
+        );
+        assert_eq!(admission.in_use(), 3);
+        a.close(id);
+        open(&mut b, 4, now);
+        drop(a);
+        assert_eq!(admission.in_use(), 2);
+    }
+
+    #[test]
+    fn idle_sessions_expire_active_ones_stay() {
+        let t0 = Instant::now();
+        let mut s = settings(copies());
+        s.session_timeout = Duration::from_secs(60);
+        let mut t = table(s, 10, &[7001]);
+        let idle = open(&mut t, 1, t0);
+        let busy = open(&mut t, 2, t0);
+        open(&mut t, 2, t0 + Duration::from_secs(30));
+        let mut closed = Vec::new();
+        t.expire(t0 + Duration::from_secs(59), &mut closed);
+        assert!(closed.is_empty());
+        t.expire(t0 + Duration::from_secs(60), &mut closed);
+        assert_eq!(closed, vec![idle]);
+        assert!(t.get(busy).is_some());
+        assert_eq!(
+            t.on_answer(idle, addr(7001), b"late", t0),
+            AnswerVerdict::Drop(DropReason::UnknownSession)
+        );
+        // Answers from replicas do not keep a session alive: it belongs to the client.
+        t.on_answer(busy, addr(7001), b"x", t0 + Duration::from_secs(80));
+        t.expire(t0 + Duration::from_secs(90), &mut closed);
+        assert_eq!(closed, vec![idle, busy]);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn rate_limit_per_client() {
+        let now = Instant::now();
+        let mut s = settings(copies());
+        s.rate = Some(Rate {
+            per_second: 10,
+            burst: 2,
+        });
+        let mut t = table(s, 10, &[7001]);
+        open(&mut t, 1, now);
+        open(&mut t, 1, now);
+        assert_eq!(
+            t.on_client(0, addr(1), 10, now),
+            ClientVerdict::Drop(DropReason::RateLimited)
+        );
+        // Another client has its own budget.
+        open(&mut t, 2, now);
+        open(&mut t, 1, now + 100 * MS);
+    }
+
+    #[test]
+    fn no_replicas_no_session() {
+        let now = Instant::now();
+        let mut t = table(settings(copies()), 10, &[]);
+        assert_eq!(
+            t.on_client(0, addr(1), 10, now),
+            ClientVerdict::Drop(DropReason::NoReplicas)
+        );
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn removed_replica_leaves_running_sessions_new_one_joins_new_sessions_only() {
+        let now = Instant::now();
+        let mut t = table(settings(copies()), 10, &[7001, 7002]);
+        let old = open(&mut t, 1, now);
+        let report = t.apply(
+            snapshot(
+                2,
+                &[(7002, ReplicaState::Ready), (7003, ReplicaState::Ready)],
+            ),
+            now,
+        );
+        assert_eq!(report.sessions_changed, 1);
+        assert_eq!(report.late_joins, 0);
+        assert_eq!(
+            t.get(old).map(|s| s.members().targets()),
+            Some(&[addr(7002)][..])
+        );
+        assert_eq!(
+            t.on_answer(old, addr(7001), b"x", now),
+            AnswerVerdict::Drop(DropReason::NotReplica)
+        );
+        assert_eq!(
+            t.on_answer(old, addr(7003), b"x", now),
+            AnswerVerdict::Drop(DropReason::NotReplica)
+        );
+        let new = open(&mut t, 2, now);
+        assert_eq!(
+            t.get(new).map(|s| s.members().targets()),
+            Some(&[addr(7002), addr(7003)][..])
+        );
+    }
+
+    #[test]
+    fn late_join_tops_up_running_sessions() {
+        let now = Instant::now();
+        let mut s = settings(copies());
+        s.late_join = true;
+        s.fanout = 2;
+        let mut t = table(s, 10, &[7001, 7002]);
+        let id = open(&mut t, 1, now);
+        // Nothing to add while the session is full.
+        let report = t.apply(
+            snapshot(
+                2,
+                &[
+                    (7001, ReplicaState::Ready),
+                    (7002, ReplicaState::Ready),
+                    (7003, ReplicaState::Ready),
+                ],
+            ),
+            now,
+        );
+        assert_eq!(report.late_joins, 0);
+        let report = t.apply(
+            snapshot(
+                3,
+                &[(7002, ReplicaState::Ready), (7003, ReplicaState::Ready)],
+            ),
+            now,
+        );
+        assert_eq!(report.late_joins, 1);
+        // The newcomer took the freed slot.
+        assert_eq!(
+            t.get(id).map(|s| s.members().targets()),
+            Some(&[addr(7003), addr(7002)][..])
+        );
+        assert!(matches!(
+            t.on_answer(id, addr(7003), b"x", now),
+            AnswerVerdict::Deliver { .. }
+        ));
+    }
+
+    #[test]
+    fn draining_replica_keeps_traffic_and_loses_primary() {
+        let now = Instant::now();
+        let mode = Mode::Primary {
+            failover_after: 50 * MS,
+        };
+        let mut t = table(settings(mode), 10, &[7001, 7002]);
+        let id = open(&mut t, 1, now);
+        assert!(matches!(
+            t.on_answer(id, addr(7001), b"x", now),
+            AnswerVerdict::Deliver {
+                failover: false,
+                ..
+            }
+        ));
+        let report = t.apply(
+            snapshot(
+                2,
+                &[(7001, ReplicaState::Draining), (7002, ReplicaState::Ready)],
+            ),
+            now + MS,
+        );
+        assert_eq!(report.failovers, 1);
+        // Still fanned out to, still accepted, but no longer forwarded.
+        assert_eq!(
+            t.get(id).map(|s| s.members().targets()),
+            Some(&[addr(7001), addr(7002)][..])
+        );
+        assert_eq!(
+            t.on_answer(id, addr(7001), b"y", now + 2 * MS),
+            AnswerVerdict::Duplicate
+        );
+        assert!(matches!(
+            t.on_answer(id, addr(7002), b"y", now + 2 * MS),
+            AnswerVerdict::Deliver { .. }
+        ));
+    }
+
+    #[test]
+    fn copies_mode_survives_replica_loss_without_loss_or_duplicates() {
+        // Three replicas answer a stream; one vanishes mid-stream (removed from the set
+        // or just silent). The client must see every answer exactly once.
+        let t0 = Instant::now();
+        let mut t = table(settings(copies()), 10, &[7001, 7002, 7003]);
+        let id = open(&mut t, 1, t0);
+        let mut delivered = Vec::new();
+        for seq in 0u32..200 {
+            let now = t0 + MS * seq;
+            let payload = seq.to_be_bytes();
+            if seq == 100 {
+                t.apply(
+                    snapshot(
+                        2,
+                        &[(7001, ReplicaState::Ready), (7003, ReplicaState::Ready)],
+                    ),
+                    now,
+                );
+            }
+            // Replicas answer in varying order; 7002 dies at 100.
+            let mut order = [7001u16, 7002, 7003];
+            order.rotate_left(seq as usize % 3);
+            for port in order {
+                if port == 7002 && seq >= 95 {
+                    continue;
+                }
+                if let AnswerVerdict::Deliver { .. } = t.on_answer(id, addr(port), &payload, now) {
+                    delivered.push(seq);
+                }
+            }
+        }
+        assert_eq!(delivered, (0..200).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn sequence_mode_through_the_table() {
+        let now = Instant::now();
+        let mode = Mode::Sequence {
+            spec: crate::dedupe::SequenceSpec {
+                offset: 0,
+                width: crate::dedupe::Width::Two,
+                endian: crate::dedupe::Endian::Little,
+            },
+            window: Duration::from_secs(1),
+            max_entries: 64,
+        };
+        let mut t = table(settings(mode), 10, &[7001, 7002]);
+        let id = open(&mut t, 1, now);
+        // Payloads differ between replicas (timestamps, say); only the number matters.
+        assert!(matches!(
+            t.on_answer(id, addr(7001), b"\x01\x00 at 10ms", now),
+            AnswerVerdict::Deliver { .. }
+        ));
+        assert_eq!(
+            t.on_answer(id, addr(7002), b"\x01\x00 at 11ms", now),
+            AnswerVerdict::Duplicate
+        );
+    }
+}

@@ -1,1 +1,10 @@
+//! Spotable's demo, test replica, load generation and benchmark helpers.
+//!
+//! The replica program here is what the proxy's integration tests and the demo run as real
+//! child processes.
 
+pub mod demo;
+pub mod metrics_text;
+pub mod process;
+pub mod replica;
+pub mod wire;

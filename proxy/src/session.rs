@@ -129,6 +129,11 @@ impl Admission {
     pub fn in_use(&self) -> usize {
         self.in_use.load(Ordering::Acquire)
     }
+
+    /// The live counter, for readers outside the data plane (metrics).
+    pub fn counter(&self) -> Arc<AtomicUsize> {
+        self.in_use.clone()
+    }
 }
 
 /// The replicas of one session, by slot.
@@ -256,11 +261,6 @@ impl Session {
     /// The session's replicas.
     pub fn members(&self) -> &Members {
         &self.members
-    }
-
-    /// Whether the upstream socket must be IPv6 (any member is).
-    pub fn needs_ipv6(&self) -> bool {
-        self.members.addrs.iter().any(SocketAddr::is_ipv6)
     }
 }
 

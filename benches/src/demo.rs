@@ -1,0 +1,283 @@
+//! The one-command demo: replicas, proxy and a player on loopback, and a replica SIGKILLed
+//! mid-stream, as a reclaimed spot node would take it.
+
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::metrics_text;
+use crate::process::{ReplicaProcess, http_get, spawn_proxy, spawn_replica};
+use crate::wire;
+
+/// `spotable-bench demo` flags.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Replica processes to start.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=16))]
+    pub replicas: u8,
+    /// Client datagrams per second.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=50_000))]
+    pub rate: u32,
+    /// How long the client streams.
+    #[arg(long, default_value = "8s", value_parser = humantime_parse)]
+    pub duration: Duration,
+    /// When the second replica is SIGKILLed.
+    #[arg(long, default_value = "4s", value_parser = humantime_parse)]
+    pub kill_at: Duration,
+    /// Datagram size in bytes.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(8..=1400))]
+    pub payload: u16,
+    /// Dedupe mode handed to the proxy.
+    #[arg(long, default_value = "copies")]
+    pub dedupe: String,
+}
+
+fn humantime_parse(s: &str) -> Result<Duration, String> {
+    let d: Duration = s
+        .parse::<humantime::Duration>()
+        .map_err(|e| e.to_string())?
+        .into();
+    Ok(d)
+}
+
+/// What the player experienced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    /// Datagrams the client sent.
+    pub sent: u64,
+    /// Distinct answers received.
+    pub received: u64,
+    /// Datagrams never answered.
+    pub lost: u64,
+    /// Answers received more than once (extra copies).
+    pub duplicates_delivered: u64,
+    /// Copies the proxy suppressed, from its metrics.
+    pub duplicates_suppressed: u64,
+    /// Longest silence between two answers before the kill.
+    pub gap_before: Duration,
+    /// Longest silence between two answers from the kill on (spanning the kill itself).
+    pub gap_after: Duration,
+}
+
+/// Counts what a client received: per-sequence arrivals in time order.
+pub fn summarize(sent: u64, arrivals: &[(u64, Duration)], kill: Duration) -> Summary {
+    let mut counts = vec![0u32; sent as usize];
+    for &(seq, _) in arrivals {
+        if let Some(c) = counts.get_mut(seq as usize) {
+            *c += 1;
+        }
+    }
+    let received = counts.iter().filter(|&&c| c > 0).count() as u64;
+    let duplicates_delivered = counts.iter().map(|&c| u64::from(c.saturating_sub(1))).sum();
+    let (mut gap_before, mut gap_after) = (Duration::ZERO, Duration::ZERO);
+    for pair in arrivals.windows(2) {
+        let gap = pair[1].1.saturating_sub(pair[0].1);
+        if pair[1].1 < kill {
+            gap_before = gap_before.max(gap);
+        } else {
+            gap_after = gap_after.max(gap);
+        }
+    }
+    Summary {
+        sent,
+        received,
+        lost: sent - received,
+        duplicates_delivered,
+        duplicates_suppressed: 0,
+        gap_before,
+        gap_after,
+    }
+}
+
+/// Runs the demo; fails when the player lost an answer or got a duplicate.
+pub fn run(args: &DemoArgs) -> anyhow::Result<Summary> {
+    if args.kill_at >= args.duration {
+        bail!("--kill-at must come before the end of --duration");
+    }
+    let exe = std::env::current_exe().context("cannot find our own executable")?;
+    println!(
+        "Spotable demo: {} replicas, one proxy, a player sending {} datagrams/s for {:?}.",
+        args.replicas, args.rate, args.duration
+    );
+    println!(
+        "Replica 2 will be SIGKILLed at {:?}, as a reclaimed spot node would be.\n",
+        args.kill_at
+    );
+
+    let mut replicas: Vec<ReplicaProcess> = (0..args.replicas)
+        .map(|_| spawn_replica(&exe, &[]))
+        .collect::<anyhow::Result<_>>()?;
+    for (i, r) in replicas.iter().enumerate() {
+        println!(
+            "  replica {} listening on {} (pid {})",
+            i + 1,
+            r.addr,
+            r.process.pid()
+        );
+    }
+    let mut proxy_args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--rate-limit",
+        "0",
+        "--dedupe",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    proxy_args.push(args.dedupe.clone());
+    if args.dedupe == "sequence" {
+        proxy_args.extend(["--sequence-offset", "0", "--sequence-width", "8"].map(String::from));
+    }
+    for r in &replicas {
+        proxy_args.push("--replica".into());
+        proxy_args.push(r.addr.to_string());
+    }
+    let proxy_args: Vec<&str> = proxy_args.iter().map(String::as_str).collect();
+    let proxy = spawn_proxy(&exe, &["proxy"], &proxy_args, false)?;
+    let admin = proxy.admin.context("proxy admin address")?;
+    println!(
+        "  proxy listening on {} (metrics on http://{admin}/metrics)\n",
+        proxy.addr
+    );
+
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    socket.connect(proxy.addr)?;
+    socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let start = Instant::now();
+    let done = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let receiver = {
+        let socket = socket.try_clone()?;
+        let done = done.clone();
+        let received = received.clone();
+        std::thread::spawn(move || {
+            let mut arrivals = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !done.load(Ordering::Acquire) {
+                if let Ok(n) = socket.recv(&mut buf)
+                    && let Some(seq) = wire::seq_of(&buf[..n])
+                {
+                    arrivals.push((seq, start.elapsed()));
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            arrivals
+        })
+    };
+
+    let total = (args.duration.as_secs_f64() * f64::from(args.rate)) as u64;
+    let interval = Duration::from_secs(1) / args.rate;
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("  {bar:40} {pos:>6}/{len} sent  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut buf = Vec::new();
+    let mut killed = false;
+    let mut last_line = Instant::now();
+    for seq in 0..total {
+        let due = start + interval * seq as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        if !killed && start.elapsed() >= args.kill_at {
+            replicas[1].process.kill()?;
+            killed = true;
+            let line = format!(
+                "  {:>6.2}s  SIGKILL replica 2",
+                start.elapsed().as_secs_f64()
+            );
+            if bar.is_hidden() {
+                println!("{line}");
+            } else {
+                bar.println(line);
+            }
+        }
+        wire::stamp(&mut buf, seq, usize::from(args.payload));
+        socket.send(&buf)?;
+        bar.set_position(seq + 1);
+        let got = received.load(Ordering::Relaxed);
+        bar.set_message(format!("{got} answers received"));
+        if bar.is_hidden() && last_line.elapsed() >= Duration::from_secs(1) {
+            println!(
+                "  {:>6.2}s  sent {}  received {got}",
+                start.elapsed().as_secs_f64(),
+                seq + 1
+            );
+            last_line = Instant::now();
+        }
+    }
+    // Let the last answers arrive.
+    std::thread::sleep(Duration::from_millis(300));
+    done.store(true, Ordering::Release);
+    let arrivals = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+    bar.finish_and_clear();
+
+    let mut summary = summarize(total, &arrivals, args.kill_at);
+    let (_, metrics) = http_get(admin, "/metrics")?;
+    summary.duplicates_suppressed =
+        metrics_text::value(&metrics, "spotable_duplicates_suppressed_total", &[]).unwrap_or(0.0)
+            as u64;
+    drop(proxy);
+    drop(replicas);
+
+    println!("  sent                    {}", summary.sent);
+    println!("  received                {}", summary.received);
+    println!("  lost                    {}", summary.lost);
+    println!("  duplicates delivered    {}", summary.duplicates_delivered);
+    println!(
+        "  duplicates suppressed   {}",
+        summary.duplicates_suppressed
+    );
+    println!("  longest gap before kill {:.1} ms", ms(summary.gap_before));
+    println!("  longest gap after kill  {:.1} ms", ms(summary.gap_after));
+    println!("  (one datagram every {:.1} ms)", ms(interval));
+    if summary.lost > 0 || summary.duplicates_delivered > 0 {
+        bail!(
+            "the player saw {} lost and {} duplicate answers",
+            summary.lost,
+            summary.duplicates_delivered
+        );
+    }
+    println!("\nThe player lost nothing and saw no duplicate while a replica died.");
+    Ok(summary)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_counts_loss_duplicates_and_gaps() {
+        let ms = Duration::from_millis;
+        let arrivals = [
+            (0, ms(0)),
+            (1, ms(10)),
+            (1, ms(11)),
+            (3, ms(40)),
+            (4, ms(45)),
+        ];
+        let s = summarize(5, &arrivals, ms(20));
+        assert_eq!(s.received, 4);
+        assert_eq!(s.lost, 1);
+        assert_eq!(s.duplicates_delivered, 1);
+        assert_eq!(s.gap_before, ms(10));
+        assert_eq!(s.gap_after, ms(29));
+    }
+}

@@ -1,0 +1,79 @@
+//! Admin HTTP endpoints: Prometheus `/metrics`, liveness `/healthz`, readiness `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::replicas::{ReplicaSet, ReplicaState};
+use crate::stats::names;
+
+/// What the endpoints report on.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// Renders the recorder.
+    pub metrics: PrometheusHandle,
+    /// The replica set, for gauges and readiness.
+    pub replicas: ReplicaSet,
+    /// Open sessions (read at scrape time).
+    pub sessions: Arc<AtomicUsize>,
+    /// Set when shutdown begins: readiness turns false so load balancers move on.
+    pub stopping: Arc<AtomicBool>,
+}
+
+impl AdminState {
+    /// Ready when a complete replica set is known, it is not empty, and we are not stopping.
+    pub fn is_ready(&self) -> bool {
+        !self.stopping.load(Ordering::Acquire)
+            && self.replicas.is_synced()
+            && !self.replicas.snapshot().replicas.is_empty()
+    }
+}
+
+/// The admin routes.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Binds `addr` and serves until the returned task is aborted.
+pub async fn serve(
+    addr: SocketAddr,
+    state: AdminState,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(state)).await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    Ok((local, task))
+}
+
+async fn metrics(State(state): State<AdminState>) -> String {
+    // Gauges are sampled at scrape time: nothing on the data path keeps them current.
+    metrics::gauge!(names::SESSIONS).set(state.sessions.load(Ordering::Acquire) as f64);
+    let snapshot = state.replicas.snapshot();
+    for s in [ReplicaState::Ready, ReplicaState::Draining] {
+        metrics::gauge!(names::REPLICAS, "state" => s.as_str()).set(snapshot.count(s) as f64);
+    }
+    state.metrics.run_upkeep();
+    state.metrics.render()
+}
+
+async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
+    if state.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}

@@ -1,0 +1,552 @@
+//! Configuration: command-line flags over an optional TOML file.
+//!
+//! Every setting has one name, spelled `--kebab-case` as a flag and `snake_case` in the file.
+//! A flag given on the command line wins over the file. Errors are one line naming the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+use crate::dedupe::{Endian, MAX_SLOTS, Mode, SequenceSpec, Width};
+use crate::ratelimit::Rate;
+use crate::server::ProxyConfig;
+use crate::session::Settings;
+use crate::udp::MAX_UDP_PAYLOAD;
+
+/// Dedupe algorithm names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupeKind {
+    /// Content-addressed; never drops a legitimate repeat (default).
+    Copies,
+    /// First copy of each sequence number found in the payload.
+    Sequence,
+    /// Only the primary replica's answers.
+    Primary,
+}
+
+/// Byte order names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndianName {
+    /// Big-endian (network order).
+    Be,
+    /// Little-endian.
+    Le,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `spotable-proxy` command line.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "spotable-proxy",
+    version,
+    about = "UDP front end for game servers on spot capacity: fans every client datagram out to \
+             N replicas and delivers their answers deduplicated.",
+    after_help = "Durations take units: 50ms, 2s, 1m. Every flag may also be set in the --config \
+                  file under its snake_case name (e.g. max_sessions = 5000); flags win."
+)]
+pub struct Args {
+    /// TOML file with any of the settings below.
+    #[arg(long, value_name = "FILE", env = "SPOTABLE_PROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// UDP address players send to (repeatable).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<SocketAddr>,
+    /// Static replica address (repeatable).
+    #[arg(long, value_name = "ADDR")]
+    pub replica: Vec<SocketAddr>,
+    /// How answers are deduplicated [default: copies].
+    #[arg(long, value_enum)]
+    pub dedupe: Option<DedupeKind>,
+    /// `sequence` mode: byte offset of the sequence number.
+    #[arg(long, value_name = "N")]
+    pub sequence_offset: Option<usize>,
+    /// `sequence` mode: width of the sequence number in bytes [default: 4].
+    #[arg(long, value_name = "2|4|8", value_parser = ["2", "4", "8"])]
+    pub sequence_width: Option<String>,
+    /// `sequence` mode: byte order of the sequence number [default: be].
+    #[arg(long, value_enum)]
+    pub sequence_endian: Option<EndianName>,
+    /// `primary` mode: primary silence (while another replica answers) before failover
+    /// [default: 50ms].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub failover_after: Option<Duration>,
+    /// `copies` mode: how long a payload is remembered after its last copy [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub dedupe_window: Option<Duration>,
+    /// `copies` mode: most payloads remembered per session [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub dedupe_max_entries: Option<usize>,
+    /// Close a session after this long without a client datagram [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub session_timeout: Option<Duration>,
+    /// Most sessions (clients) at once; further clients are dropped [default: 10000].
+    #[arg(long, value_name = "N")]
+    pub max_sessions: Option<usize>,
+    /// Per-client datagrams per second; 0 disables the limit [default: 1000].
+    #[arg(long, value_name = "PPS")]
+    pub rate_limit: Option<u32>,
+    /// Per-client burst above the rate [default: the rate].
+    #[arg(long, value_name = "N")]
+    pub rate_burst: Option<u32>,
+    /// Largest client datagram accepted, in bytes [default: 65507].
+    #[arg(long, value_name = "BYTES")]
+    pub max_datagram: Option<usize>,
+    /// Replicas that appear later also join running sessions (stateless or state-syncing
+    /// games).
+    #[arg(long)]
+    pub late_join: bool,
+    /// Data-plane threads [default: number of CPUs].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Front socket buffer size in bytes [default: 4194304].
+    #[arg(long, value_name = "BYTES")]
+    pub socket_buffer: Option<usize>,
+    /// HTTP address for /metrics, /healthz and /readyz [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// Log format [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (tracing `EnvFilter` syntax; RUST_LOG wins when set) [default: info].
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// The same settings, read from a TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<Vec<SocketAddr>>,
+    replicas: Option<Vec<SocketAddr>>,
+    dedupe: Option<DedupeKind>,
+    sequence_offset: Option<usize>,
+    sequence_width: Option<u64>,
+    sequence_endian: Option<EndianName>,
+    #[serde(default, with = "humantime_serde")]
+    failover_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    dedupe_window: Option<Duration>,
+    dedupe_max_entries: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    session_timeout: Option<Duration>,
+    max_sessions: Option<usize>,
+    rate_limit: Option<u32>,
+    rate_burst: Option<u32>,
+    max_datagram: Option<usize>,
+    late_join: Option<bool>,
+    workers: Option<usize>,
+    socket_buffer: Option<usize>,
+    admin: Option<SocketAddr>,
+    log_format: Option<LogFormat>,
+    log_level: Option<String>,
+}
+
+/// A configuration problem, printed as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a bad or unknown field.
+    #[error("{path}:{line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the problem.
+        line: usize,
+        /// What is wrong, with the field name.
+        message: String,
+    },
+    /// A setting is missing or out of range.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// Setting name, as in the file.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Everything the binary needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The data plane.
+    pub proxy: ProxyConfig,
+    /// Static replicas.
+    pub replicas: Vec<SocketAddr>,
+    /// Admin HTTP address.
+    pub admin: Option<SocketAddr>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+}
+
+impl Config {
+    /// Reads the file named by `args.config` (if any) and merges `args` over it.
+    pub fn load(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    fn merge(a: Args, f: FileConfig) -> Result<Self, ConfigError> {
+        let listen = non_empty(a.listen).or(f.listen).unwrap_or_default();
+        if listen.is_empty() {
+            return Err(invalid(
+                "listen",
+                "at least one address is required (--listen or listen = [...] in the config file)",
+            ));
+        }
+        let replicas = non_empty(a.replica).or(f.replicas).unwrap_or_default();
+        if replicas.is_empty() {
+            return Err(invalid(
+                "replicas",
+                "at least one replica is required (--replica or replicas = [...] in the config file)",
+            ));
+        }
+        if replicas.len() > MAX_SLOTS {
+            return Err(invalid(
+                "replicas",
+                format!(
+                    "{} given; a session fans out to at most {MAX_SLOTS}",
+                    replicas.len()
+                ),
+            ));
+        }
+
+        let window = a
+            .dedupe_window
+            .or(f.dedupe_window)
+            .unwrap_or(Duration::from_secs(2));
+        if window.is_zero() {
+            return Err(invalid("dedupe_window", "must be greater than zero"));
+        }
+        let max_entries = a
+            .dedupe_max_entries
+            .or(f.dedupe_max_entries)
+            .unwrap_or(4096);
+        if max_entries == 0 {
+            return Err(invalid("dedupe_max_entries", "must be at least 1"));
+        }
+        let kind = a.dedupe.or(f.dedupe).unwrap_or(DedupeKind::Copies);
+        let offset = a.sequence_offset.or(f.sequence_offset);
+        let width = match a.sequence_width.as_deref() {
+            Some(w) => Some(w.parse::<u64>().unwrap_or(0)),
+            None => f.sequence_width,
+        };
+        let endian = a.sequence_endian.or(f.sequence_endian);
+        let mode = match kind {
+            DedupeKind::Copies => Mode::Copies {
+                window,
+                max_entries,
+            },
+            DedupeKind::Sequence => {
+                let offset = offset.ok_or_else(|| {
+                    invalid("sequence_offset", "required when dedupe is sequence")
+                })?;
+                let width = Width::from_bytes(width.unwrap_or(4))
+                    .ok_or_else(|| invalid("sequence_width", "must be 2, 4 or 8"))?;
+                let endian = match endian.unwrap_or(EndianName::Be) {
+                    EndianName::Be => Endian::Big,
+                    EndianName::Le => Endian::Little,
+                };
+                Mode::Sequence {
+                    spec: SequenceSpec {
+                        offset,
+                        width,
+                        endian,
+                    },
+                    window,
+                    max_entries,
+                }
+            }
+            DedupeKind::Primary => {
+                let failover_after = a
+                    .failover_after
+                    .or(f.failover_after)
+                    .unwrap_or(Duration::from_millis(50));
+                if failover_after.is_zero() {
+                    return Err(invalid("failover_after", "must be greater than zero"));
+                }
+                Mode::Primary { failover_after }
+            }
+        };
+        if kind != DedupeKind::Sequence && (offset.is_some() || width.is_some() || endian.is_some())
+        {
+            return Err(invalid(
+                "sequence_offset",
+                "sequence settings need dedupe = sequence",
+            ));
+        }
+
+        let session_timeout = a
+            .session_timeout
+            .or(f.session_timeout)
+            .unwrap_or(Duration::from_secs(60));
+        if session_timeout.is_zero() {
+            return Err(invalid("session_timeout", "must be greater than zero"));
+        }
+        let max_sessions = a.max_sessions.or(f.max_sessions).unwrap_or(10_000);
+        if max_sessions == 0 {
+            return Err(invalid("max_sessions", "must be at least 1"));
+        }
+        let per_second = a.rate_limit.or(f.rate_limit).unwrap_or(1000);
+        let burst = a.rate_burst.or(f.rate_burst);
+        let rate = match (per_second, burst) {
+            (0, Some(_)) => return Err(invalid("rate_burst", "needs a rate_limit above 0")),
+            (0, None) => None,
+            (_, Some(0)) => return Err(invalid("rate_burst", "must be at least 1")),
+            (per_second, burst) => Some(Rate {
+                per_second,
+                burst: burst.unwrap_or(per_second),
+            }),
+        };
+        let max_datagram = a.max_datagram.or(f.max_datagram).unwrap_or(MAX_UDP_PAYLOAD);
+        if !(1..=MAX_UDP_PAYLOAD).contains(&max_datagram) {
+            return Err(invalid(
+                "max_datagram",
+                format!("must be between 1 and {MAX_UDP_PAYLOAD}"),
+            ));
+        }
+        let workers = match a.workers.or(f.workers) {
+            Some(0) => return Err(invalid("workers", "must be at least 1")),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+        };
+
+        Ok(Config {
+            proxy: ProxyConfig {
+                listen,
+                workers,
+                max_sessions,
+                socket_buffer: a.socket_buffer.or(f.socket_buffer).unwrap_or(4 << 20),
+                settings: Settings {
+                    mode,
+                    session_timeout,
+                    rate,
+                    max_datagram,
+                    fanout: MAX_SLOTS,
+                    late_join: a.late_join || f.late_join.unwrap_or(false),
+                },
+            },
+            replicas,
+            admin: a.admin.or(f.admin),
+            log_format: a.log_format.or(f.log_format).unwrap_or_default(),
+            log_level: a.log_level.or(f.log_level).unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
+    (!v.is_empty()).then_some(v)
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_file(path, &text)
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let start = e.span().map_or(0, |s| s.start).min(text.len());
+        let line = text[..start].matches('\n').count() + 1;
+        let message = e.message().trim().replace('\n', " ");
+        // toml names unknown fields itself; for bad values, name the key on that line.
+        let key = text
+            .lines()
+            .nth(line - 1)
+            .and_then(|l| l.split_once('='))
+            .map(|(k, _)| k.trim().trim_matches('"'))
+            .filter(|k| !k.is_empty() && !message.contains("unknown field"));
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            message: match key {
+                Some(k) => format!("{k}: {message}"),
+                None => message,
+            },
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        let mut argv = vec!["spotable-proxy"];
+        argv.extend_from_slice(list);
+        Args::try_parse_from(argv).expect("valid flags")
+    }
+
+    fn load(list: &[&str], file: &str) -> Result<Config, ConfigError> {
+        let f = parse_file(Path::new("proxy.toml"), file)?;
+        Config::merge(args(list), f)
+    }
+
+    #[test]
+    fn flags_alone() {
+        let c = load(
+            &[
+                "--listen",
+                "127.0.0.1:7777",
+                "--replica",
+                "127.0.0.1:7001",
+                "--replica",
+                "127.0.0.1:7002",
+                "--dedupe",
+                "sequence",
+                "--sequence-offset",
+                "2",
+                "--sequence-width",
+                "2",
+                "--sequence-endian",
+                "le",
+                "--workers",
+                "3",
+            ],
+            "",
+        )
+        .unwrap();
+        assert_eq!(c.replicas.len(), 2);
+        assert_eq!(c.proxy.workers, 3);
+        assert_eq!(
+            c.proxy.settings.mode,
+            Mode::Sequence {
+                spec: SequenceSpec {
+                    offset: 2,
+                    width: Width::Two,
+                    endian: Endian::Little
+                },
+                window: Duration::from_secs(2),
+                max_entries: 4096,
+            }
+        );
+        assert_eq!(
+            c.proxy.settings.rate,
+            Some(Rate {
+                per_second: 1000,
+                burst: 1000
+            })
+        );
+    }
+
+    #[test]
+    fn file_with_flags_winning() {
+        let file = r#"
+            listen = ["127.0.0.1:7777"]
+            replicas = ["127.0.0.1:7001"]
+            dedupe = "primary"
+            failover_after = "80ms"
+            session_timeout = "30s"
+            max_sessions = 5
+            rate_limit = 0
+        "#;
+        let c = load(&["--max-sessions", "9"], file).unwrap();
+        assert_eq!(c.proxy.max_sessions, 9);
+        assert_eq!(c.proxy.settings.session_timeout, Duration::from_secs(30));
+        assert_eq!(c.proxy.settings.rate, None);
+        assert_eq!(
+            c.proxy.settings.mode,
+            Mode::Primary {
+                failover_after: Duration::from_millis(80)
+            }
+        );
+    }
+
+    fn error(list: &[&str], file: &str) -> String {
+        let e = load(list, file).unwrap_err().to_string();
+        assert!(!e.contains('\n'), "one line: {e}");
+        e
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let base = ["--listen", "127.0.0.1:1", "--replica", "127.0.0.1:2"];
+        assert_eq!(
+            error(&[], ""),
+            "listen: at least one address is required (--listen or listen = [...] in the config file)"
+        );
+        assert!(error(&base[..2], "").starts_with("replicas:"));
+        let mut seq = base.to_vec();
+        seq.extend(["--dedupe", "sequence"]);
+        assert_eq!(
+            error(&seq, ""),
+            "sequence_offset: required when dedupe is sequence"
+        );
+        let e = error(
+            &base,
+            "sequence_width = 3\ndedupe = \"sequence\"\nsequence_offset = 0",
+        );
+        assert_eq!(e, "sequence_width: must be 2, 4 or 8");
+        assert!(error(&base, "max_sessions = 0").starts_with("max_sessions:"));
+        assert!(error(&base, "max_datagram = 70000").starts_with("max_datagram:"));
+        assert!(error(&base, "workers = 0").starts_with("workers:"));
+        assert!(error(&base, "session_timeout = \"0s\"").starts_with("session_timeout:"));
+        let e = error(&base, "\nlisten = [\"127.0.0.1:1\"]\nmax_sesions = 3\n");
+        assert!(
+            e.starts_with("proxy.toml:3: unknown field `max_sesions`"),
+            "{e}"
+        );
+        let e = error(&base, "max_sessions = \"many\"");
+        assert!(
+            e.starts_with("proxy.toml:1: max_sessions: invalid type"),
+            "{e}"
+        );
+        let e = error(&base, "session_timeout = \"soon\"");
+        assert!(e.starts_with("proxy.toml:1: session_timeout:"), "{e}");
+        let e = error(&base, "listen = [\"not an address\"]");
+        assert!(e.starts_with("proxy.toml:1: listen:"), "{e}");
+        let e = error(&base, "= broken");
+        assert!(e.starts_with("proxy.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn bad_flags_are_rejected_by_the_parser() {
+        let base = ["spotable-proxy", "--listen", "127.0.0.1:1"];
+        for bad in [
+            &["--sequence-width", "3"][..],
+            &["--dedupe", "magic"],
+            &["--failover-after", "fast"],
+            &["--listen", "nowhere"],
+            &["--bogus"],
+        ] {
+            let mut argv = base.to_vec();
+            argv.extend_from_slice(bad);
+            assert!(Args::try_parse_from(argv).is_err(), "{bad:?}");
+        }
+    }
+}

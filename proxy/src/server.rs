@@ -1,0 +1,249 @@
+//! Starting and stopping the data plane: front sockets, worker threads, shutdown.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::replicas::{Notify, ReplicaSet};
+use crate::session::{Admission, SessionTable, Settings};
+use crate::worker::{Front, Worker};
+
+/// What the data plane needs to run.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Front addresses players send to.
+    pub listen: Vec<SocketAddr>,
+    /// Data-plane threads, each with its own socket per listener.
+    pub workers: usize,
+    /// Sessions allowed across all workers.
+    pub max_sessions: usize,
+    /// Front socket buffer size (`SO_RCVBUF` / `SO_SNDBUF`), best effort.
+    pub socket_buffer: usize,
+    /// Session behaviour.
+    pub settings: Settings,
+}
+
+/// Why the proxy could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A front address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A worker could not set up its event loop.
+    #[error("cannot start worker {index}: {source}")]
+    Worker {
+        /// Which worker.
+        index: usize,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A worker thread panicked.
+    #[error("worker {0} panicked")]
+    Panicked(usize),
+    /// More listeners than the data plane can address.
+    #[error("too many listen addresses ({0}); at most {max}", max = u16::MAX)]
+    TooManyListeners(usize),
+}
+
+/// State every worker shares with the control plane. Read on wake-ups, never per packet.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) replicas: ReplicaSet,
+    pub(crate) shutdown: AtomicBool,
+}
+
+struct WakeWorker(Arc<mio::Waker>);
+
+impl Notify for WakeWorker {
+    fn notify(&self) {
+        if let Err(e) = self.0.wake() {
+            tracing::warn!(error = %e, "cannot wake worker");
+        }
+    }
+}
+
+/// A running proxy. Dropping it stops the workers.
+#[derive(Debug)]
+pub struct Proxy {
+    local_addrs: Vec<SocketAddr>,
+    shared: Arc<Shared>,
+    admission: Admission,
+    wakers: Vec<Arc<mio::Waker>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Binds the listeners and starts the workers. Replicas come from `replicas`, which any
+    /// discovery source may keep publishing to while the proxy runs.
+    pub fn start(config: ProxyConfig, replicas: ReplicaSet) -> Result<Self, ServerError> {
+        if config.listen.len() > usize::from(u16::MAX) {
+            return Err(ServerError::TooManyListeners(config.listen.len()));
+        }
+        let workers = config.workers.max(1);
+        // per_worker[w][l]: worker w's socket for listener l.
+        let mut per_worker: Vec<Vec<std::net::UdpSocket>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        let mut local_addrs = Vec::new();
+        for &addr in &config.listen {
+            let group = bind_group(addr, workers, config.socket_buffer)
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            local_addrs.push(group.0);
+            for (w, s) in group.1.into_iter().enumerate() {
+                per_worker[w].push(s);
+            }
+        }
+        let shared = Arc::new(Shared {
+            replicas: replicas.clone(),
+            shutdown: AtomicBool::new(false),
+        });
+        let admission = Admission::new(config.max_sessions);
+        let settings = Arc::new(config.settings);
+        let mut proxy = Proxy {
+            local_addrs,
+            shared: shared.clone(),
+            admission: admission.clone(),
+            wakers: Vec::new(),
+            threads: Vec::new(),
+        };
+        for (index, sockets) in per_worker.into_iter().enumerate() {
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let shared = shared.clone();
+            let settings = settings.clone();
+            let admission = admission.clone();
+            let seed = seed();
+            let thread = std::thread::Builder::new()
+                .name(format!("spotable-w{index}"))
+                .spawn(move || {
+                    let built = (|| {
+                        let fronts = sockets
+                            .into_iter()
+                            .map(Front::new)
+                            .collect::<io::Result<Vec<_>>>()?;
+                        let table = SessionTable::new(
+                            settings.clone(),
+                            admission,
+                            shared.replicas.snapshot(),
+                            seed,
+                        );
+                        Worker::new(fronts, table, settings.max_datagram, shared)
+                    })();
+                    match built {
+                        Ok((worker, waker)) => {
+                            let _ = ready_tx.send(Ok(waker));
+                            worker.run();
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                })
+                .map_err(|source| ServerError::Worker { index, source })?;
+            proxy.threads.push(thread);
+            let waker = ready_rx
+                .recv()
+                .map_err(|_| ServerError::Panicked(index))?
+                .map_err(|source| ServerError::Worker { index, source })?;
+            // Subscribe first, then wake: a snapshot published in between is not missed.
+            replicas.subscribe(Arc::new(WakeWorker(waker.clone())));
+            let _ = waker.wake();
+            proxy.wakers.push(waker);
+        }
+        for addr in &proxy.local_addrs {
+            tracing::info!(%addr, workers, "listening");
+        }
+        Ok(proxy)
+    }
+
+    /// The bound front addresses (port 0 resolved).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// The replica set the proxy follows.
+    pub fn replicas(&self) -> &ReplicaSet {
+        &self.shared.replicas
+    }
+
+    /// Sessions open across all workers.
+    pub fn sessions(&self) -> usize {
+        self.admission.in_use()
+    }
+
+    /// The live session counter, for metrics.
+    pub fn session_counter(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+        self.admission.counter()
+    }
+
+    /// Stops the workers and waits for them.
+    pub fn shutdown(mut self) -> Result<(), ServerError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), ServerError> {
+        self.shared.shutdown.store(true, Ordering::Release);
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
+        let mut result = Ok(());
+        for (i, t) in self.threads.drain(..).enumerate() {
+            if t.join().is_err() {
+                result = Err(ServerError::Panicked(i));
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// Binds `count` sockets to `addr` in one `SO_REUSEPORT` group. A probe bind without
+/// `SO_REUSEPORT` comes first: it resolves port 0 and fails with "address in use" when anyone
+/// else holds the port — without it, a second proxy on the same port would silently share
+/// our traffic.
+fn bind_group(
+    addr: SocketAddr,
+    count: usize,
+    buffer: usize,
+) -> io::Result<(SocketAddr, Vec<std::net::UdpSocket>)> {
+    let probe = std::net::UdpSocket::bind(addr)?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+    let sockets = (0..count)
+        .map(|_| {
+            let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+            s.set_reuse_port(true)?;
+            if addr.is_ipv6() && addr.ip().is_unspecified() {
+                s.set_only_v6(false)?;
+            }
+            if buffer > 0 {
+                // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+                let _ = s.set_recv_buffer_size(buffer);
+                let _ = s.set_send_buffer_size(buffer);
+            }
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            Ok(s.into())
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    Ok((addr, sockets))
+}
+
+/// Per-worker secret for content hashes, so clients cannot aim for collisions.
+fn seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
+}

@@ -1,0 +1,422 @@
+//! Batched datagram I/O on Linux: `recvmmsg` and `sendmmsg`.
+//!
+//! The only `unsafe` code of the crate lives here. The public API is safe: receive buffers are
+//! owned by [`RecvBatch`], and [`SendBatch`] borrows payloads only for the duration of one call,
+//! so no raw pointer outlives the memory it points to.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::RawFd;
+use std::ptr;
+
+/// Largest payload of a UDP datagram over IPv4.
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
+
+/// One received datagram.
+#[derive(Debug)]
+pub struct Datagram<'a> {
+    /// Sender; `None` for an address family we do not speak.
+    pub from: Option<SocketAddr>,
+    /// The bytes that fit the buffer.
+    pub payload: &'a [u8],
+    /// The datagram was larger than the buffer.
+    pub truncated: bool,
+}
+
+/// Receive buffers and headers for up to `capacity` datagrams per system call.
+pub struct RecvBatch {
+    slot_size: usize,
+    bufs: Box<[u8]>,
+    addrs: Box<[libc::sockaddr_storage]>,
+    iovecs: Box<[libc::iovec]>,
+    hdrs: Box<[libc::mmsghdr]>,
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch")
+            .field("slot_size", &self.slot_size)
+            .field("capacity", &self.capacity())
+            .finish()
+    }
+}
+
+impl RecvBatch {
+    /// `capacity` buffers of `slot_size` bytes each.
+    pub fn new(capacity: usize, slot_size: usize) -> Self {
+        let capacity = capacity.max(1);
+        let slot_size = slot_size.max(1);
+        // SAFETY: all-zero is a valid value for these plain C structs (null pointers, zero
+        // lengths); every pointer is set before each system call.
+        let zeroed = || unsafe { mem::zeroed::<libc::mmsghdr>() };
+        Self {
+            slot_size,
+            bufs: vec![0u8; capacity * slot_size].into_boxed_slice(),
+            addrs: (0..capacity)
+                .map(|_| unsafe { mem::zeroed::<libc::sockaddr_storage>() })
+                .collect(),
+            iovecs: (0..capacity)
+                .map(|_| libc::iovec {
+                    iov_base: ptr::null_mut(),
+                    iov_len: 0,
+                })
+                .collect(),
+            hdrs: (0..capacity).map(|_| zeroed()).collect(),
+        }
+    }
+
+    /// How many datagrams fit.
+    pub fn capacity(&self) -> usize {
+        self.hdrs.len()
+    }
+
+    /// Receives into slots `start..capacity` without blocking; returns how many arrived
+    /// (filling `start..start + n`). `WouldBlock` when none is queued.
+    pub fn recv(&mut self, fd: RawFd, start: usize) -> io::Result<usize> {
+        let end = self.capacity();
+        if start >= end {
+            return Ok(0);
+        }
+        let base = self.bufs.as_mut_ptr();
+        for i in start..end {
+            // SAFETY: i < capacity, so the offset stays inside `bufs`.
+            self.iovecs[i] = libc::iovec {
+                iov_base: unsafe { base.add(i * self.slot_size) }.cast(),
+                iov_len: self.slot_size,
+            };
+            let hdr = &mut self.hdrs[i];
+            hdr.msg_len = 0;
+            hdr.msg_hdr.msg_name = ptr::from_mut(&mut self.addrs[i]).cast();
+            hdr.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_hdr.msg_iov = ptr::from_mut(&mut self.iovecs[i]);
+            hdr.msg_hdr.msg_iovlen = 1;
+            hdr.msg_hdr.msg_control = ptr::null_mut();
+            hdr.msg_hdr.msg_controllen = 0;
+            hdr.msg_hdr.msg_flags = 0;
+        }
+        loop {
+            // SAFETY: headers start..end point at live buffers owned by self, sized as declared.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    self.hdrs.as_mut_ptr().add(start),
+                    (end - start) as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    ptr::null_mut(),
+                )
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
+    /// The datagram in slot `i` (as filled by the last [`recv`](Self::recv) covering it).
+    pub fn get(&self, i: usize) -> Datagram<'_> {
+        let hdr = &self.hdrs[i];
+        let len = (hdr.msg_len as usize).min(self.slot_size);
+        let start = i * self.slot_size;
+        Datagram {
+            from: decode(&self.addrs[i], hdr.msg_hdr.msg_namelen),
+            payload: &self.bufs[start..start + len],
+            truncated: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+        }
+    }
+}
+
+/// What a batched send achieved.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SendOutcome {
+    /// Datagrams the kernel accepted.
+    pub sent: u64,
+    /// Bytes in those datagrams.
+    pub bytes: u64,
+    /// Datagrams refused (buffer full, unreachable family…).
+    pub failed: u64,
+}
+
+impl std::ops::AddAssign for SendOutcome {
+    fn add_assign(&mut self, o: Self) {
+        self.sent += o.sent;
+        self.bytes += o.bytes;
+        self.failed += o.failed;
+    }
+}
+
+/// Headers for up to `capacity` datagrams per `sendmmsg`.
+pub struct SendBatch {
+    addrs: Box<[libc::sockaddr_storage]>,
+    iovecs: Box<[libc::iovec]>,
+    hdrs: Box<[libc::mmsghdr]>,
+}
+
+impl std::fmt::Debug for SendBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendBatch")
+            .field("capacity", &self.hdrs.len())
+            .finish()
+    }
+}
+
+impl SendBatch {
+    /// Room for `capacity` datagrams per system call.
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            // SAFETY: all-zero is valid for these C structs; pointers are set before use.
+            addrs: (0..capacity)
+                .map(|_| unsafe { mem::zeroed::<libc::sockaddr_storage>() })
+                .collect(),
+            iovecs: (0..capacity)
+                .map(|_| libc::iovec {
+                    iov_base: ptr::null_mut(),
+                    iov_len: 0,
+                })
+                .collect(),
+            hdrs: (0..capacity)
+                .map(|_| unsafe { mem::zeroed::<libc::mmsghdr>() })
+                .collect(),
+        }
+    }
+
+    /// Sends one `payload` to every address of `dests`: one buffer, many destinations, one
+    /// system call for up to `capacity` of them. `v6_socket`: the socket is IPv6 (dual-stack),
+    /// so IPv4 destinations are written as v4-mapped addresses.
+    pub fn fan_out(
+        &mut self,
+        fd: RawFd,
+        payload: &[u8],
+        dests: &[SocketAddr],
+        v6_socket: bool,
+    ) -> SendOutcome {
+        self.send_all(fd, dests.iter().map(|d| (payload, *d)), v6_socket)
+    }
+
+    /// Sends each `(payload, destination)` pair, batching up to `capacity` per system call.
+    pub fn send_all<'a>(
+        &mut self,
+        fd: RawFd,
+        items: impl IntoIterator<Item = (&'a [u8], SocketAddr)>,
+        v6_socket: bool,
+    ) -> SendOutcome {
+        let mut outcome = SendOutcome::default();
+        let mut n = 0;
+        for (payload, dest) in items {
+            let namelen = encode(dest, v6_socket, &mut self.addrs[n]);
+            self.iovecs[n] = libc::iovec {
+                iov_base: payload.as_ptr().cast_mut().cast(),
+                iov_len: payload.len(),
+            };
+            let hdr = &mut self.hdrs[n];
+            hdr.msg_len = 0;
+            hdr.msg_hdr.msg_name = ptr::from_mut(&mut self.addrs[n]).cast();
+            hdr.msg_hdr.msg_namelen = namelen;
+            hdr.msg_hdr.msg_iov = ptr::from_mut(&mut self.iovecs[n]);
+            hdr.msg_hdr.msg_iovlen = 1;
+            hdr.msg_hdr.msg_control = ptr::null_mut();
+            hdr.msg_hdr.msg_controllen = 0;
+            hdr.msg_hdr.msg_flags = 0;
+            n += 1;
+            if n == self.hdrs.len() {
+                outcome += self.flush(fd, n);
+                n = 0;
+            }
+        }
+        if n > 0 {
+            outcome += self.flush(fd, n);
+        }
+        outcome
+    }
+
+    /// Sends headers `0..n`, which point at payloads borrowed by the caller for this call.
+    fn flush(&mut self, fd: RawFd, n: usize) -> SendOutcome {
+        let mut outcome = SendOutcome::default();
+        let mut off = 0;
+        while off < n {
+            // SAFETY: headers off..n were filled by send_all in this call; their iovecs point at
+            // payloads the caller still borrows and their names at self.addrs.
+            let r = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.hdrs.as_mut_ptr().add(off),
+                    (n - off) as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if r > 0 {
+                for hdr in &self.hdrs[off..off + r as usize] {
+                    outcome.bytes += u64::from(hdr.msg_len);
+                }
+                outcome.sent += r as u64;
+                off += r as usize;
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                // The socket buffer is full: the rest would fail the same way. UDP makes no
+                // promise, and queueing here would only add latency to a game stream.
+                io::ErrorKind::WouldBlock => {
+                    outcome.failed += (n - off) as u64;
+                    break;
+                }
+                // This one destination failed (no route, wrong family…); go on with the rest.
+                _ => {
+                    outcome.failed += 1;
+                    off += 1;
+                }
+            }
+        }
+        outcome
+    }
+}
+
+/// Writes `addr` as a C socket address for a socket of the given family.
+fn encode(addr: SocketAddr, v6_socket: bool, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    let addr = match addr {
+        SocketAddr::V4(a) if v6_socket => {
+            SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
+        }
+        other => other,
+    };
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            let sin = unsafe { &mut *ptr::from_mut(out).cast::<libc::sockaddr_in>() };
+            *sin = unsafe { mem::zeroed() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr = libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            };
+            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            let sin6 = unsafe { &mut *ptr::from_mut(out).cast::<libc::sockaddr_in6>() };
+            *sin6 = unsafe { mem::zeroed() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            sin6.sin6_scope_id = a.scope_id();
+            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+/// Reads a C socket address; v4-mapped IPv6 addresses come back as IPv4, so a client is the
+/// same session whichever socket family saw it.
+fn decode(s: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = len as usize;
+    match i32::from(s.ss_family) {
+        libc::AF_INET if len >= mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family and length say this storage holds a sockaddr_in.
+            let sin = unsafe { &*ptr::from_ref(s).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len >= mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: the family and length say this storage holds a sockaddr_in6.
+            let sin6 = unsafe { &*ptr::from_ref(s).cast::<libc::sockaddr_in6>() };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            let port = u16::from_be(sin6.sin6_port);
+            Some(match ip.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
+                None => SocketAddr::V6(SocketAddrV6::new(
+                    ip,
+                    port,
+                    sin6.sin6_flowinfo,
+                    sin6.sin6_scope_id,
+                )),
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn address_round_trip() {
+        let mut st = unsafe { mem::zeroed::<libc::sockaddr_storage>() };
+        for addr in [
+            "127.0.0.1:7777".parse().unwrap(),
+            "[::1]:9".parse().unwrap(),
+            "[fe80::1%3]:65535".parse().unwrap(),
+        ] {
+            let len = encode(addr, false, &mut st);
+            assert_eq!(decode(&st, len), Some(addr));
+        }
+        let v4: SocketAddr = "10.1.2.3:80".parse().unwrap();
+        let len = encode(v4, true, &mut st);
+        assert_eq!(i32::from(st.ss_family), libc::AF_INET6);
+        assert_eq!(decode(&st, len), Some(v4), "mapped back to IPv4");
+    }
+
+    #[test]
+    fn batched_fan_out_and_receive_over_loopback() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx2 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dests = [rx.local_addr().unwrap(), rx2.local_addr().unwrap()];
+        let mut send = SendBatch::new(4);
+        for i in 0..3u8 {
+            let out = send.fan_out(tx.as_raw_fd(), &[i; 10], &dests, false);
+            assert_eq!(
+                out,
+                SendOutcome {
+                    sent: 2,
+                    bytes: 20,
+                    failed: 0
+                }
+            );
+        }
+        let mut recv = RecvBatch::new(8, 16);
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            // Block for the first datagram, then take whatever queued in one call.
+            let mut peek = [0u8; 1];
+            rx.peek_from(&mut peek).unwrap();
+            let n = recv.recv(rx.as_raw_fd(), 0).unwrap();
+            for i in 0..n {
+                let d = recv.get(i);
+                assert_eq!(d.from, Some(tx.local_addr().unwrap()));
+                assert!(!d.truncated);
+                got.push(d.payload.to_vec());
+            }
+        }
+        assert_eq!(got, vec![vec![0; 10], vec![1; 10], vec![2; 10]]);
+        let err = recv.recv(rx.as_raw_fd(), 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn truncation_is_reported() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(&[7; 100], rx.local_addr().unwrap()).unwrap();
+        let mut recv = RecvBatch::new(2, 64);
+        let mut peek = [0u8; 1];
+        rx.peek_from(&mut peek).unwrap();
+        assert_eq!(recv.recv(rx.as_raw_fd(), 1).unwrap(), 1);
+        let d = recv.get(1);
+        assert!(d.truncated);
+        assert_eq!(d.payload.len(), 64);
+    }
+}

@@ -1,0 +1,361 @@
+//! One data-plane thread: its own poll, its own front sockets, its own sessions.
+//!
+//! `SO_REUSEPORT` hashes each client's 4-tuple to one socket of the group, so a client always
+//! lands on the same worker. Sessions are therefore worker-local and the hot path takes no lock.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token, Waker};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::server::Shared;
+use crate::session::{
+    AnswerVerdict, ClientVerdict, DropReason, ListenerId, SessionId, SessionTable,
+};
+use crate::stats;
+use crate::udp::{MAX_UDP_PAYLOAD, RecvBatch, SendBatch};
+
+const WAKER: Token = Token(0);
+const FRONT_BASE: usize = 1;
+const SESSION_BASE: usize = 1 << 16;
+/// Client datagrams taken per `recvmmsg`.
+const FRONT_BATCH: usize = 32;
+/// Replica answers buffered before they are delivered in one `sendmmsg` per listener.
+const ANSWER_ARENA: usize = 64;
+/// Batches read from one socket before giving the others a turn.
+const BATCHES_PER_TURN: usize = 8;
+/// Session expiry and metric flush period.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A front socket, shared by the workers through `SO_REUSEPORT`.
+#[derive(Debug)]
+pub(crate) struct Front {
+    socket: UdpSocket,
+    v6: bool,
+}
+
+impl Front {
+    pub(crate) fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
+        let v6 = socket.local_addr()?.is_ipv6();
+        Ok(Self {
+            socket: UdpSocket::from_std(socket),
+            v6,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Upstream {
+    socket: UdpSocket,
+    v6: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Delivery {
+    listener: ListenerId,
+    client: SocketAddr,
+    slot: usize,
+}
+
+/// A worker before it runs: built on its own thread.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    poll: Poll,
+    events: Events,
+    ready: Vec<Token>,
+    pending: Vec<Token>,
+    fronts: Vec<Front>,
+    upstreams: Vec<Option<Upstream>>,
+    table: SessionTable,
+    front_rx: RecvBatch,
+    answers: RecvBatch,
+    answers_used: usize,
+    deliveries: Vec<Delivery>,
+    tx: SendBatch,
+    local: stats::Local,
+    sink: stats::Sink,
+    shared: Arc<Shared>,
+    closed: Vec<SessionId>,
+    next_tick: Instant,
+}
+
+impl Worker {
+    /// Registers the front sockets; returns the worker and the waker that interrupts its poll.
+    pub(crate) fn new(
+        mut fronts: Vec<Front>,
+        table: SessionTable,
+        max_datagram: usize,
+        shared: Arc<Shared>,
+    ) -> io::Result<(Self, Arc<Waker>)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        for (i, f) in fronts.iter_mut().enumerate() {
+            poll.registry()
+                .register(&mut f.socket, Token(FRONT_BASE + i), Interest::READABLE)?;
+        }
+        let worker = Self {
+            poll,
+            events: Events::with_capacity(1024),
+            ready: Vec::with_capacity(1024),
+            pending: Vec::new(),
+            fronts,
+            upstreams: Vec::new(),
+            table,
+            // One byte more than accepted, so an oversized datagram shows as such.
+            front_rx: RecvBatch::new(FRONT_BATCH, max_datagram.saturating_add(1)),
+            answers: RecvBatch::new(ANSWER_ARENA, MAX_UDP_PAYLOAD + 1),
+            answers_used: 0,
+            deliveries: Vec::with_capacity(ANSWER_ARENA),
+            tx: SendBatch::new(ANSWER_ARENA.max(crate::dedupe::MAX_SLOTS)),
+            local: stats::Local::default(),
+            sink: stats::Sink::new(),
+            shared,
+            closed: Vec::new(),
+            next_tick: Instant::now() + TICK,
+        };
+        Ok((worker, waker))
+    }
+
+    /// Runs until shutdown is signalled.
+    pub(crate) fn run(mut self) {
+        while !self.shared.shutdown.load(Ordering::Acquire) {
+            let timeout = if self.pending.is_empty() {
+                self.next_tick.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut self.events, Some(timeout))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                tracing::error!(error = %e, "poll failed; worker stops");
+                break;
+            }
+            let now = Instant::now();
+            self.ready.clear();
+            self.ready.extend(self.events.iter().map(|e| e.token()));
+            self.ready.append(&mut self.pending);
+            for i in 0..self.ready.len() {
+                let token = self.ready[i];
+                let drained = match token.0 {
+                    0 => {
+                        self.on_wake(now);
+                        true
+                    }
+                    t if t >= SESSION_BASE => self.on_upstream(t - SESSION_BASE, now),
+                    t => self.on_front(t - FRONT_BASE, now),
+                };
+                if !drained && !self.pending.contains(&token) {
+                    self.pending.push(token);
+                }
+            }
+            self.flush_deliveries();
+            if now >= self.next_tick {
+                self.tick(now);
+                self.next_tick = now + TICK;
+            }
+        }
+        self.sink.flush(&mut self.local);
+    }
+
+    fn on_wake(&mut self, now: Instant) {
+        let snapshot = self.shared.replicas.snapshot();
+        if snapshot.version == self.table.snapshot().version {
+            return;
+        }
+        let report = self.table.apply(snapshot, now);
+        self.local.failovers += report.failovers;
+        self.local.late_joins += report.late_joins;
+    }
+
+    /// Reads client datagrams; false when the socket still had data after our turn.
+    fn on_front(&mut self, listener: usize, now: Instant) -> bool {
+        let Some(fd) = self.fronts.get(listener).map(|f| f.socket.as_raw_fd()) else {
+            return true;
+        };
+        for _ in 0..BATCHES_PER_TURN {
+            let n = match self.front_rx.recv(fd, 0) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "receive from clients failed");
+                    return true;
+                }
+            };
+            for i in 0..n {
+                self.on_client(listener as ListenerId, i, now);
+            }
+            if n < self.front_rx.capacity() {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn on_client(&mut self, listener: ListenerId, i: usize, now: Instant) {
+        let d = self.front_rx.get(i);
+        self.local.client_packets += 1;
+        self.local.client_bytes += d.payload.len() as u64;
+        let Some(client) = d.from else {
+            return;
+        };
+        let len = if d.truncated {
+            usize::MAX
+        } else {
+            d.payload.len()
+        };
+        let (id, opened, targets) = match self.table.on_client(listener, client, len, now) {
+            ClientVerdict::Forward {
+                id,
+                opened,
+                targets,
+            } => (id, opened, targets),
+            ClientVerdict::Drop(reason) => {
+                self.local.drop(reason, 1);
+                return;
+            }
+        };
+        if opened {
+            let v6 = targets.iter().any(SocketAddr::is_ipv6);
+            match open_upstream(&self.poll, id, v6) {
+                Ok(up) => {
+                    if self.upstreams.len() <= id {
+                        self.upstreams.resize_with(id + 1, || None);
+                    }
+                    self.upstreams[id] = Some(up);
+                    self.local.sessions_opened += 1;
+                    tracing::debug!(%client, session = id, "session opened");
+                }
+                Err(e) => {
+                    tracing::warn!(%client, error = %e, "cannot open upstream socket");
+                    self.table.close(id);
+                    self.local.drop(DropReason::SocketError, 1);
+                    return;
+                }
+            }
+        }
+        let Some(up) = self.upstreams.get(id).and_then(Option::as_ref) else {
+            self.local.drop(DropReason::SocketError, 1);
+            return;
+        };
+        let out = self
+            .tx
+            .fan_out(up.socket.as_raw_fd(), d.payload, targets, up.v6);
+        self.local.upstream_packets += out.sent;
+        self.local.upstream_bytes += out.bytes;
+        self.local.drop(DropReason::SendFailed, out.failed);
+    }
+
+    /// Reads a session's replica answers; false when data remained after our turn.
+    fn on_upstream(&mut self, id: SessionId, now: Instant) -> bool {
+        for _ in 0..BATCHES_PER_TURN {
+            if self.answers_used == self.answers.capacity() {
+                self.flush_deliveries();
+            }
+            let Some(up) = self.upstreams.get(id).and_then(Option::as_ref) else {
+                return true;
+            };
+            let start = self.answers_used;
+            let n = match self.answers.recv(up.socket.as_raw_fd(), start) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => {
+                    tracing::debug!(session = id, error = %e, "receive from replicas failed");
+                    return true;
+                }
+            };
+            self.answers_used += n;
+            for slot in start..start + n {
+                let d = self.answers.get(slot);
+                self.local.replica_packets += 1;
+                self.local.replica_bytes += d.payload.len() as u64;
+                let Some(from) = d.from else { continue };
+                if d.truncated {
+                    self.local.drop(DropReason::Oversized, 1);
+                    continue;
+                }
+                match self.table.on_answer(id, from, d.payload, now) {
+                    AnswerVerdict::Deliver {
+                        listener,
+                        client,
+                        failover,
+                    } => {
+                        if failover {
+                            self.local.failovers += 1;
+                        }
+                        self.deliveries.push(Delivery {
+                            listener,
+                            client,
+                            slot,
+                        });
+                    }
+                    AnswerVerdict::Duplicate => self.local.duplicates += 1,
+                    AnswerVerdict::Drop(reason) => self.local.drop(reason, 1),
+                }
+            }
+            if start + n < self.answers.capacity() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Sends buffered answers to their clients, one `sendmmsg` per listener.
+    fn flush_deliveries(&mut self) {
+        if !self.deliveries.is_empty() {
+            for (l, front) in self.fronts.iter().enumerate() {
+                let answers = &self.answers;
+                let items = self
+                    .deliveries
+                    .iter()
+                    .filter(|d| usize::from(d.listener) == l)
+                    .map(|d| (answers.get(d.slot).payload, d.client));
+                let out = self.tx.send_all(front.socket.as_raw_fd(), items, front.v6);
+                self.local.delivered_packets += out.sent;
+                self.local.delivered_bytes += out.bytes;
+                self.local.drop(DropReason::SendFailed, out.failed);
+            }
+            self.deliveries.clear();
+        }
+        self.answers_used = 0;
+    }
+
+    fn tick(&mut self, now: Instant) {
+        self.closed.clear();
+        self.table.expire(now, &mut self.closed);
+        for &id in &self.closed {
+            self.local.sessions_expired += 1;
+            if let Some(mut up) = self.upstreams.get_mut(id).and_then(Option::take) {
+                // Dropping the socket closes it; deregistering first keeps epoll tidy.
+                let _ = self.poll.registry().deregister(&mut up.socket);
+            }
+        }
+        self.local.evictions += self.table.take_evictions();
+        self.sink.flush(&mut self.local);
+    }
+}
+
+/// A session's own socket: an ephemeral port, so each replica sees each player as a distinct
+/// source. IPv6 (dual-stack) when any replica is IPv6.
+fn open_upstream(poll: &Poll, id: SessionId, v6: bool) -> io::Result<Upstream> {
+    let (domain, any) = if v6 {
+        (Domain::IPV6, IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+    } else {
+        (Domain::IPV4, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    };
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if v6 {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(any, 0).into())?;
+    let mut socket = UdpSocket::from_std(socket.into());
+    poll.registry()
+        .register(&mut socket, Token(SESSION_BASE + id), Interest::READABLE)?;
+    Ok(Upstream { socket, v6 })
+}

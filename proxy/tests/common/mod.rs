@@ -1,0 +1,187 @@
+//! Shared harness of the integration tests: real replica processes, the real proxy binary,
+//! real UDP on loopback.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use spotable_bench::metrics_text;
+use spotable_bench::process::{ProxyProcess, ReplicaProcess, http_get, spawn_proxy, spawn_replica};
+use spotable_bench::wire;
+
+pub fn proxy_exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_spotable-proxy"))
+}
+
+/// The replica program ships in spotable-bench; `cargo test --workspace` builds it next to
+/// the proxy binary.
+pub fn bench_exe() -> PathBuf {
+    let p = proxy_exe().with_file_name("spotable-bench");
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        p.display()
+    );
+    p
+}
+
+pub fn replica(args: &[&str]) -> ReplicaProcess {
+    spawn_replica(&bench_exe(), args).expect("replica starts")
+}
+
+pub struct Setup {
+    pub replicas: Vec<ReplicaProcess>,
+    pub proxy: ProxyProcess,
+}
+
+/// Starts one replica per entry of `replica_args` and a proxy in front of them.
+pub fn setup(replica_args: &[&[&str]], proxy_args: &[&str]) -> Setup {
+    let replicas: Vec<_> = replica_args.iter().map(|a| replica(a)).collect();
+    let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.addr).collect();
+    let proxy = start_proxy(&addrs, proxy_args);
+    Setup { replicas, proxy }
+}
+
+/// Starts the proxy binary on an ephemeral port with an admin endpoint.
+pub fn start_proxy(replicas: &[SocketAddr], extra: &[&str]) -> ProxyProcess {
+    let mut args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+    ]
+    .map(String::from)
+    .to_vec();
+    for r in replicas {
+        args.push("--replica".into());
+        args.push(r.to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn_proxy(&proxy_exe(), &[], &args, true).expect("proxy starts")
+}
+
+pub fn metrics(proxy: &ProxyProcess) -> String {
+    let (status, body) = http_get(proxy.admin.expect("admin"), "/metrics").expect("scrape");
+    assert_eq!(status, 200);
+    body
+}
+
+pub fn metric(proxy: &ProxyProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics_text::value(&metrics(proxy), name, labels).unwrap_or(0.0)
+}
+
+/// Polls a metric until `ok` holds (workers flush every 100 ms); returns the last value.
+pub fn wait_metric(
+    proxy: &ProxyProcess,
+    name: &str,
+    labels: &[(&str, &str)],
+    ok: impl Fn(f64) -> bool,
+) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = metric(proxy, name, labels);
+        if ok(v) || Instant::now() >= deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn client(proxy: &ProxyProcess) -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.connect(proxy.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    s
+}
+
+/// Collects everything a client socket receives until stopped.
+pub struct Collector {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<Vec<u8>>>,
+}
+
+impl Collector {
+    pub fn start(socket: &UdpSocket) -> Self {
+        let socket = socket.try_clone().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 65_536];
+            while !flag.load(Ordering::Acquire) {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    got.push(buf[..n].to_vec());
+                }
+            }
+            got
+        });
+        Self { stop, thread }
+    }
+
+    /// Waits `settle` for stragglers, then returns what arrived.
+    pub fn finish(self, settle: Duration) -> Vec<Vec<u8>> {
+        std::thread::sleep(settle);
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().unwrap()
+    }
+}
+
+/// Sends `count` stamped datagrams at `interval`, calling `at(seq)` before each.
+pub fn stream(socket: &UdpSocket, count: u64, interval: Duration, mut at: impl FnMut(u64)) {
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    for seq in 0..count {
+        at(seq);
+        let due = start + interval * seq as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        wire::stamp(&mut buf, seq, 48);
+        socket.send(&buf).unwrap();
+    }
+}
+
+/// How many times each sequence number arrived.
+pub fn counts(answers: &[Vec<u8>]) -> HashMap<u64, usize> {
+    let mut m = HashMap::new();
+    for a in answers {
+        *m.entry(wire::seq_of(a).expect("stamped answer"))
+            .or_insert(0) += 1;
+    }
+    m
+}
+
+/// Asserts that every number in `0..count` arrived exactly `times` times and nothing else did.
+pub fn assert_each(answers: &[Vec<u8>], count: u64, times: usize) {
+    let c = counts(answers);
+    let lost: Vec<_> = (0..count).filter(|s| !c.contains_key(s)).collect();
+    let wrong: Vec<_> = c.iter().filter(|(_, n)| **n != times).collect();
+    assert!(
+        lost.is_empty() && wrong.is_empty() && c.len() as u64 == count,
+        "{} lost (first {:?}), {} with wrong counts (e.g. {:?}), {} distinct of {count}",
+        lost.len(),
+        lost.iter().take(5).collect::<Vec<_>>(),
+        wrong.len(),
+        wrong.iter().take(5).collect::<Vec<_>>(),
+        c.len()
+    );
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}

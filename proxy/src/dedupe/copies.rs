@@ -5,7 +5,7 @@
 //! other copies are duplicates. With deterministic replicas, the client sees each payload
 //! exactly as many times as one replica sent it, whichever replica is fastest and whichever dies.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::{MAX_SLOTS, Slot, Verdict};
@@ -17,12 +17,18 @@ struct Entry {
     forwarded: u32,
     counts: [u32; MAX_SLOTS],
     last_seen: Instant,
+    /// Insertion number, matching this entry's item in the eviction queue.
+    serial: u64,
 }
 
 /// Per-session state of the `copies` mode.
 #[derive(Debug)]
 pub struct Copies {
     entries: Map,
+    /// Keys in insertion order, so the cap evicts in O(1). Each item carries its entry's
+    /// serial, so an item can never remove a later entry that re-used its key.
+    order: VecDeque<(u64, u64)>,
+    next_serial: u64,
     window: Duration,
     max_entries: usize,
     seed: u64,
@@ -36,6 +42,8 @@ impl Copies {
     pub fn new(window: Duration, max_entries: usize, seed: u64, now: Instant) -> Self {
         Self {
             entries: Map::default(),
+            order: VecDeque::new(),
+            next_serial: 0,
             window,
             max_entries: max_entries.max(1),
             seed,
@@ -60,19 +68,23 @@ impl Copies {
             }
             return Verdict::Duplicate;
         }
-        if self.entries.len() >= self.max_entries {
-            self.make_room(now);
+        while self.entries.len() >= self.max_entries {
+            self.evict_oldest();
         }
         let mut counts = [0; MAX_SLOTS];
         counts[slot] = 1;
+        let serial = self.next_serial;
+        self.next_serial += 1;
         self.entries.insert(
             key,
             Entry {
                 forwarded: 1,
                 counts,
                 last_seen: now,
+                serial,
             },
         );
+        self.order.push_back((key, serial));
         Verdict::Forward
     }
 
@@ -109,30 +121,33 @@ impl Copies {
         self.sweep(now);
     }
 
+    /// Drops entries quiet for a whole window. Runs at most once per window, so its O(n)
+    /// cost is spread over every answer of that window.
     fn sweep(&mut self, now: Instant) {
         let window = self.window;
         self.entries
             .retain(|_, e| now.saturating_duration_since(e.last_seen) < window);
+        let entries = &self.entries;
+        self.order
+            .retain(|(k, serial)| entries.get(k).is_some_and(|e| e.serial == *serial));
         // Give memory back after a burst; keep some headroom to avoid churn.
         if self.entries.capacity() > 64 && self.entries.len() < self.entries.capacity() / 4 {
             self.entries.shrink_to(self.entries.len() * 2);
+            self.order.shrink_to(self.entries.len() * 2);
         }
     }
 
-    fn make_room(&mut self, now: Instant) {
-        self.sweep(now);
-        while self.entries.len() >= self.max_entries {
-            let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.last_seen)
-                .map(|(k, _)| *k)
-            else {
+    /// Removes the oldest inserted entry: O(1) amortised, stale queue items skipped.
+    fn evict_oldest(&mut self) {
+        while let Some((key, serial)) = self.order.pop_front() {
+            if self.entries.get(&key).is_some_and(|e| e.serial == serial) {
+                self.entries.remove(&key);
+                self.evictions += 1;
                 return;
-            };
-            self.entries.remove(&oldest);
-            self.evictions += 1;
+            }
         }
+        // The queue lost track (cannot happen: every entry has its item). Stay bounded.
+        self.entries.clear();
     }
 }
 
@@ -211,6 +226,22 @@ mod tests {
             }
         }
         assert_eq!(forwarded, 20);
+    }
+
+    #[test]
+    fn cap_evicts_in_insertion_order_after_expiry() {
+        let now = Instant::now();
+        let mut c = Copies::new(Duration::from_secs(1), 2, 1, now);
+        c.on_answer(0, b"a", now);
+        // "a" expires and is inserted again, after "b": "b" is now the oldest.
+        let later = now + Duration::from_secs(2);
+        c.on_answer(0, b"b", later);
+        c.on_answer(0, b"a", later);
+        c.on_answer(0, b"c", later);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.on_answer(1, b"a", later), Duplicate, "a survived");
+        assert_eq!(c.on_answer(1, b"c", later), Duplicate);
+        assert_eq!(c.take_evictions(), 1, "b went");
     }
 
     #[test]

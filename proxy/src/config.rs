@@ -57,7 +57,8 @@ pub enum LogFormat {
     about = "UDP front end for game servers on spot capacity: fans every client datagram out to \
              N replicas and delivers their answers deduplicated.",
     after_help = "Durations take units: 50ms, 2s, 1m. Every flag may also be set in the --config \
-                  file under its snake_case name (e.g. max_sessions = 5000); flags win."
+                  file under its snake_case name (max_sessions = 5000), lists as arrays \
+                  (listen = [...], replicas = [...] for --replica); flags win."
 )]
 pub struct Args {
     /// TOML file with any of the settings below.
@@ -532,6 +533,15 @@ mod tests {
         assert!(e.starts_with("proxy.toml:1: listen:"), "{e}");
         let e = error(&base, "= broken");
         assert!(e.starts_with("proxy.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn example_file_in_the_repository_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.example.toml");
+        let c = Config::merge(Args::default(), read_file(&path).unwrap()).unwrap();
+        assert_eq!(c.replicas.len(), 2);
+        assert_eq!(c.proxy.settings.max_datagram, 1472);
+        assert_eq!(c.log_format, LogFormat::Json);
     }
 
     #[test]

@@ -119,9 +119,17 @@ fn run(config: Config) -> anyhow::Result<()> {
             }
             None => None,
         };
-        let signal = shutdown_signal().await?;
-        tracing::info!(signal, "shutting down");
+        let mut signals = Signals::new()?;
+        let signal = signals.next().await;
         stopping.store(true, Ordering::Release);
+        if !config.drain_delay.is_zero() {
+            tracing::info!(signal, delay = ?config.drain_delay, "draining: not ready, still forwarding");
+            tokio::select! {
+                _ = tokio::time::sleep(config.drain_delay) => {}
+                again = signals.next() => tracing::info!(signal = again, "drain cut short"),
+            }
+        }
+        tracing::info!(signal, "shutting down");
         if let Some(task) = admin_task {
             task.abort();
         }
@@ -132,12 +140,25 @@ fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM and SIGINT, as a stream.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }

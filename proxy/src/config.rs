@@ -117,6 +117,11 @@ pub struct Args {
     /// Front socket buffer size in bytes [default: 4194304].
     #[arg(long, value_name = "BYTES")]
     pub socket_buffer: Option<usize>,
+    /// After SIGTERM/SIGINT, keep forwarding this long with /readyz failing, so load balancers
+    /// stop sending before the proxy stops answering; a second signal ends it early
+    /// [default: 0s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub drain_delay: Option<Duration>,
     /// HTTP address for /metrics, /healthz and /readyz [default: off].
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
@@ -152,6 +157,8 @@ struct FileConfig {
     late_join: Option<bool>,
     workers: Option<usize>,
     socket_buffer: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    drain_delay: Option<Duration>,
     admin: Option<SocketAddr>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
@@ -202,6 +209,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Static replicas.
     pub replicas: Vec<SocketAddr>,
+    /// Time to keep forwarding after a stop signal.
+    pub drain_delay: Duration,
     /// Admin HTTP address.
     pub admin: Option<SocketAddr>,
     /// Log format.
@@ -361,6 +370,7 @@ impl Config {
                 },
             },
             replicas,
+            drain_delay: a.drain_delay.or(f.drain_delay).unwrap_or(Duration::ZERO),
             admin: a.admin.or(f.admin),
             log_format: a.log_format.or(f.log_format).unwrap_or_default(),
             log_level: a.log_level.or(f.log_level).unwrap_or_else(|| "info".into()),

@@ -385,12 +385,13 @@ impl SessionTable {
         let Some(session) = self.sessions.get_mut(id) else {
             return ClientVerdict::Drop(DropReason::UnknownSession);
         };
+        // A client over its rate is still present: activity counts before the limit.
+        session.last_active = now;
         if let Some(limiter) = &mut session.limiter
             && !limiter.allow(now)
         {
             return ClientVerdict::Drop(DropReason::RateLimited);
         }
-        session.last_active = now;
         if session.members.targets.is_empty() {
             return ClientVerdict::Drop(DropReason::NoReplicas);
         }
@@ -718,6 +719,14 @@ mod tests {
         // Another client has its own budget.
         open(&mut t, 2, now);
         open(&mut t, 1, now + 100 * MS);
+        // Being rate limited is not being idle.
+        let mut closed = Vec::new();
+        let later = now + Duration::from_secs(50);
+        for _ in 0..10 {
+            t.on_client(0, addr(1), 10, later);
+        }
+        t.expire(now + Duration::from_secs(100), &mut closed);
+        assert_eq!(closed.len(), 1, "only client 2 was idle");
     }
 
     #[test]

@@ -227,3 +227,34 @@ fn admin_endpoints_and_graceful_sigterm() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn drain_delay_keeps_forwarding_while_not_ready() {
+    let mut s = setup(&[&[]], &["--drain-delay", "5s"]);
+    let admin = s.proxy.admin.unwrap();
+    s.proxy.process.signal(libc::SIGTERM).unwrap();
+    // Readiness drops at once…
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while http_get(admin, "/readyz").unwrap().0 != 503 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz still ready after SIGTERM"
+        );
+        std::thread::sleep(20 * MS);
+    }
+    // …while players are still served.
+    let c = client(&s.proxy);
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    c.send(b"during drain").unwrap();
+    let mut buf = [0u8; 32];
+    let n = c.recv(&mut buf).expect("answer during the drain");
+    assert_eq!(&buf[..n], b"during drain");
+    // A second signal cuts the drain short.
+    s.proxy.process.signal(libc::SIGTERM).unwrap();
+    let status = s
+        .proxy
+        .process
+        .wait_timeout(Duration::from_secs(3))
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,16 +19,27 @@ pub fn proxy_exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_spotable-proxy"))
 }
 
-/// The replica program ships in spotable-bench; `cargo test --workspace` builds it next to
-/// the proxy binary.
+/// The replica program ships in spotable-bench. `cargo test --workspace` builds it next to the
+/// proxy binary (spotable-bench has integration tests of its own); when only this package is
+/// tested, it is built here, once.
 pub fn bench_exe() -> PathBuf {
-    let p = proxy_exe().with_file_name("spotable-bench");
-    assert!(
-        p.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
-        p.display()
-    );
-    p
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let p = proxy_exe().with_file_name("spotable-bench");
+            if !p.exists() {
+                let mut cargo = Command::new(env!("CARGO"));
+                cargo.args(["build", "-p", "spotable-bench", "--bin", "spotable-bench"]);
+                if proxy_exe().parent().is_some_and(|d| d.ends_with("release")) {
+                    cargo.arg("--release");
+                }
+                let status = cargo.status().expect("run cargo");
+                assert!(status.success(), "cannot build spotable-bench");
+            }
+            assert!(p.exists(), "{} is missing", p.display());
+            p
+        })
+        .clone()
 }
 
 pub fn replica(args: &[&str]) -> ReplicaProcess {

@@ -11,7 +11,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::metrics_text;
-use crate::process::{ReplicaProcess, http_get, spawn_proxy, spawn_replica};
+use crate::process::{ReplicaProcess, http_get, loopback_proxy_args, spawn_proxy, spawn_replica};
 use crate::wire;
 
 /// `spotable-bench demo` flags.
@@ -120,28 +120,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<Summary> {
             r.process.pid()
         );
     }
-    let mut proxy_args: Vec<String> = [
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--rate-limit",
-        "0",
-        "--dedupe",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    proxy_args.push(args.dedupe.clone());
+    let mut extra = vec!["--rate-limit", "0", "--dedupe", args.dedupe.as_str()];
     if args.dedupe == "sequence" {
-        proxy_args.extend(["--sequence-offset", "0", "--sequence-width", "8"].map(String::from));
+        extra.extend(["--sequence-offset", "0", "--sequence-width", "8"]);
     }
-    for r in &replicas {
-        proxy_args.push("--replica".into());
-        proxy_args.push(r.addr.to_string());
-    }
+    let addrs: Vec<_> = replicas.iter().map(|r| r.addr).collect();
+    let proxy_args = loopback_proxy_args(&addrs, 2, &extra);
     let proxy_args: Vec<&str> = proxy_args.iter().map(String::as_str).collect();
     let proxy = spawn_proxy(&exe, &["proxy"], &proxy_args, false)?;
     let admin = proxy.admin.context("proxy admin address")?;

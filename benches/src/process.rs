@@ -183,6 +183,20 @@ pub fn spawn_proxy(
     })
 }
 
+/// Arguments for a proxy on loopback: ephemeral front and admin ports, `workers` threads,
+/// the given replicas, then `extra`.
+pub fn loopback_proxy_args(replicas: &[SocketAddr], workers: usize, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+        .map(String::from)
+        .to_vec();
+    args.extend(["--workers".to_string(), workers.to_string()]);
+    for r in replicas {
+        args.extend(["--replica".to_string(), r.to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// `GET path` over plain HTTP/1.0; returns status code and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};

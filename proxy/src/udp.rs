@@ -25,13 +25,61 @@ pub struct Datagram<'a> {
     pub truncated: bool,
 }
 
+/// `mmsghdr`s with one address and one iovec each: what both directions hand the kernel.
+struct Headers {
+    addrs: Box<[libc::sockaddr_storage]>,
+    iovecs: Box<[libc::iovec]>,
+    hdrs: Box<[libc::mmsghdr]>,
+}
+
+impl Headers {
+    fn new(capacity: usize) -> Self {
+        // SAFETY: all-zero is a valid value for these plain C structs (null pointers, zero
+        // lengths); `set` fills every pointer before a header goes to the kernel.
+        Self {
+            addrs: (0..capacity)
+                .map(|_| unsafe { mem::zeroed::<libc::sockaddr_storage>() })
+                .collect(),
+            iovecs: (0..capacity)
+                .map(|_| libc::iovec {
+                    iov_base: ptr::null_mut(),
+                    iov_len: 0,
+                })
+                .collect(),
+            hdrs: (0..capacity)
+                .map(|_| unsafe { mem::zeroed::<libc::mmsghdr>() })
+                .collect(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.hdrs.len()
+    }
+
+    /// Points header `i` at `len` bytes from `base` and at its own address slot, whose
+    /// meaningful length is `namelen`.
+    fn set(&mut self, i: usize, base: *mut u8, len: usize, namelen: libc::socklen_t) {
+        self.iovecs[i] = libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len,
+        };
+        let hdr = &mut self.hdrs[i];
+        hdr.msg_len = 0;
+        hdr.msg_hdr.msg_name = ptr::from_mut(&mut self.addrs[i]).cast();
+        hdr.msg_hdr.msg_namelen = namelen;
+        hdr.msg_hdr.msg_iov = ptr::from_mut(&mut self.iovecs[i]);
+        hdr.msg_hdr.msg_iovlen = 1;
+        hdr.msg_hdr.msg_control = ptr::null_mut();
+        hdr.msg_hdr.msg_controllen = 0;
+        hdr.msg_hdr.msg_flags = 0;
+    }
+}
+
 /// Receive buffers and headers for up to `capacity` datagrams per system call.
 pub struct RecvBatch {
     slot_size: usize,
     bufs: Box<[u8]>,
-    addrs: Box<[libc::sockaddr_storage]>,
-    iovecs: Box<[libc::iovec]>,
-    hdrs: Box<[libc::mmsghdr]>,
+    headers: Headers,
 }
 
 impl std::fmt::Debug for RecvBatch {
@@ -48,28 +96,16 @@ impl RecvBatch {
     pub fn new(capacity: usize, slot_size: usize) -> Self {
         let capacity = capacity.max(1);
         let slot_size = slot_size.max(1);
-        // SAFETY: all-zero is a valid value for these plain C structs (null pointers, zero
-        // lengths); every pointer is set before each system call.
-        let zeroed = || unsafe { mem::zeroed::<libc::mmsghdr>() };
         Self {
             slot_size,
             bufs: vec![0u8; capacity * slot_size].into_boxed_slice(),
-            addrs: (0..capacity)
-                .map(|_| unsafe { mem::zeroed::<libc::sockaddr_storage>() })
-                .collect(),
-            iovecs: (0..capacity)
-                .map(|_| libc::iovec {
-                    iov_base: ptr::null_mut(),
-                    iov_len: 0,
-                })
-                .collect(),
-            hdrs: (0..capacity).map(|_| zeroed()).collect(),
+            headers: Headers::new(capacity),
         }
     }
 
     /// How many datagrams fit.
     pub fn capacity(&self) -> usize {
-        self.hdrs.len()
+        self.headers.len()
     }
 
     /// Receives into slots `start..capacity` without blocking; returns how many arrived
@@ -80,28 +116,18 @@ impl RecvBatch {
             return Ok(0);
         }
         let base = self.bufs.as_mut_ptr();
+        let namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         for i in start..end {
             // SAFETY: i < capacity, so the offset stays inside `bufs`.
-            self.iovecs[i] = libc::iovec {
-                iov_base: unsafe { base.add(i * self.slot_size) }.cast(),
-                iov_len: self.slot_size,
-            };
-            let hdr = &mut self.hdrs[i];
-            hdr.msg_len = 0;
-            hdr.msg_hdr.msg_name = ptr::from_mut(&mut self.addrs[i]).cast();
-            hdr.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            hdr.msg_hdr.msg_iov = ptr::from_mut(&mut self.iovecs[i]);
-            hdr.msg_hdr.msg_iovlen = 1;
-            hdr.msg_hdr.msg_control = ptr::null_mut();
-            hdr.msg_hdr.msg_controllen = 0;
-            hdr.msg_hdr.msg_flags = 0;
+            let slot = unsafe { base.add(i * self.slot_size) };
+            self.headers.set(i, slot, self.slot_size, namelen);
         }
         loop {
             // SAFETY: headers start..end point at live buffers owned by self, sized as declared.
             let n = unsafe {
                 libc::recvmmsg(
                     fd,
-                    self.hdrs.as_mut_ptr().add(start),
+                    self.headers.hdrs.as_mut_ptr().add(start),
                     (end - start) as libc::c_uint,
                     libc::MSG_DONTWAIT,
                     ptr::null_mut(),
@@ -119,11 +145,11 @@ impl RecvBatch {
 
     /// The datagram in slot `i` (as filled by the last [`recv`](Self::recv) covering it).
     pub fn get(&self, i: usize) -> Datagram<'_> {
-        let hdr = &self.hdrs[i];
+        let hdr = &self.headers.hdrs[i];
         let len = (hdr.msg_len as usize).min(self.slot_size);
         let start = i * self.slot_size;
         Datagram {
-            from: decode(&self.addrs[i], hdr.msg_hdr.msg_namelen),
+            from: decode(&self.headers.addrs[i], hdr.msg_hdr.msg_namelen),
             payload: &self.bufs[start..start + len],
             truncated: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
         }
@@ -151,15 +177,13 @@ impl std::ops::AddAssign for SendOutcome {
 
 /// Headers for up to `capacity` datagrams per `sendmmsg`.
 pub struct SendBatch {
-    addrs: Box<[libc::sockaddr_storage]>,
-    iovecs: Box<[libc::iovec]>,
-    hdrs: Box<[libc::mmsghdr]>,
+    headers: Headers,
 }
 
 impl std::fmt::Debug for SendBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SendBatch")
-            .field("capacity", &self.hdrs.len())
+            .field("capacity", &self.headers.len())
             .finish()
     }
 }
@@ -167,21 +191,8 @@ impl std::fmt::Debug for SendBatch {
 impl SendBatch {
     /// Room for `capacity` datagrams per system call.
     pub fn new(capacity: usize) -> Self {
-        let capacity = capacity.max(1);
         Self {
-            // SAFETY: all-zero is valid for these C structs; pointers are set before use.
-            addrs: (0..capacity)
-                .map(|_| unsafe { mem::zeroed::<libc::sockaddr_storage>() })
-                .collect(),
-            iovecs: (0..capacity)
-                .map(|_| libc::iovec {
-                    iov_base: ptr::null_mut(),
-                    iov_len: 0,
-                })
-                .collect(),
-            hdrs: (0..capacity)
-                .map(|_| unsafe { mem::zeroed::<libc::mmsghdr>() })
-                .collect(),
+            headers: Headers::new(capacity.max(1)),
         }
     }
 
@@ -208,22 +219,12 @@ impl SendBatch {
         let mut outcome = SendOutcome::default();
         let mut n = 0;
         for (payload, dest) in items {
-            let namelen = encode(dest, v6_socket, &mut self.addrs[n]);
-            self.iovecs[n] = libc::iovec {
-                iov_base: payload.as_ptr().cast_mut().cast(),
-                iov_len: payload.len(),
-            };
-            let hdr = &mut self.hdrs[n];
-            hdr.msg_len = 0;
-            hdr.msg_hdr.msg_name = ptr::from_mut(&mut self.addrs[n]).cast();
-            hdr.msg_hdr.msg_namelen = namelen;
-            hdr.msg_hdr.msg_iov = ptr::from_mut(&mut self.iovecs[n]);
-            hdr.msg_hdr.msg_iovlen = 1;
-            hdr.msg_hdr.msg_control = ptr::null_mut();
-            hdr.msg_hdr.msg_controllen = 0;
-            hdr.msg_hdr.msg_flags = 0;
+            let namelen = encode(dest, v6_socket, &mut self.headers.addrs[n]);
+            // The kernel only reads through this pointer (sendmmsg never writes to iov_base).
+            let base = payload.as_ptr().cast_mut();
+            self.headers.set(n, base, payload.len(), namelen);
             n += 1;
-            if n == self.hdrs.len() {
+            if n == self.headers.len() {
                 outcome += self.flush(fd, n);
                 n = 0;
             }
@@ -244,13 +245,13 @@ impl SendBatch {
             let r = unsafe {
                 libc::sendmmsg(
                     fd,
-                    self.hdrs.as_mut_ptr().add(off),
+                    self.headers.hdrs.as_mut_ptr().add(off),
                     (n - off) as libc::c_uint,
                     libc::MSG_DONTWAIT,
                 )
             };
             if r > 0 {
-                for hdr in &self.hdrs[off..off + r as usize] {
+                for hdr in &self.headers.hdrs[off..off + r as usize] {
                     outcome.bytes += u64::from(hdr.msg_len);
                 }
                 outcome.sent += r as u64;

@@ -12,7 +12,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use spotable_bench::metrics_text;
-use spotable_bench::process::{ProxyProcess, ReplicaProcess, http_get, spawn_proxy, spawn_replica};
+use spotable_bench::process::{
+    ProxyProcess, ReplicaProcess, http_get, loopback_proxy_args, spawn_proxy, spawn_replica,
+};
 use spotable_bench::wire;
 
 pub fn proxy_exe() -> PathBuf {
@@ -61,21 +63,7 @@ pub fn setup(replica_args: &[&[&str]], proxy_args: &[&str]) -> Setup {
 
 /// Starts the proxy binary on an ephemeral port with an admin endpoint.
 pub fn start_proxy(replicas: &[SocketAddr], extra: &[&str]) -> ProxyProcess {
-    let mut args: Vec<String> = [
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-    ]
-    .map(String::from)
-    .to_vec();
-    for r in replicas {
-        args.push("--replica".into());
-        args.push(r.to_string());
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
+    let args = loopback_proxy_args(replicas, 2, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     spawn_proxy(&proxy_exe(), &[], &args, true).expect("proxy starts")
 }

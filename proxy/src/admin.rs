@@ -66,6 +66,9 @@ async fn metrics(State(state): State<AdminState>) -> String {
     for s in [ReplicaState::Ready, ReplicaState::Draining] {
         metrics::gauge!(names::REPLICAS, "state" => s.as_str()).set(snapshot.count(s) as f64);
     }
+    if let Some(at) = state.replicas.last_sync() {
+        metrics::gauge!(names::SYNC_AGE).set(at.elapsed().as_secs_f64());
+    }
     state.metrics.run_upkeep();
     state.metrics.render()
 }

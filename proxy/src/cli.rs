@@ -10,7 +10,8 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use tracing_subscriber::EnvFilter;
 
 use crate::admin::{self, AdminState};
-use crate::config::{Args, Config, LogFormat};
+use crate::config::{Args, Config, LogFormat, ReplicaSource};
+use crate::discovery::kubernetes;
 use crate::replicas::{Replica, ReplicaSet};
 use crate::server::Proxy;
 use crate::stats;
@@ -83,31 +84,35 @@ fn run(config: Config) -> anyhow::Result<()> {
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     stats::describe();
-
-    let replicas = ReplicaSet::new();
-    replicas.publish(
-        config
-            .replicas
-            .iter()
-            .copied()
-            .map(Replica::ready)
-            .collect(),
-    );
-    tracing::info!(replicas = ?config.replicas, "static replica set");
-
-    let proxy = Proxy::start(config.proxy, replicas.clone())?;
-    let stopping = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("spotable-control")
         .build()
         .context("cannot start the control runtime")?;
+    let replicas = ReplicaSet::new();
+    let stopping = Arc::new(AtomicBool::new(false));
     runtime.block_on(async {
+        let discovery = match &config.replicas {
+            ReplicaSource::Static(list) => {
+                replicas.publish(list.iter().copied().map(Replica::ready).collect());
+                tracing::info!(replicas = ?list, "static replica set");
+                None
+            }
+            ReplicaSource::Kubernetes(source) => {
+                let client = kubernetes::client().await?;
+                Some(tokio::spawn(kubernetes::run(
+                    client,
+                    source.clone(),
+                    replicas.clone(),
+                )))
+            }
+        };
+        let proxy = Proxy::start(config.proxy.clone(), replicas.clone())?;
         let admin_task = match config.admin {
             Some(addr) => {
                 let state = AdminState {
                     metrics,
-                    replicas,
+                    replicas: replicas.clone(),
                     sessions: proxy.session_counter(),
                     stopping: stopping.clone(),
                 };
@@ -130,12 +135,12 @@ fn run(config: Config) -> anyhow::Result<()> {
             }
         }
         tracing::info!(signal, "shutting down");
-        if let Some(task) = admin_task {
+        for task in admin_task.into_iter().chain(discovery) {
             task.abort();
         }
+        proxy.shutdown()?;
         anyhow::Ok(())
     })?;
-    proxy.shutdown()?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -70,6 +70,19 @@ pub struct Args {
     /// Static replica address (repeatable).
     #[arg(long, value_name = "ADDR")]
     pub replica: Vec<SocketAddr>,
+    /// Discover replicas from this Kubernetes Service's EndpointSlices instead.
+    #[arg(long, value_name = "SERVICE")]
+    pub kubernetes_service: Option<String>,
+    /// Namespace of the Service [default: the pod's own, or the kubeconfig context's].
+    #[arg(long, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Service port to use, by name [default: the only (UDP) port].
+    #[arg(long, value_name = "NAME")]
+    pub port_name: Option<String>,
+    /// Replicas per session, chosen per client by rendezvous hashing so every proxy picks the
+    /// same ones [default: all, at most 16].
+    #[arg(long, value_name = "N")]
+    pub fanout: Option<usize>,
     /// How answers are deduplicated [default: copies].
     #[arg(long, value_enum)]
     pub dedupe: Option<DedupeKind>,
@@ -139,6 +152,10 @@ pub struct Args {
 struct FileConfig {
     listen: Option<Vec<SocketAddr>>,
     replicas: Option<Vec<SocketAddr>>,
+    kubernetes_service: Option<String>,
+    namespace: Option<String>,
+    port_name: Option<String>,
+    fanout: Option<usize>,
     dedupe: Option<DedupeKind>,
     sequence_offset: Option<usize>,
     sequence_width: Option<u64>,
@@ -202,13 +219,22 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Where replicas come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaSource {
+    /// A fixed list.
+    Static(Vec<SocketAddr>),
+    /// A Kubernetes Service's EndpointSlices.
+    Kubernetes(crate::discovery::kubernetes::Source),
+}
+
 /// Everything the binary needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The data plane.
     pub proxy: ProxyConfig,
-    /// Static replicas.
-    pub replicas: Vec<SocketAddr>,
+    /// Where replicas come from.
+    pub replicas: ReplicaSource,
     /// Time to keep forwarding after a stop signal.
     pub drain_delay: Duration,
     /// Admin HTTP address.
@@ -238,19 +264,57 @@ impl Config {
             ));
         }
         let replicas = non_empty(a.replica).or(f.replicas).unwrap_or_default();
-        if replicas.is_empty() {
+        let service = a.kubernetes_service.or(f.kubernetes_service);
+        let namespace = a.namespace.or(f.namespace);
+        let port_name = a.port_name.or(f.port_name);
+        let replicas = match (replicas.is_empty(), service) {
+            (false, Some(_)) => {
+                return Err(invalid(
+                    "replicas",
+                    "static replicas and kubernetes_service exclude each other",
+                ));
+            }
+            (true, None) => {
+                return Err(invalid(
+                    "replicas",
+                    "at least one replica is required (--replica or replicas = [...] in the \
+                     config file), or --kubernetes-service for discovery",
+                ));
+            }
+            (false, None) => {
+                if namespace.is_some() || port_name.is_some() {
+                    return Err(invalid(
+                        "namespace",
+                        "namespace and port_name need kubernetes_service",
+                    ));
+                }
+                ReplicaSource::Static(replicas)
+            }
+            (true, Some(service)) => {
+                for (field, value) in [
+                    ("kubernetes_service", Some(&service)),
+                    ("namespace", namespace.as_ref()),
+                    ("port_name", port_name.as_ref()),
+                ] {
+                    if value.is_some_and(|v| !is_dns_label(v)) {
+                        return Err(invalid(
+                            field,
+                            "must be a DNS label (lowercase letters, digits, '-')",
+                        ));
+                    }
+                }
+                ReplicaSource::Kubernetes(crate::discovery::kubernetes::Source {
+                    namespace,
+                    service,
+                    port_name,
+                })
+            }
+        };
+        let fanout = a.fanout.or(f.fanout).unwrap_or(MAX_SLOTS);
+        if !(1..=MAX_SLOTS).contains(&fanout) {
             return Err(invalid(
-                "replicas",
-                "at least one replica is required (--replica or replicas = [...] in the config file)",
-            ));
-        }
-        if replicas.len() > MAX_SLOTS {
-            return Err(invalid(
-                "replicas",
-                format!(
-                    "{} given; a session fans out to at most {MAX_SLOTS}",
-                    replicas.len()
-                ),
+                "fanout",
+                format!("must be between 1 and {MAX_SLOTS}"),
             ));
         }
 
@@ -365,7 +429,7 @@ impl Config {
                     session_timeout,
                     rate,
                     max_datagram,
-                    fanout: MAX_SLOTS,
+                    fanout,
                     late_join: a.late_join || f.late_join.unwrap_or(false),
                 },
             },
@@ -376,6 +440,15 @@ impl Config {
             log_level: a.log_level.or(f.log_level).unwrap_or_else(|| "info".into()),
         })
     }
+}
+
+/// RFC 1123 label, as Kubernetes names of services, namespaces and ports are.
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
@@ -452,7 +525,7 @@ mod tests {
             "",
         )
         .unwrap();
-        assert_eq!(c.replicas.len(), 2);
+        assert!(matches!(&c.replicas, ReplicaSource::Static(r) if r.len() == 2));
         assert_eq!(c.proxy.workers, 3);
         assert_eq!(
             c.proxy.settings.mode,
@@ -549,9 +622,56 @@ mod tests {
     fn example_file_in_the_repository_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.example.toml");
         let c = Config::merge(Args::default(), read_file(&path).unwrap()).unwrap();
-        assert_eq!(c.replicas.len(), 2);
+        assert!(matches!(&c.replicas, ReplicaSource::Static(r) if r.len() == 2));
         assert_eq!(c.proxy.settings.max_datagram, 1472);
         assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn kubernetes_source() {
+        let c = load(
+            &[
+                "--listen",
+                "0.0.0.0:7777",
+                "--kubernetes-service",
+                "game",
+                "--namespace",
+                "games",
+                "--port-name",
+                "game",
+                "--fanout",
+                "2",
+                "--late-join",
+            ],
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            c.replicas,
+            ReplicaSource::Kubernetes(crate::discovery::kubernetes::Source {
+                namespace: Some("games".into()),
+                service: "game".into(),
+                port_name: Some("game".into()),
+            })
+        );
+        assert_eq!(c.proxy.settings.fanout, 2);
+        assert!(c.proxy.settings.late_join);
+        let base = ["--listen", "0.0.0.0:7777"];
+        let mut both = base.to_vec();
+        both.extend(["--replica", "127.0.0.1:1", "--kubernetes-service", "game"]);
+        assert!(error(&both, "").starts_with("replicas: static replicas and kubernetes_service"));
+        let mut ns = base.to_vec();
+        ns.extend(["--replica", "127.0.0.1:1", "--namespace", "games"]);
+        assert!(error(&ns, "").starts_with("namespace:"));
+        let mut bad = base.to_vec();
+        bad.extend(["--kubernetes-service", "Game_Server"]);
+        assert!(error(&bad, "").starts_with("kubernetes_service: must be a DNS label"));
+        let mut fan = base.to_vec();
+        fan.extend(["--kubernetes-service", "game", "--fanout", "17"]);
+        assert!(error(&fan, "").starts_with("fanout:"));
+        let file = "kubernetes_service = \"game\"\nnamespace = \"games\"\nfanout = 3\n";
+        let c = load(&base, file).unwrap();
+        assert!(matches!(c.replicas, ReplicaSource::Kubernetes(_)));
     }
 
     #[test]

@@ -19,3 +19,4 @@ pub use server::{Proxy, ProxyConfig, ServerError};
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod discovery;

@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 /// Lifecycle of one replica as discovery sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -66,25 +67,57 @@ impl Snapshot {
             .map(|i| self.replicas[i].state)
     }
 
-    /// Members a new session should use, at most `limit`: ready replicas, or the draining
-    /// ones when nothing else is left (a draining replica still answers; silence does not).
-    pub fn for_new_session(&self, limit: usize) -> impl Iterator<Item = &Replica> {
+    /// Members a new session of `client` should use, at most `limit`: the ready replicas
+    /// ranked highest for this client (see [`rank`]), or the draining ones when nothing else is
+    /// left (a draining replica still answers; silence does not).
+    pub fn for_new_session(&self, client: SocketAddr, limit: usize) -> Vec<Replica> {
         let any_ready = self.replicas.iter().any(|r| r.state == ReplicaState::Ready);
         let wanted = if any_ready {
             ReplicaState::Ready
         } else {
             ReplicaState::Draining
         };
-        self.replicas
+        let mut ranked = self.ranked(client, wanted);
+        ranked.truncate(limit);
+        ranked
+    }
+
+    /// Replicas in `state`, best first for `client`.
+    pub fn ranked(&self, client: SocketAddr, state: ReplicaState) -> Vec<Replica> {
+        let mut v: Vec<(u64, Replica)> = self
+            .replicas
             .iter()
-            .filter(move |r| r.state == wanted)
-            .take(limit)
+            .filter(|r| r.state == state)
+            .map(|r| (rank(client, r.addr), *r))
+            .collect();
+        v.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.addr.cmp(&b.1.addr)));
+        v.into_iter().map(|(_, r)| r).collect()
     }
 
     /// How many replicas are in `state`.
     pub fn count(&self, state: ReplicaState) -> usize {
         self.replicas.iter().filter(|r| r.state == state).count()
     }
+}
+
+/// Rendezvous (highest-random-weight) score of `replica` for `client`.
+///
+/// The hash is unkeyed on purpose: every proxy instance behind the load balancer must rank
+/// the same replicas first for the same player, and removing a replica changes the choice
+/// only for the players that had it.
+pub fn rank(client: SocketAddr, replica: SocketAddr) -> u64 {
+    let mut buf = [0u8; 36];
+    let mut n = 0;
+    for addr in [client, replica] {
+        let ip = match addr.ip() {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            std::net::IpAddr::V6(v6) => v6.octets(),
+        };
+        buf[n..n + 16].copy_from_slice(&ip);
+        buf[n + 16..n + 18].copy_from_slice(&addr.port().to_be_bytes());
+        n += 18;
+    }
+    xxhash_rust::xxh3::xxh3_64(&buf)
 }
 
 /// Something to poke when a new snapshot is published (a worker's event-loop waker).
@@ -104,6 +137,7 @@ struct Inner {
     current: Mutex<Arc<Snapshot>>,
     subscribers: Mutex<Vec<Arc<dyn Notify>>>,
     synced: AtomicBool,
+    last_sync: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for ReplicaSet {
@@ -122,10 +156,12 @@ impl ReplicaSet {
     }
 
     /// Replaces the whole set. Duplicate addresses collapse to one entry; `Ready` wins over
-    /// `Draining` (the more recent or more capable report). Marks the set synced.
-    pub fn publish(&self, mut replicas: Vec<Replica>) {
+    /// `Draining` (the more recent or more capable report). Marks the set synced. Returns
+    /// whether the set changed.
+    pub fn publish(&self, mut replicas: Vec<Replica>) -> bool {
         replicas.sort();
         replicas.dedup_by_key(|r| r.addr);
+        self.touch();
         {
             let mut current = self
                 .inner
@@ -133,7 +169,7 @@ impl ReplicaSet {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             if current.replicas == replicas && self.is_synced() {
-                return;
+                return false;
             }
             let version = current.version + 1;
             *current = Arc::new(Snapshot { version, replicas });
@@ -148,6 +184,25 @@ impl ReplicaSet {
         for s in subscribers {
             s.notify();
         }
+        true
+    }
+
+    /// Records that the source was heard from, changed or not.
+    pub fn touch(&self) {
+        *self
+            .inner
+            .last_sync
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// When the source was last heard from.
+    pub fn last_sync(&self) -> Option<Instant> {
+        *self
+            .inner
+            .last_sync
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The newest snapshot.
@@ -218,31 +273,80 @@ mod tests {
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
     }
 
+    fn snap(replicas: &[(u16, ReplicaState)]) -> Snapshot {
+        Snapshot {
+            version: 1,
+            replicas: replicas
+                .iter()
+                .map(|&(p, state)| Replica {
+                    addr: addr(p),
+                    state,
+                })
+                .collect(),
+        }
+    }
+
     #[test]
     fn new_sessions_prefer_ready_replicas() {
-        let snap = Snapshot {
-            version: 1,
-            replicas: vec![
-                Replica::ready(addr(1)),
-                Replica {
-                    addr: addr(2),
-                    state: ReplicaState::Draining,
-                },
-                Replica::ready(addr(3)),
-            ],
-        };
-        let picked: Vec<_> = snap.for_new_session(16).map(|r| r.addr).collect();
+        let s = snap(&[
+            (1, ReplicaState::Ready),
+            (2, ReplicaState::Draining),
+            (3, ReplicaState::Ready),
+        ]);
+        let client = addr(40_000);
+        let mut picked: Vec<_> = s
+            .for_new_session(client, 16)
+            .iter()
+            .map(|r| r.addr)
+            .collect();
+        picked.sort();
         assert_eq!(picked, vec![addr(1), addr(3)]);
-        assert_eq!(snap.for_new_session(1).count(), 1);
-        let draining_only = Snapshot {
-            version: 2,
-            replicas: vec![Replica {
-                addr: addr(2),
-                state: ReplicaState::Draining,
-            }],
-        };
-        assert_eq!(draining_only.for_new_session(16).count(), 1);
-        assert_eq!(snap.state_of(addr(2)), Some(ReplicaState::Draining));
-        assert_eq!(snap.state_of(addr(9)), None);
+        assert_eq!(s.for_new_session(client, 1).len(), 1);
+        let draining_only = snap(&[(2, ReplicaState::Draining)]);
+        assert_eq!(draining_only.for_new_session(client, 16).len(), 1);
+        assert_eq!(s.state_of(addr(2)), Some(ReplicaState::Draining));
+        assert_eq!(s.state_of(addr(9)), None);
+    }
+
+    #[test]
+    fn rendezvous_choice_is_stable_and_spread() {
+        let all: Vec<_> = (1..=6).map(|p| (p, ReplicaState::Ready)).collect();
+        let s = snap(&all);
+        let mut load = [0usize; 7];
+        for c in 0..600u16 {
+            let client = SocketAddr::from(([192, 0, 2, (c % 200) as u8], 30_000 + c));
+            let picked = s.for_new_session(client, 2);
+            assert_eq!(picked.len(), 2);
+            assert_ne!(picked[0].addr, picked[1].addr);
+            // Same client, same choice, whatever the order of discovery.
+            let mut shuffled = s.clone();
+            shuffled.replicas.reverse();
+            assert_eq!(shuffled.for_new_session(client, 2), picked);
+            for r in &picked {
+                load[usize::from(r.addr.port())] += 1;
+            }
+        }
+        // 1200 picks over 6 replicas: each near 200.
+        for (port, n) in load.iter().enumerate().skip(1) {
+            assert!((120..=280).contains(n), "replica {port} got {n}");
+        }
+    }
+
+    #[test]
+    fn removing_a_replica_moves_only_the_clients_that_had_it() {
+        let all: Vec<_> = (1..=6).map(|p| (p, ReplicaState::Ready)).collect();
+        let before = snap(&all);
+        let after = snap(&all[1..]);
+        for c in 0..500u16 {
+            let client = SocketAddr::from(([198, 51, 100, 7], 20_000 + c));
+            let old = before.for_new_session(client, 2);
+            let new = after.for_new_session(client, 2);
+            if old.iter().all(|r| r.addr != addr(1)) {
+                assert_eq!(old, new, "client {client} moved without cause");
+            } else {
+                let kept: Vec<_> = old.iter().filter(|r| r.addr != addr(1)).collect();
+                assert!(kept.iter().all(|r| new.contains(r)), "survivor dropped");
+            }
+        }
     }
 }

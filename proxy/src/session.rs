@@ -143,21 +143,25 @@ pub struct Members {
     states: Vec<SlotState>,
     /// Live addresses, rebuilt on change so the send path only reads a slice.
     targets: Vec<SocketAddr>,
+    /// How many replicas the session started with: its redundancy.
+    wanted: usize,
 }
 
 impl Members {
-    fn from_snapshot(snapshot: &Snapshot, limit: usize) -> Self {
+    fn new(replicas: Vec<crate::replicas::Replica>) -> Self {
         let mut m = Members {
-            addrs: Vec::new(),
-            states: Vec::new(),
+            addrs: replicas.iter().map(|r| r.addr).collect(),
+            states: replicas.iter().map(|r| slot_state(Some(r.state))).collect(),
             targets: Vec::new(),
+            wanted: replicas.len(),
         };
-        for r in snapshot.for_new_session(limit) {
-            m.addrs.push(r.addr);
-            m.states.push(slot_state(Some(r.state)));
-        }
         m.rebuild_targets();
         m
+    }
+
+    /// Fewer live members than the session started with.
+    pub fn is_degraded(&self) -> bool {
+        self.live() < self.wanted
     }
 
     fn rebuild_targets(&mut self) {
@@ -185,8 +189,15 @@ impl Members {
         &self.targets
     }
 
-    /// Brings the members in line with `snapshot`; returns the slots that were (re)filled.
-    fn apply(&mut self, snapshot: &Snapshot, settings: &Settings) -> (bool, Vec<Slot>) {
+    /// Brings the members in line with `snapshot`; returns whether anything changed and the
+    /// slots that were (re)filled. With `late_join`, free places are filled from `client`'s
+    /// rendezvous ranking, up to `fanout`.
+    fn apply(
+        &mut self,
+        snapshot: &Snapshot,
+        settings: &Settings,
+        client: SocketAddr,
+    ) -> (bool, Vec<Slot>) {
         let mut changed = false;
         for (addr, state) in self.addrs.iter().zip(self.states.iter_mut()) {
             if *state == SlotState::Gone {
@@ -199,13 +210,13 @@ impl Members {
             }
         }
         let mut joined = Vec::new();
-        if settings.late_join {
-            let limit = settings.fanout.min(MAX_SLOTS);
-            for r in snapshot.for_new_session(MAX_SLOTS) {
+        let limit = settings.fanout.min(MAX_SLOTS);
+        if settings.late_join && self.live() < limit {
+            for r in snapshot.ranked(client, ReplicaState::Ready) {
                 if self.live() >= limit {
                     break;
                 }
-                if r.state != ReplicaState::Ready || self.slot_of(r.addr).is_some() {
+                if self.slot_of(r.addr).is_some() {
                     continue;
                 }
                 let slot = match self.states.iter().position(|s| *s == SlotState::Gone) {
@@ -224,6 +235,7 @@ impl Members {
                 joined.push(slot);
                 changed = true;
             }
+            self.wanted = self.wanted.max(self.live());
         }
         if changed {
             self.rebuild_targets();
@@ -308,6 +320,8 @@ pub struct ApplyReport {
     pub failovers: u64,
     /// Replicas that joined running sessions.
     pub late_joins: u64,
+    /// Sessions that just fell below the redundancy they started with.
+    pub degraded: u64,
 }
 
 /// Sessions of one worker.
@@ -408,7 +422,8 @@ impl SessionTable {
         client: SocketAddr,
         now: Instant,
     ) -> Result<SessionId, DropReason> {
-        let members = Members::from_snapshot(&self.snapshot, self.settings.fanout.min(MAX_SLOTS));
+        let limit = self.settings.fanout.min(MAX_SLOTS);
+        let members = Members::new(self.snapshot.for_new_session(client, limit));
         if members.targets.is_empty() {
             return Err(DropReason::NoReplicas);
         }
@@ -490,9 +505,13 @@ impl SessionTable {
     pub fn apply(&mut self, snapshot: Arc<Snapshot>, now: Instant) -> ApplyReport {
         let mut report = ApplyReport::default();
         for (_, s) in self.sessions.iter_mut() {
-            let (changed, joined) = s.members.apply(&snapshot, &self.settings);
+            let was_degraded = s.members.is_degraded();
+            let (changed, joined) = s.members.apply(&snapshot, &self.settings, s.client);
             if !changed {
                 continue;
+            }
+            if s.members.is_degraded() && !was_degraded {
+                report.degraded += 1;
             }
             report.sessions_changed += 1;
             for slot in &joined {
@@ -585,15 +604,17 @@ mod tests {
     fn first_datagram_opens_a_session_and_fans_out() {
         let now = Instant::now();
         let mut t = table(settings(copies()), 10, &[7001, 7002, 7003]);
-        let v = t.on_client(0, addr(5000), 10, now);
-        assert_eq!(
-            v,
-            ClientVerdict::Forward {
-                id: 0,
-                opened: true,
-                targets: &[addr(7001), addr(7002), addr(7003)],
-            }
-        );
+        let ClientVerdict::Forward {
+            id: 0,
+            opened: true,
+            targets,
+        } = t.on_client(0, addr(5000), 10, now)
+        else {
+            panic!("first datagram must open session 0");
+        };
+        let mut targets = targets.to_vec();
+        targets.sort();
+        assert_eq!(targets, [addr(7001), addr(7002), addr(7003)]);
         assert!(matches!(
             t.on_client(0, addr(5000), 10, now),
             ClientVerdict::Forward {
@@ -767,10 +788,9 @@ mod tests {
             AnswerVerdict::Drop(DropReason::NotReplica)
         );
         let new = open(&mut t, 2, now);
-        assert_eq!(
-            t.get(new).map(|s| s.members().targets()),
-            Some(&[addr(7002), addr(7003)][..])
-        );
+        let mut targets = t.get(new).unwrap().members().targets().to_vec();
+        targets.sort();
+        assert_eq!(targets, [addr(7002), addr(7003)]);
     }
 
     #[test]

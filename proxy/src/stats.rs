@@ -43,6 +43,12 @@ pub mod names {
     pub const LATE_JOINS: &str = "spotable_late_joins_total";
     /// Content-dedupe entries evicted by the per-session memory cap.
     pub const DEDUPE_EVICTIONS: &str = "spotable_dedupe_evictions_total";
+    /// Sessions that fell below the redundancy they started with.
+    pub const DEGRADED: &str = "spotable_sessions_degraded_total";
+    /// Replica-discovery watch errors (each followed by a retry with backoff).
+    pub const WATCH_ERRORS: &str = "spotable_discovery_watch_errors_total";
+    /// Seconds since discovery last heard from its source.
+    pub const SYNC_AGE: &str = "spotable_discovery_last_sync_age_seconds";
 }
 
 /// Registers help texts with the installed recorder.
@@ -104,6 +110,8 @@ pub struct Local {
     pub late_joins: u64,
     /// See [`names::DEDUPE_EVICTIONS`].
     pub evictions: u64,
+    /// See [`names::DEGRADED`].
+    pub degraded: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 
@@ -131,6 +139,7 @@ pub struct Sink {
     sessions_expired: Counter,
     late_joins: Counter,
     evictions: Counter,
+    degraded: Counter,
     drops: Vec<Counter>,
 }
 
@@ -153,6 +162,7 @@ impl Sink {
             sessions_expired: counter!(SESSIONS_EXPIRED),
             late_joins: counter!(LATE_JOINS),
             evictions: counter!(DEDUPE_EVICTIONS),
+            degraded: counter!(DEGRADED),
             drops: DropReason::ALL
                 .iter()
                 .map(|r| counter!(DROPS, "reason" => r.as_str()))
@@ -178,6 +188,7 @@ impl Sink {
             (&self.sessions_expired, l.sessions_expired),
             (&self.late_joins, l.late_joins),
             (&self.evictions, l.evictions),
+            (&self.degraded, l.degraded),
         ];
         for (counter, n) in pairs {
             if n > 0 {

@@ -171,6 +171,13 @@ impl Worker {
         let report = self.table.apply(snapshot, now);
         self.local.failovers += report.failovers;
         self.local.late_joins += report.late_joins;
+        self.local.degraded += report.degraded;
+        if report.degraded > 0 {
+            tracing::warn!(
+                sessions = report.degraded,
+                "sessions lost a replica and run with less redundancy"
+            );
+        }
     }
 
     /// Reads client datagrams; false when the socket still had data after our turn.

@@ -151,14 +151,15 @@ fn primary_mode_forwards_one_replica_and_fails_over_when_it_dies() {
         &[&["--tag", "A"], &["--tag", "B"]],
         &["--dedupe", "primary", "--failover-after", "30ms"],
     );
-    // The replica set is ordered by address; the first ready replica starts as primary.
-    let (primary, standby) = if s.replicas[0].addr < s.replicas[1].addr {
-        (0, b'B')
-    } else {
-        (1, b'A')
-    };
-    let first = if standby == b'B' { b'A' } else { b'B' };
+    // The replica ranked first for this client (rendezvous hashing) starts as primary.
     let c = client(&s.proxy);
+    let me = c.local_addr().unwrap();
+    let score = |i: usize| spotable_proxy::replicas::rank(me, s.replicas[i].addr);
+    let (primary, first, standby) = if score(0) > score(1) {
+        (0, b'A', b'B')
+    } else {
+        (1, b'B', b'A')
+    };
     let rx = Collector::start(&c);
     stream(&c, 200, 2 * MS, |seq| {
         if seq == 100 {

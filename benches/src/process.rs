@@ -135,9 +135,21 @@ pub fn spawn_proxy(
     args: &[&str],
     echo: bool,
 ) -> anyhow::Result<ProxyProcess> {
+    spawn_proxy_env(program, prefix, args, echo, &[])
+}
+
+/// [`spawn_proxy`] with extra environment variables (e.g. `KUBECONFIG`).
+pub fn spawn_proxy_env(
+    program: &Path,
+    prefix: &[&str],
+    args: &[&str],
+    echo: bool,
+    envs: &[(&str, &str)],
+) -> anyhow::Result<ProxyProcess> {
     let mut child = Command::new(program)
         .args(prefix)
         .args(args)
+        .envs(envs.iter().copied())
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -1,0 +1,396 @@
+//! A stand-in for the Kubernetes API server, faithful to what clients of list/watch rely on.
+//!
+//! - `GET <collection>` lists objects (label selector `k=v,…`) with the collection's current
+//!   `metadata.resourceVersion`.
+//! - `GET <collection>?watch=true&resourceVersion=N` streams, chunked, one JSON event per line:
+//!   `ADDED` / `MODIFIED` / `DELETED` after N, then live ones, plus `BOOKMARK`s when
+//!   `allowWatchBookmarks=true`. A version older than the retained history gets an `ERROR`
+//!   event carrying a 410 `Expired` status, as the real server sends it.
+//! - Tests can compact history, cut watches abruptly, and stop and restart the server on the
+//!   same port (each incarnation has its own runtime, so pooled connections die with it).
+//!
+//! Objects are plain JSON (`serde_json::Value`), so any resource works; tests build them with
+//! `k8s-openapi` types for honest shapes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+type Chunk = Result<Bytes, io::Error>;
+
+#[derive(Debug)]
+struct Watch {
+    collection: String,
+    selector: Vec<(String, String)>,
+    bookmarks: bool,
+    deadline: Instant,
+    tx: mpsc::UnboundedSender<Chunk>,
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    rv: u64,
+    collection: String,
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    rv: u64,
+    /// collection path -> name -> object
+    objects: HashMap<String, BTreeMap<String, Value>>,
+    /// collection path -> list kind (`EndpointSliceList`)
+    list_kinds: HashMap<String, (String, String)>,
+    history: Vec<Event>,
+    /// Watches from versions below this get 410 Gone.
+    oldest: u64,
+    watches: Vec<Watch>,
+    requests: Vec<String>,
+}
+
+type Shared = Arc<Mutex<Inner>>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Inner> {
+    s.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A running fake API server.
+#[derive(Debug)]
+pub struct FakeApi {
+    addr: SocketAddr,
+    inner: Shared,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+}
+
+impl FakeApi {
+    /// Starts on an ephemeral loopback port.
+    pub fn start() -> io::Result<Self> {
+        let inner = Shared::default();
+        let (runtime, addr) = serve(&inner, SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        Ok(Self {
+            addr,
+            inner,
+            runtime: Mutex::new(Some(runtime)),
+        })
+    }
+
+    /// Base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig pointing at this server, default namespace `namespace`.
+    pub fn write_kubeconfig(&self, dir: &Path, namespace: &str) -> io::Result<PathBuf> {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    \
+             cluster: fake\n    user: fake\n    namespace: {namespace}\ncurrent-context: fake\n",
+            self.url()
+        );
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Takes the server down: listener closed, every connection and watch cut.
+    pub fn stop(&self) {
+        self.drop_watches();
+        if let Some(rt) = self
+            .runtime
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Brings the server back on the same port.
+    pub fn restart(&self) -> io::Result<()> {
+        self.stop();
+        let (runtime, _) = serve(&self.inner, self.addr)?;
+        *self.runtime.lock().unwrap_or_else(PoisonError::into_inner) = Some(runtime);
+        Ok(())
+    }
+
+    /// Creates or replaces `object` (a Kubernetes object serialised to JSON, with kind,
+    /// apiVersion and metadata.name) in `collection` (the API path of its list, e.g.
+    /// `/apis/discovery.k8s.io/v1/namespaces/games/endpointslices`). Returns its version.
+    pub fn apply(&self, collection: &str, mut object: Value) -> u64 {
+        let mut inner = lock(&self.inner);
+        inner.rv += 1;
+        let rv = inner.rv;
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if let (Some(kind), Some(api)) = (object["kind"].as_str(), object["apiVersion"].as_str()) {
+            inner
+                .list_kinds
+                .insert(collection.into(), (format!("{kind}List"), api.into()));
+        }
+        let existed = inner
+            .objects
+            .entry(collection.into())
+            .or_default()
+            .insert(name, object.clone())
+            .is_some();
+        let kind = if existed { "MODIFIED" } else { "ADDED" };
+        publish(&mut inner, collection, kind, object, rv);
+        rv
+    }
+
+    /// Deletes `name` from `collection`; false when it did not exist.
+    pub fn delete(&self, collection: &str, name: &str) -> bool {
+        let mut inner = lock(&self.inner);
+        let Some(mut object) = inner
+            .objects
+            .get_mut(collection)
+            .and_then(|c| c.remove(name))
+        else {
+            return false;
+        };
+        inner.rv += 1;
+        let rv = inner.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        publish(&mut inner, collection, "DELETED", object, rv);
+        true
+    }
+
+    /// Forgets all history: any watch resuming from an earlier version gets 410 Gone.
+    pub fn compact(&self) {
+        let mut inner = lock(&self.inner);
+        inner.history.clear();
+        inner.oldest = inner.rv + 1;
+    }
+
+    /// Cuts every open watch mid-stream (the connection errors, no clean end).
+    pub fn drop_watches(&self) {
+        let mut inner = lock(&self.inner);
+        for w in inner.watches.drain(..) {
+            let _ =
+                w.tx.send(Err(io::Error::new(io::ErrorKind::ConnectionReset, "cut")));
+        }
+    }
+
+    /// Requests served so far, as `METHOD path?query`.
+    pub fn requests(&self) -> Vec<String> {
+        lock(&self.inner).requests.clone()
+    }
+
+    /// Open watch streams.
+    pub fn watches(&self) -> usize {
+        lock(&self.inner).watches.len()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One incarnation of the server: its own runtime, so shutting it down kills every
+/// connection task too.
+fn serve(inner: &Shared, addr: SocketAddr) -> io::Result<(tokio::runtime::Runtime, SocketAddr)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(addr))?;
+    let local = listener.local_addr()?;
+    let app = axum::Router::new()
+        .fallback(handle)
+        .with_state(inner.clone());
+    runtime.spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let ticker = inner.clone();
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            bookmark_and_expire(&ticker);
+        }
+    });
+    Ok((runtime, local))
+}
+
+fn publish(inner: &mut Inner, collection: &str, kind: &'static str, object: Value, rv: u64) {
+    let event = Event {
+        rv,
+        collection: collection.into(),
+        kind,
+        object,
+    };
+    inner.watches.retain(|w| {
+        if w.collection != event.collection || !matches(&event.object, &w.selector) {
+            return true;
+        }
+        w.tx.send(Ok(line(event.kind, &event.object))).is_ok()
+    });
+    inner.history.push(event);
+}
+
+fn bookmark_and_expire(inner: &Shared) {
+    let mut inner = lock(inner);
+    let now = Instant::now();
+    let rv = inner.rv;
+    let lists = inner.list_kinds.clone();
+    inner.watches.retain(|w| {
+        if now >= w.deadline {
+            return false; // dropping the sender ends the stream cleanly
+        }
+        if !w.bookmarks {
+            return true;
+        }
+        let (list_kind, api) = lists.get(&w.collection).cloned().unwrap_or_default();
+        let bookmark = json!({
+            "kind": list_kind.trim_end_matches("List"),
+            "apiVersion": api,
+            "metadata": {"resourceVersion": rv.to_string()},
+        });
+        w.tx.send(Ok(line("BOOKMARK", &bookmark))).is_ok()
+    });
+}
+
+fn line(kind: &str, object: &Value) -> Bytes {
+    let mut text = json!({"type": kind, "object": object}).to_string();
+    text.push('\n');
+    Bytes::from(text)
+}
+
+fn parse_selector(s: Option<&String>) -> Vec<(String, String)> {
+    s.map(|s| {
+        s.split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn matches(object: &Value, selector: &[(String, String)]) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| object["metadata"]["labels"][k].as_str() == Some(v))
+}
+
+async fn handle(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let collection = uri.path().to_string();
+    lock(&inner).requests.push(format!(
+        "{method} {}",
+        uri.path_and_query().map_or("", |p| p.as_str())
+    ));
+    if method != Method::GET {
+        return status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "only GET here",
+        );
+    }
+    let selector = parse_selector(query.get("labelSelector"));
+    let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let mut guard = lock(&inner);
+    let (list_kind, api) = guard
+        .list_kinds
+        .get(&collection)
+        .cloned()
+        .unwrap_or_else(|| ("List".into(), "v1".into()));
+    if !watch {
+        let items: Vec<Value> = guard
+            .objects
+            .get(&collection)
+            .map(|c| {
+                c.values()
+                    .filter(|o| matches(o, &selector))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let body = json!({
+            "apiVersion": api,
+            "kind": list_kind,
+            "metadata": {"resourceVersion": guard.rv.to_string()},
+            "items": items,
+        });
+        return json_response(StatusCode::OK, body.to_string());
+    }
+    let from: u64 = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(guard.rv);
+    let (tx, rx) = mpsc::unbounded_channel();
+    if from + 1 < guard.oldest {
+        let gone = json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("too old resource version: {from} ({})", guard.oldest - 1),
+            "reason": "Expired", "code": 410,
+        });
+        let _ = tx.send(Ok(line("ERROR", &gone)));
+        drop(tx);
+    } else {
+        for e in guard
+            .history
+            .iter()
+            .filter(|e| e.rv > from && e.collection == collection)
+        {
+            if matches(&e.object, &selector) {
+                let _ = tx.send(Ok(line(e.kind, &e.object)));
+            }
+        }
+        let timeout = query
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(1800);
+        guard.watches.push(Watch {
+            collection,
+            selector,
+            bookmarks: query.get("allowWatchBookmarks").map(String::as_str) == Some("true"),
+            deadline: Instant::now() + Duration::from_secs(timeout),
+            tx,
+        });
+    }
+    drop(guard);
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16(),
+    });
+    json_response(code, body.to_string())
+}
+
+fn json_response(code: StatusCode, body: String) -> Response {
+    Response::builder()
+        .status(code)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}

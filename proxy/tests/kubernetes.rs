@@ -1,0 +1,516 @@
+//! Kubernetes discovery end to end: the proxy binary with `--kubernetes-service`, the real
+//! `kube` client, a fake API server speaking list/watch, real replica processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::{IpAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::*;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use spotable_bench::process::{ProxyProcess, ReplicaProcess, http_get, spawn_proxy_env};
+use spotable_kube_fake::FakeApi;
+
+const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/games/endpointslices";
+const MS: Duration = Duration::from_millis(1);
+
+#[derive(Clone, Copy)]
+enum Cond {
+    Ready,
+    Draining,
+}
+
+/// One EndpointSlice of service `game` holding `endpoints`, all on `port`.
+fn slice(name: &str, port: u16, endpoints: &[(IpAddr, Cond)]) -> serde_json::Value {
+    let s = EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("games".into()),
+            labels: Some([("kubernetes.io/service-name".to_string(), "game".to_string())].into()),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: endpoints
+            .iter()
+            .map(|(ip, c)| Endpoint {
+                addresses: vec![ip.to_string()],
+                conditions: Some(match c {
+                    Cond::Ready => EndpointConditions {
+                        ready: Some(true),
+                        serving: Some(true),
+                        terminating: Some(false),
+                    },
+                    Cond::Draining => EndpointConditions {
+                        ready: Some(false),
+                        serving: Some(true),
+                        terminating: Some(true),
+                    },
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ports: Some(vec![EndpointPort {
+            name: Some("game".into()),
+            port: Some(i32::from(port)),
+            protocol: Some("UDP".into()),
+            ..Default::default()
+        }]),
+    };
+    serde_json::to_value(s).unwrap()
+}
+
+/// Replica processes on distinct loopback addresses sharing one port, like pods.
+fn pods(n: usize, first_octet: u8, extra: &[&[&str]]) -> (Vec<ReplicaProcess>, u16) {
+    let mut out: Vec<ReplicaProcess> = Vec::new();
+    let mut port = 0;
+    for i in 0..n {
+        let listen = format!("127.0.0.{}:{port}", usize::from(first_octet) + i);
+        let mut args = vec!["--listen", listen.as_str()];
+        args.extend_from_slice(extra.get(i).copied().unwrap_or(&[]));
+        let r = replica(&args);
+        port = r.addr.port();
+        out.push(r);
+    }
+    (out, port)
+}
+
+struct Cluster {
+    api: FakeApi,
+    dir: std::path::PathBuf,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let api = FakeApi::start().unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "spotable-kube-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { api, dir }
+    }
+
+    fn proxy(&self, extra: &[&str]) -> ProxyProcess {
+        let kubeconfig = self.api.write_kubeconfig(&self.dir, "games").unwrap();
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--kubernetes-service",
+            "game",
+            "--port-name",
+            "game",
+        ];
+        args.extend_from_slice(extra);
+        spawn_proxy_env(
+            &proxy_exe(),
+            &[],
+            &args,
+            true,
+            &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+        )
+        .expect("proxy starts")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_replicas(proxy: &ProxyProcess, ready: f64, draining: f64) {
+    let r = wait_metric(proxy, "spotable_replicas", &[("state", "ready")], |v| {
+        v == ready
+    });
+    let d = wait_metric(proxy, "spotable_replicas", &[("state", "draining")], |v| {
+        v == draining
+    });
+    assert_eq!((r, d), (ready, draining), "replica set (ready, draining)");
+}
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+#[test]
+fn discovery_drives_dedupe_draining_removal_and_new_endpoints() {
+    let cluster = Cluster::new();
+    let (mut pods, port) = pods(2, 10, &[&["--tag", "A"], &["--tag", "B"]]);
+    cluster.api.apply(
+        SLICES,
+        slice(
+            "game-1",
+            port,
+            &[(ip(10), Cond::Ready), (ip(11), Cond::Ready)],
+        ),
+    );
+    let proxy = cluster.proxy(&["--dedupe", "primary", "--failover-after", "30ms"]);
+    wait_replicas(&proxy, 2.0, 0.0);
+    assert_eq!(http_get(proxy.admin.unwrap(), "/readyz").unwrap().0, 200);
+
+    let c = client(&proxy);
+    let me = c.local_addr().unwrap();
+    let rank = |i: usize| spotable_proxy::replicas::rank(me, pods[i].addr);
+    let (primary, other) = if rank(0) > rank(1) { (0, 1) } else { (1, 0) };
+    let tag = |i: usize| if i == 0 { b'A' } else { b'B' };
+
+    // Two ready endpoints: every answer exactly once, from the primary.
+    let rx = Collector::start(&c);
+    stream(&c, 100, 2 * MS, |_| {});
+    let phase1 = rx.finish(200 * MS);
+    assert_each(&phase1, 100, 1);
+    assert!(phase1.iter().all(|a| a.last() == Some(&tag(primary))));
+
+    // The primary turns terminating: it stops being primary but keeps answering.
+    let draining = [
+        (ip(10 + primary as u8), Cond::Draining),
+        (ip(10 + other as u8), Cond::Ready),
+    ];
+    cluster.api.apply(SLICES, slice("game-1", port, &draining));
+    wait_replicas(&proxy, 1.0, 1.0);
+    let suppressed_before = metric(&proxy, "spotable_duplicates_suppressed_total", &[]);
+    let rx = Collector::start(&c);
+    stream(&c, 100, 2 * MS, |_| {});
+    let phase2 = rx.finish(200 * MS);
+    assert_each(&phase2, 100, 1);
+    assert!(
+        phase2.iter().all(|a| a.last() == Some(&tag(other))),
+        "draining replica still primary"
+    );
+    let suppressed = wait_metric(&proxy, "spotable_duplicates_suppressed_total", &[], |v| {
+        v >= suppressed_before + 100.0
+    });
+    assert_eq!(
+        suppressed - suppressed_before,
+        100.0,
+        "the draining replica kept answering"
+    );
+
+    // It is deleted and its process SIGKILLed mid-stream: nothing lost, nothing doubled.
+    let rx = Collector::start(&c);
+    let mut victim = Some(pods.remove(primary));
+    stream(&c, 200, 2 * MS, |seq| {
+        if seq == 60 {
+            cluster.api.apply(
+                SLICES,
+                slice("game-1", port, &[(ip(10 + other as u8), Cond::Ready)]),
+            );
+        }
+        if seq == 100 {
+            victim.take().unwrap().process.kill().unwrap();
+        }
+    });
+    assert_each(&rx.finish(200 * MS), 200, 1);
+    wait_replicas(&proxy, 1.0, 0.0);
+
+    // A new endpoint is added: new sessions use it, the running one does not.
+    let newcomer = UdpSocket::bind((ip(12), port)).unwrap();
+    newcomer.set_read_timeout(Some(300 * MS)).unwrap();
+    cluster
+        .api
+        .apply(SLICES, slice("game-2", port, &[(ip(12), Cond::Ready)]));
+    wait_replicas(&proxy, 2.0, 0.0);
+    c.send(b"old session").unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        newcomer.recv_from(&mut buf).is_err(),
+        "the new endpoint joined a running session"
+    );
+    let fresh = client(&proxy);
+    fresh.send(b"new session").unwrap();
+    let (n, _) = newcomer
+        .recv_from(&mut buf)
+        .expect("new session fans out to the new endpoint");
+    assert_eq!(&buf[..n], b"new session");
+}
+
+#[test]
+fn not_ready_until_the_first_complete_list() {
+    let cluster = Cluster::new();
+    cluster.api.stop();
+    let proxy = cluster.proxy(&[]);
+    let admin = proxy.admin.unwrap();
+    std::thread::sleep(500 * MS);
+    assert_eq!(
+        http_get(admin, "/readyz").unwrap().0,
+        503,
+        "ready without a list"
+    );
+    cluster.api.restart().unwrap();
+    cluster
+        .api
+        .apply(SLICES, slice("game-1", 7777, &[(ip(10), Cond::Ready)]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(admin, "/readyz").unwrap().0 != 200 {
+        assert!(Instant::now() < deadline, "never became ready");
+        std::thread::sleep(50 * MS);
+    }
+    assert!(metric(&proxy, "spotable_discovery_watch_errors_total", &[]) >= 1.0);
+}
+
+#[test]
+fn missing_kubeconfig_is_a_clear_error() {
+    let out = std::process::Command::new(proxy_exe())
+        .args(["--listen", "127.0.0.1:0", "--kubernetes-service", "game"])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot find Kubernetes settings"),
+        "{stderr}"
+    );
+}
+
+/// Six endpoints played by the test: sockets on 127.0.0.{first..first+6} sharing a port.
+fn endpoint_sockets(first: u8, n: u8) -> (Vec<UdpSocket>, u16) {
+    let s0 = UdpSocket::bind((ip(first), 0)).unwrap();
+    let port = s0.local_addr().unwrap().port();
+    let mut v = vec![s0];
+    for i in 1..n {
+        v.push(UdpSocket::bind((ip(first + i), port)).unwrap());
+    }
+    for s in &v {
+        s.set_nonblocking(true).unwrap();
+    }
+    (v, port)
+}
+
+/// Which endpoint sockets received each payload (drains them all).
+fn receivers(eps: &[UdpSocket]) -> std::collections::HashMap<Vec<u8>, Vec<usize>> {
+    std::thread::sleep(300 * MS);
+    let mut m: std::collections::HashMap<Vec<u8>, Vec<usize>> = Default::default();
+    let mut buf = [0u8; 64];
+    for (i, s) in eps.iter().enumerate() {
+        while let Ok((n, _)) = s.recv_from(&mut buf) {
+            m.entry(buf[..n].to_vec()).or_default().push(i);
+        }
+    }
+    m
+}
+
+fn ready_slice(port: u16, first: u8, members: impl Iterator<Item = u8>) -> serde_json::Value {
+    let eps: Vec<_> = members.map(|i| (ip(first + i), Cond::Ready)).collect();
+    slice("game-1", port, &eps)
+}
+
+#[test]
+fn fanout_picks_the_same_replicas_on_every_proxy_and_removal_moves_only_its_sessions() {
+    let cluster = Cluster::new();
+    let (eps, port) = endpoint_sockets(20, 6);
+    cluster.api.apply(SLICES, ready_slice(port, 20, 0..6));
+    let p1 = cluster.proxy(&["--fanout", "2"]);
+    let p2 = cluster.proxy(&["--fanout", "2"]);
+    wait_replicas(&p1, 6.0, 0.0);
+    wait_replicas(&p2, 6.0, 0.0);
+
+    // Each player talks through both proxies from one address (as behind a load balancer
+    // that moved it): both proxies must pick the same two replicas.
+    let players: Vec<UdpSocket> = (0..24)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    for (i, p) in players.iter().enumerate() {
+        p.send_to(format!("{i}/p1").as_bytes(), p1.addr).unwrap();
+        p.send_to(format!("{i}/p2").as_bytes(), p2.addr).unwrap();
+    }
+    let got = receivers(&eps);
+    let mut pairs = Vec::new();
+    let mut used = [0usize; 6];
+    for i in 0..players.len() {
+        let mut a = got
+            .get(format!("{i}/p1").as_bytes())
+            .cloned()
+            .unwrap_or_default();
+        let mut b = got
+            .get(format!("{i}/p2").as_bytes())
+            .cloned()
+            .unwrap_or_default();
+        a.sort();
+        b.sort();
+        assert_eq!(a.len(), 2, "player {i} fanned out to {a:?}");
+        assert_eq!(a, b, "player {i}: proxies disagree");
+        for &e in &a {
+            used[e] += 1;
+        }
+        pairs.push(a);
+    }
+    assert!(
+        used.iter().filter(|&&n| n > 0).count() >= 4,
+        "load spread over replicas: {used:?}"
+    );
+
+    // Remove the busiest endpoint: only the sessions that used it change.
+    let gone = (0..6).max_by_key(|&e| used[e]).unwrap();
+    cluster.api.apply(
+        SLICES,
+        ready_slice(port, 20, (0..6).filter(|&e| e != gone as u8)),
+    );
+    wait_replicas(&p1, 5.0, 0.0);
+    for (i, p) in players.iter().enumerate() {
+        p.send_to(format!("{i}/after").as_bytes(), p1.addr).unwrap();
+    }
+    let got = receivers(&eps);
+    let mut moved = 0;
+    for (i, before) in pairs.iter().enumerate() {
+        let mut now = got
+            .get(format!("{i}/after").as_bytes())
+            .cloned()
+            .unwrap_or_default();
+        now.sort();
+        if before.contains(&gone) {
+            moved += 1;
+            let survivor: Vec<_> = before.iter().copied().filter(|&e| e != gone).collect();
+            assert_eq!(
+                now, survivor,
+                "player {i} should keep only its surviving replica"
+            );
+        } else {
+            assert_eq!(
+                &now, before,
+                "player {i} moved although its replicas stayed"
+            );
+        }
+    }
+    assert!(moved > 0);
+    let degraded = wait_metric(&p1, "spotable_sessions_degraded_total", &[], |v| {
+        v >= moved as f64
+    });
+    assert_eq!(degraded, moved as f64);
+}
+
+fn list_requests(api: &FakeApi) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| r.contains("endpointslices") && !r.contains("watch=true"))
+        .count()
+}
+
+#[test]
+fn an_abruptly_closed_watch_resumes() {
+    let cluster = Cluster::new();
+    let (_eps, port) = endpoint_sockets(40, 2);
+    cluster.api.apply(SLICES, ready_slice(port, 40, 0..2));
+    let proxy = cluster.proxy(&[]);
+    wait_replicas(&proxy, 2.0, 0.0);
+    cluster.api.drop_watches();
+    cluster.api.apply(SLICES, ready_slice(port, 40, 0..1));
+    wait_replicas(&proxy, 1.0, 0.0);
+    // kube treats the cut as the end of that watch and resumes from its last version.
+    let watches = cluster
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.contains("watch=true"))
+        .count();
+    assert!(watches >= 2, "{watches} watch requests");
+    assert_eq!(
+        list_requests(&cluster.api),
+        1,
+        "a resumed watch needs no relist"
+    );
+}
+
+#[test]
+fn an_expired_resource_version_leads_to_a_relist() {
+    let cluster = Cluster::new();
+    let (_eps, port) = endpoint_sockets(50, 3);
+    cluster.api.apply(SLICES, ready_slice(port, 50, 0..1));
+    let proxy = cluster.proxy(&[]);
+    wait_replicas(&proxy, 1.0, 0.0);
+    // While the watch is down, the change it would resume from is compacted away.
+    cluster.api.drop_watches();
+    cluster.api.apply(SLICES, ready_slice(port, 50, 0..3));
+    cluster.api.compact();
+    wait_replicas(&proxy, 3.0, 0.0);
+    assert!(
+        cluster
+            .api
+            .requests()
+            .iter()
+            .any(|r| r.contains("watch=true")),
+        "watched at all"
+    );
+    assert_eq!(
+        list_requests(&cluster.api),
+        2,
+        "410 Gone must lead to exactly one relist"
+    );
+}
+
+#[test]
+fn traffic_keeps_flowing_on_the_last_known_set_while_the_api_is_down() {
+    let cluster = Cluster::new();
+    let (pods, port) = pods(2, 60, &[]);
+    cluster.api.apply(SLICES, ready_slice(port, 60, 0..2));
+    let proxy = cluster.proxy(&[]);
+    wait_replicas(&proxy, 2.0, 0.0);
+    let admin = proxy.admin.unwrap();
+
+    cluster.api.stop();
+    let c = client(&proxy);
+    let rx = Collector::start(&c);
+    stream(&c, 1000, 3 * MS, |seq| {
+        if seq % 250 == 0 {
+            assert_eq!(
+                http_get(admin, "/readyz").unwrap().0,
+                200,
+                "not ready while API down"
+            );
+        }
+    });
+    assert_each(&rx.finish(200 * MS), 1000, 1);
+    assert!(metric(&proxy, "spotable_discovery_watch_errors_total", &[]) >= 1.0);
+    assert!(metric(&proxy, "spotable_discovery_last_sync_age_seconds", &[]) >= 2.0);
+
+    // Back up: changes flow again.
+    cluster.api.restart().unwrap();
+    cluster.api.apply(SLICES, ready_slice(port, 60, 0..1));
+    wait_replicas(&proxy, 1.0, 0.0);
+    drop(pods);
+}
+
+#[test]
+fn ipv6_endpoints_are_used() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here; skipping");
+        return;
+    }
+    let cluster = Cluster::new();
+    let r = replica(&["--listen", "[::1]:0"]);
+    let s = EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some("game-v6".into()),
+            labels: Some([("kubernetes.io/service-name".to_string(), "game".to_string())].into()),
+            ..Default::default()
+        },
+        address_type: "IPv6".into(),
+        endpoints: vec![Endpoint {
+            addresses: vec!["::1".into()],
+            ..Default::default()
+        }],
+        ports: Some(vec![EndpointPort {
+            name: Some("game".into()),
+            port: Some(i32::from(r.addr.port())),
+            protocol: Some("UDP".into()),
+            ..Default::default()
+        }]),
+    };
+    cluster.api.apply(SLICES, serde_json::to_value(s).unwrap());
+    let proxy = cluster.proxy(&[]);
+    wait_replicas(&proxy, 1.0, 0.0);
+    // An IPv4 player reaches an IPv6 replica through the proxy.
+    let c = client(&proxy);
+    let rx = Collector::start(&c);
+    stream(&c, 20, MS, |_| {});
+    assert_each(&rx.finish(300 * MS), 20, 1);
+}

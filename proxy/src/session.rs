@@ -834,6 +834,62 @@ mod tests {
     }
 
     #[test]
+    fn late_join_tops_up_from_the_clients_own_ranking() {
+        let now = Instant::now();
+        let mut s = settings(copies());
+        s.late_join = true;
+        s.fanout = 2;
+        let ports = [7001, 7002, 7003, 7004, 7005];
+        let mut t = table(s, 10, &ports);
+        let id = open(&mut t, 1, now);
+        let ranking: Vec<SocketAddr> = t
+            .snapshot()
+            .ranked(addr(1), ReplicaState::Ready)
+            .iter()
+            .map(|r| r.addr)
+            .collect();
+        let mut members = t.get(id).unwrap().members().targets().to_vec();
+        members.sort();
+        let mut top2 = ranking[..2].to_vec();
+        top2.sort();
+        assert_eq!(
+            members, top2,
+            "the session starts on its two best-ranked replicas"
+        );
+        // Its best replica goes away: the third in its ranking takes the place.
+        let remaining: Vec<_> = ports
+            .iter()
+            .filter(|&&p| addr(p) != ranking[0])
+            .map(|&p| (p, ReplicaState::Ready))
+            .collect();
+        let report = t.apply(snapshot(2, &remaining), now);
+        assert_eq!(report.late_joins, 1);
+        assert_eq!(report.degraded, 0, "topped up at once");
+        let mut members = t.get(id).unwrap().members().targets().to_vec();
+        members.sort();
+        let mut expected = vec![ranking[1], ranking[2]];
+        expected.sort();
+        assert_eq!(members, expected);
+    }
+
+    #[test]
+    fn losing_a_replica_without_late_join_is_degraded_once() {
+        let now = Instant::now();
+        let mut t = table(settings(copies()), 10, &[7001, 7002, 7003]);
+        open(&mut t, 1, now);
+        let r = t.apply(
+            snapshot(
+                2,
+                &[(7001, ReplicaState::Ready), (7002, ReplicaState::Ready)],
+            ),
+            now,
+        );
+        assert_eq!(r.degraded, 1);
+        let r = t.apply(snapshot(3, &[(7001, ReplicaState::Ready)]), now);
+        assert_eq!(r.degraded, 0, "already degraded: counted once");
+    }
+
+    #[test]
     fn draining_replica_keeps_traffic_and_loses_primary() {
         let now = Instant::now();
         let mode = Mode::Primary {

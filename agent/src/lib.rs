@@ -4,7 +4,12 @@
 //! inventory message schema and its SQS publisher. With the default `kubernetes` feature: the
 //! agent's interruption handling (cordon, taint, evict).
 
+#[cfg(feature = "kubernetes")]
+pub mod agent;
+#[cfg(feature = "kubernetes")]
+pub mod drain;
 pub mod imds;
 pub mod inventory;
+pub mod notice;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -294,6 +294,8 @@ pub struct Received {
     pub group_id: Option<String>,
     /// `MessageDeduplicationId`, on FIFO queues.
     pub dedup_id: Option<String>,
+    /// When SQS accepted it.
+    pub sent_at: Option<SystemTime>,
 }
 
 /// Drains the queue (deleting what it reads) until it stays empty for `quiet`.
@@ -312,6 +314,7 @@ pub async fn receive_all(
             .max_number_of_messages(10)
             .message_system_attribute_names(A::MessageGroupId)
             .message_system_attribute_names(A::MessageDeduplicationId)
+            .message_system_attribute_names(A::SentTimestamp)
             .send()
             .await;
         let msgs = r
@@ -328,6 +331,9 @@ pub async fn receive_all(
                 body: m.body.clone().unwrap_or_default(),
                 group_id: attr(A::MessageGroupId),
                 dedup_id: attr(A::MessageDeduplicationId),
+                sent_at: attr(A::SentTimestamp)
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                    .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
             });
             if let Some(h) = m.receipt_handle {
                 let _ = client

@@ -1,23 +1,30 @@
-//! A stand-in for the Kubernetes API server, faithful to what clients of list/watch rely on.
+//! A stand-in for the Kubernetes API server, faithful to what list/watch clients and simple
+//! controllers rely on.
 //!
-//! - `GET <collection>` lists objects (label selector `k=v,…`) with the collection's current
-//!   `metadata.resourceVersion`.
+//! - `GET <collection>` lists objects (label selector `k=v,…`, field selector `a.b=v`) with the
+//!   current `metadata.resourceVersion`. Cluster-wide lists such as `/api/v1/pods` merge every
+//!   namespace's collection.
 //! - `GET <collection>?watch=true&resourceVersion=N` streams, chunked, one JSON event per line:
 //!   `ADDED` / `MODIFIED` / `DELETED` after N, then live ones, plus `BOOKMARK`s when
 //!   `allowWatchBookmarks=true`. A version older than the retained history gets an `ERROR`
 //!   event carrying a 410 `Expired` status, as the real server sends it.
+//! - Objects: `GET`, `PATCH` (JSON merge patch; a strategic merge patch is treated alike, lists
+//!   replaced) and `DELETE` on `<collection>/<name>`, and the Eviction subresource
+//!   `POST <collection>/<name>/eviction`: 201 and the pod is gone, or 429 for pods the test
+//!   marks protected, as a PodDisruptionBudget would answer.
+//! - Every change a client makes is recorded in order with its wall-clock time.
 //! - Tests can compact history, cut watches abruptly, and stop and restart the server on the
 //!   same port (each incarnation has its own runtime, so pooled connections die with it).
 //!
 //! Objects are plain JSON (`serde_json::Value`), so any resource works; tests build them with
 //! `k8s-openapi` types for honest shapes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
@@ -27,6 +34,19 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 type Chunk = Result<Bytes, io::Error>;
+
+/// A change a client made, as recorded by the fake.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Action {
+    /// `PATCH`, `DELETE`, `EVICT` (accepted) or `EVICT-429` (refused).
+    pub verb: String,
+    /// Object path.
+    pub path: String,
+    /// The request body (patch, delete options, eviction), as JSON.
+    pub body: Value,
+    /// When it was served.
+    pub at: SystemTime,
+}
 
 #[derive(Debug)]
 struct Watch {
@@ -50,18 +70,21 @@ struct Inner {
     rv: u64,
     /// collection path -> name -> object
     objects: HashMap<String, BTreeMap<String, Value>>,
-    /// collection path -> list kind (`EndpointSliceList`)
+    /// collection path -> (list kind, apiVersion)
     list_kinds: HashMap<String, (String, String)>,
     history: Vec<Event>,
     /// Watches from versions below this get 410 Gone.
     oldest: u64,
     watches: Vec<Watch>,
     requests: Vec<String>,
+    actions: Vec<Action>,
+    /// Object paths whose evictions are refused with 429.
+    protected: HashSet<String>,
 }
 
 type Shared = Arc<Mutex<Inner>>;
 
-fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Inner> {
+fn lock(s: &Shared) -> MutexGuard<'_, Inner> {
     s.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -127,46 +150,38 @@ impl FakeApi {
     /// Creates or replaces `object` (a Kubernetes object serialised to JSON, with kind,
     /// apiVersion and metadata.name) in `collection` (the API path of its list, e.g.
     /// `/apis/discovery.k8s.io/v1/namespaces/games/endpointslices`). Returns its version.
-    pub fn apply(&self, collection: &str, mut object: Value) -> u64 {
-        let mut inner = lock(&self.inner);
-        inner.rv += 1;
-        let rv = inner.rv;
-        let name = object["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        if let (Some(kind), Some(api)) = (object["kind"].as_str(), object["apiVersion"].as_str()) {
-            inner
-                .list_kinds
-                .insert(collection.into(), (format!("{kind}List"), api.into()));
-        }
-        let existed = inner
-            .objects
-            .entry(collection.into())
-            .or_default()
-            .insert(name, object.clone())
-            .is_some();
-        let kind = if existed { "MODIFIED" } else { "ADDED" };
-        publish(&mut inner, collection, kind, object, rv);
-        rv
+    pub fn apply(&self, collection: &str, object: Value) -> u64 {
+        apply_inner(&self.inner, collection, object)
     }
 
     /// Deletes `name` from `collection`; false when it did not exist.
     pub fn delete(&self, collection: &str, name: &str) -> bool {
-        let mut inner = lock(&self.inner);
-        let Some(mut object) = inner
+        delete_inner(&self.inner, collection, name)
+    }
+
+    /// The object at `collection/name`.
+    pub fn get(&self, collection: &str, name: &str) -> Option<Value> {
+        lock(&self.inner)
             .objects
-            .get_mut(collection)
-            .and_then(|c| c.remove(name))
-        else {
-            return false;
-        };
-        inner.rv += 1;
-        let rv = inner.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        publish(&mut inner, collection, "DELETED", object, rv);
-        true
+            .get(collection)
+            .and_then(|c| c.get(name))
+            .cloned()
+    }
+
+    /// Refuse (429, as a PodDisruptionBudget would) or allow evictions of `collection/name`.
+    pub fn protect(&self, collection: &str, name: &str, on: bool) {
+        let path = format!("{collection}/{name}");
+        let mut inner = lock(&self.inner);
+        if on {
+            inner.protected.insert(path);
+        } else {
+            inner.protected.remove(&path);
+        }
+    }
+
+    /// Changes clients made, in order.
+    pub fn actions(&self) -> Vec<Action> {
+        lock(&self.inner).actions.clone()
     }
 
     /// Forgets all history: any watch resuming from an earlier version gets 410 Gone.
@@ -226,6 +241,47 @@ fn serve(inner: &Shared, addr: SocketAddr) -> io::Result<(tokio::runtime::Runtim
         }
     });
     Ok((runtime, local))
+}
+
+fn apply_inner(shared: &Shared, collection: &str, mut object: Value) -> u64 {
+    let mut inner = lock(shared);
+    inner.rv += 1;
+    let rv = inner.rv;
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    if let (Some(kind), Some(api)) = (object["kind"].as_str(), object["apiVersion"].as_str()) {
+        inner
+            .list_kinds
+            .insert(collection.into(), (format!("{kind}List"), api.into()));
+    }
+    let existed = inner
+        .objects
+        .entry(collection.into())
+        .or_default()
+        .insert(name, object.clone())
+        .is_some();
+    let kind = if existed { "MODIFIED" } else { "ADDED" };
+    publish(&mut inner, collection, kind, object, rv);
+    rv
+}
+
+fn delete_inner(shared: &Shared, collection: &str, name: &str) -> bool {
+    let mut inner = lock(shared);
+    let Some(mut object) = inner
+        .objects
+        .get_mut(collection)
+        .and_then(|c| c.remove(name))
+    else {
+        return false;
+    };
+    inner.rv += 1;
+    let rv = inner.rv;
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    publish(&mut inner, collection, "DELETED", object, rv);
+    true
 }
 
 fn publish(inner: &mut Inner, collection: &str, kind: &'static str, object: Value, rv: u64) {
@@ -288,43 +344,165 @@ fn matches(object: &Value, selector: &[(String, String)]) -> bool {
         .all(|(k, v)| object["metadata"]["labels"][k].as_str() == Some(v))
 }
 
+/// Field selectors of the form `a.b.c=value` against the object's JSON.
+fn fields_match(object: &Value, fields: &[(String, String)]) -> bool {
+    fields.iter().all(|(path, want)| {
+        let mut v = object;
+        for part in path.split('.') {
+            v = &v[part];
+        }
+        v.as_str() == Some(want)
+    })
+}
+
+/// `/api/v1/pods` lists every `/api/v1/namespaces/<ns>/pods`.
+fn in_cluster_list(list: &str, collection: &str) -> bool {
+    let Some((prefix, resource)) = list.rsplit_once('/') else {
+        return false;
+    };
+    collection
+        .strip_prefix(&format!("{prefix}/namespaces/"))
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(_, r)| r == resource)
+}
+
+/// JSON merge patch (RFC 7386).
+fn merge(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
 async fn handle(
     State(inner): State<Shared>,
     method: Method,
     uri: Uri,
     Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
 ) -> Response {
-    let collection = uri.path().to_string();
+    let path = uri.path().trim_end_matches('/').to_string();
     lock(&inner).requests.push(format!(
         "{method} {}",
         uri.path_and_query().map_or("", |p| p.as_str())
     ));
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if let Some(response) = object_request(&inner, &method, &path, body) {
+        return response;
+    }
     if method != Method::GET {
         return status(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
-            "only GET here",
+            "not here",
         );
     }
+    collection_request(&inner, path, &query)
+}
+
+/// GET / PATCH / DELETE of one object, and evictions; `None` when `path` is not an object.
+fn object_request(inner: &Shared, method: &Method, path: &str, body: Value) -> Option<Response> {
+    let mut i = lock(inner);
+    let (parent, last) = path.rsplit_once('/')?;
+    let (collection, name, eviction) = if i.objects.contains_key(parent) {
+        (parent.to_string(), last.to_string(), false)
+    } else if last == "eviction" {
+        let (collection, name) = parent.rsplit_once('/')?;
+        i.objects.contains_key(collection).then_some(())?;
+        (collection.to_string(), name.to_string(), true)
+    } else {
+        return None;
+    };
+    let Some(current) = i.objects[&collection].get(&name).cloned() else {
+        return Some(status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{name} not found"),
+        ));
+    };
+    let object_path = format!("{collection}/{name}");
+    let protected = i.protected.contains(&object_path);
+    let mut record = |verb: &str| {
+        i.actions.push(Action {
+            verb: verb.into(),
+            path: object_path.clone(),
+            body: body.clone(),
+            at: SystemTime::now(),
+        });
+    };
+    Some(match (method.clone(), eviction) {
+        (Method::GET, false) => json_response(StatusCode::OK, current.to_string()),
+        (Method::PATCH, false) => {
+            record("PATCH");
+            drop(i);
+            let mut patched = current;
+            merge(&mut patched, &body);
+            let rv = apply_inner(inner, &collection, patched.clone());
+            patched["metadata"]["resourceVersion"] = json!(rv.to_string());
+            json_response(StatusCode::OK, patched.to_string())
+        }
+        (Method::DELETE, false) => {
+            record("DELETE");
+            drop(i);
+            delete_inner(inner, &collection, &name);
+            json_response(StatusCode::OK, current.to_string())
+        }
+        (Method::POST, true) => {
+            if protected {
+                record("EVICT-429");
+                return Some(status(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TooManyRequests",
+                    "Cannot evict pod as it would violate the pod's disruption budget.",
+                ));
+            }
+            record("EVICT");
+            drop(i);
+            delete_inner(inner, &collection, &name);
+            let ok = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                            "status": "Success", "code": 201});
+            json_response(StatusCode::CREATED, ok.to_string())
+        }
+        _ => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "unsupported verb",
+        ),
+    })
+}
+
+fn collection_request(
+    inner: &Shared,
+    collection: String,
+    query: &HashMap<String, String>,
+) -> Response {
     let selector = parse_selector(query.get("labelSelector"));
+    let fields = parse_selector(query.get("fieldSelector"));
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
-    let mut guard = lock(&inner);
+    let mut guard = lock(inner);
     let (list_kind, api) = guard
         .list_kinds
-        .get(&collection)
-        .cloned()
+        .iter()
+        .find(|(c, _)| **c == collection || in_cluster_list(&collection, c))
+        .map(|(_, k)| k.clone())
         .unwrap_or_else(|| ("List".into(), "v1".into()));
     if !watch {
         let items: Vec<Value> = guard
             .objects
-            .get(&collection)
-            .map(|c| {
-                c.values()
-                    .filter(|o| matches(o, &selector))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
+            .iter()
+            .filter(|(c, _)| **c == collection || in_cluster_list(&collection, c))
+            .flat_map(|(_, objects)| objects.values())
+            .filter(|o| matches(o, &selector) && fields_match(o, &fields))
+            .cloned()
+            .collect();
         let body = json!({
             "apiVersion": api,
             "kind": list_kind,

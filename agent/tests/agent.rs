@@ -1,0 +1,347 @@
+//! The agent end to end: fake IMDS, the SQS emulator, the fake Kubernetes API with the real
+//! `kube` client.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use serde_json::Value;
+use spotable_agent::agent::{Agent, AgentConfig, Published};
+use spotable_agent::drain::{Drainer, PodOutcome, TAINT_KEY};
+use spotable_agent::imds::{Imds, ImdsConfig};
+use spotable_agent::inventory::{Message, Publisher, Status};
+use spotable_agent::notice::Action;
+use spotable_agent::testing::{FakeImds, Moto, create_queue, receive_all, sqs_client_for};
+use spotable_kube_fake::FakeApi;
+
+const NODE: &str = "ip-10-0-1-23";
+const NODES: &str = "/api/v1/nodes";
+const PODS: &str = "/api/v1/namespaces/games/pods";
+const SYSTEM_PODS: &str = "/api/v1/namespaces/kube-system/pods";
+const SPOT: &str = "meta-data/spot/instance-action";
+
+fn node() -> Value {
+    let n = Node {
+        metadata: ObjectMeta {
+            name: Some(NODE.into()),
+            labels: Some([("lifecycle".to_string(), "spot".to_string())].into()),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(vec![k8s_openapi::api::core::v1::Taint {
+                key: "dedicated".into(),
+                value: Some("games".into()),
+                effect: "NoSchedule".into(),
+                time_added: None,
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    serde_json::to_value(n).unwrap()
+}
+
+fn pod(ns: &str, name: &str, node: &str, grace: i64, owner: Option<&str>) -> Value {
+    let p = Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            uid: Some(format!("uid-{name}")),
+            owner_references: owner.map(|kind| {
+                vec![OwnerReference {
+                    kind: kind.into(),
+                    name: "owner".into(),
+                    api_version: "apps/v1".into(),
+                    uid: "u".into(),
+                    ..Default::default()
+                }]
+            }),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            termination_grace_period_seconds: Some(grace),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            ..Default::default()
+        }),
+    };
+    serde_json::to_value(p).unwrap()
+}
+
+struct World {
+    imds: FakeImds,
+    api: FakeApi,
+    moto: Moto,
+    queue: String,
+    sqs: aws_sdk_sqs::Client,
+}
+
+async fn world() -> World {
+    let imds = FakeImds::start().await.unwrap();
+    imds.set_identity("i-0abc", "eu-west-1", "ec2-1-2-3-4.example", "1.2.3.4");
+    let api = tokio::task::spawn_blocking(FakeApi::start)
+        .await
+        .unwrap()
+        .unwrap();
+    api.apply(NODES, node());
+    api.apply(PODS, pod("games", "mc-0", NODE, 3, Some("ReplicaSet")));
+    api.apply(
+        PODS,
+        pod("games", "mc-elsewhere", "other-node", 3, Some("ReplicaSet")),
+    );
+    api.apply(
+        SYSTEM_PODS,
+        pod("kube-system", "agent-x", NODE, 3, Some("DaemonSet")),
+    );
+    let moto = tokio::task::spawn_blocking(|| Moto::start(None))
+        .await
+        .unwrap()
+        .unwrap();
+    let sqs = sqs_client_for(&moto.endpoint());
+    let queue = create_queue(&sqs, "inventory.fifo").await;
+    World {
+        imds,
+        api,
+        moto,
+        queue,
+        sqs,
+    }
+}
+
+fn agent(w: &World, dry_run: bool, rebalance: Action) -> Agent {
+    let imds = Imds::new(ImdsConfig {
+        endpoint: w.imds.endpoint(),
+        timeout: Duration::from_millis(500),
+        ..ImdsConfig::default()
+    })
+    .unwrap();
+    let client =
+        spotable_agent::drain::client(kube::Config::new(w.api.url().parse().unwrap())).unwrap();
+    Agent::new(
+        AgentConfig {
+            node: NODE.into(),
+            rebalance,
+            drain_timeout: Duration::from_secs(110),
+            dry_run,
+            publish_timeout: Duration::from_secs(2),
+            maintenance_lead: Duration::from_secs(600),
+        },
+        imds,
+        Some(Publisher::with_client(w.sqs.clone(), w.queue.clone())),
+        Drainer::new(client, NODE, dry_run),
+    )
+}
+
+fn in_secs(s: u64) -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(s)).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spot_notice_publishes_then_cordons_then_evicts() {
+    let w = world().await;
+    let mut agent = agent(&w, false, Action::Cordon);
+    assert!(agent.tick().await.is_empty(), "no notice yet");
+    let time = in_secs(120);
+    w.imds.set(
+        SPOT,
+        &format!(r#"{{"action": "terminate", "time": "{time}"}}"#),
+    );
+    let reports = agent.tick().await;
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].published, Published::Sent);
+    assert_eq!(
+        reports[0].drained,
+        vec![("games/mc-0".to_string(), PodOutcome::Evicted)]
+    );
+
+    // One message with the documented keys, read back from the emulator.
+    let got = receive_all(&w.sqs, &w.queue, Duration::from_millis(800)).await;
+    assert_eq!(got.len(), 1);
+    let raw: Value = serde_json::from_str(&got[0].body).unwrap();
+    for key in [
+        "v",
+        "event_id",
+        "status",
+        "reason",
+        "type",
+        "public_hostname",
+        "public_ipv4",
+        "ports",
+        "region",
+        "instance_id",
+        "node",
+        "pod",
+        "deadline",
+        "ts",
+    ] {
+        assert!(raw.get(key).is_some(), "{key} missing");
+    }
+    let m: Message = serde_json::from_value(raw).unwrap();
+    assert_eq!(m.status, Status::Interrupted);
+    assert_eq!(m.event_id, format!("spot:terminate:{time}"));
+    assert_eq!(m.node.as_deref(), Some(NODE));
+    assert_eq!(m.instance_id.as_deref(), Some("i-0abc"));
+    assert_eq!(m.deadline.as_deref(), Some(time.as_str()));
+    assert_eq!(got[0].dedup_id.as_deref(), Some(m.event_id.as_str()));
+
+    // Then the cordon and taint, then the eviction, and nothing else.
+    let actions = w.api.actions();
+    let verbs: Vec<_> = actions
+        .iter()
+        .map(|a| (a.verb.as_str(), a.path.as_str()))
+        .collect();
+    assert_eq!(
+        verbs,
+        vec![
+            ("PATCH", "/api/v1/nodes/ip-10-0-1-23"),
+            ("EVICT", "/api/v1/namespaces/games/pods/mc-0"),
+        ]
+    );
+    let sent = got[0].sent_at.unwrap();
+    assert!(sent <= actions[0].at, "inventory told before the cordon");
+    let node = w.api.get(NODES, NODE).unwrap();
+    assert_eq!(node["spec"]["unschedulable"], true);
+    let taints = node["spec"]["taints"].as_array().unwrap();
+    assert!(
+        taints
+            .iter()
+            .any(|t| t["key"] == TAINT_KEY && t["effect"] == "NoSchedule")
+    );
+    assert!(
+        taints.iter().any(|t| t["key"] == "dedicated"),
+        "other taints kept"
+    );
+    assert!(w.api.get(PODS, "mc-elsewhere").is_some());
+    assert!(
+        w.api.get(SYSTEM_PODS, "agent-x").is_some(),
+        "DaemonSet pods stay"
+    );
+
+    // The same notice, polled again, is not handled again.
+    assert!(agent.tick().await.is_empty());
+    assert_eq!(w.api.actions().len(), 2);
+    assert!(
+        receive_all(&w.sqs, &w.queue, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disruption_budget_near_the_deadline_falls_back_to_delete_with_grace() {
+    let w = world().await;
+    w.api.protect(PODS, "mc-0", true);
+    let mut agent = agent(&w, false, Action::Cordon);
+    // 11 s left, 3 s grace: evictions are retried until 8 s remain, then a delete.
+    w.imds.set(
+        SPOT,
+        &format!(r#"{{"action": "terminate", "time": "{}"}}"#, in_secs(11)),
+    );
+    let reports = agent.tick().await;
+    assert!(
+        matches!(
+            reports[0].drained[0].1,
+            PodOutcome::Deleted { grace_seconds: 3 }
+        ),
+        "{:?}",
+        reports[0].drained
+    );
+    let verbs: Vec<_> = w.api.actions().into_iter().map(|a| a.verb).collect();
+    assert!(
+        verbs.iter().filter(|v| *v == "EVICT-429").count() >= 2,
+        "{verbs:?}"
+    );
+    assert_eq!(verbs.last().map(String::as_str), Some("DELETE"));
+    let delete = w.api.actions().pop().unwrap();
+    assert_eq!(delete.body["gracePeriodSeconds"], 3);
+    assert!(w.api.get(PODS, "mc-0").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_down_does_not_block_the_drain_and_the_message_follows() {
+    let mut w = world().await;
+    let port = w.moto.port();
+    w.moto.stop();
+    let mut agent = agent(&w, false, Action::Cordon);
+    w.imds.set(
+        SPOT,
+        &format!(r#"{{"action": "terminate", "time": "{}"}}"#, in_secs(120)),
+    );
+    let reports = agent.tick().await;
+    assert_eq!(reports[0].published, Published::Retrying);
+    assert_eq!(
+        reports[0].drained[0].1,
+        PodOutcome::Evicted,
+        "drained despite SQS"
+    );
+    // SQS comes back (empty, as moto keeps no state): the retried message arrives.
+    let _moto = tokio::task::spawn_blocking(move || Moto::start(Some(port)))
+        .await
+        .unwrap()
+        .unwrap();
+    create_queue(&w.sqs, "inventory.fifo").await;
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        got.extend(receive_all(&w.sqs, &w.queue, Duration::from_millis(500)).await);
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(got.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_changes_nothing() {
+    let w = world().await;
+    let mut agent = agent(&w, true, Action::Drain);
+    w.imds.set(
+        SPOT,
+        &format!(r#"{{"action": "terminate", "time": "{}"}}"#, in_secs(120)),
+    );
+    let reports = agent.tick().await;
+    assert_eq!(reports[0].published, Published::DryRun);
+    assert_eq!(
+        reports[0].drained,
+        vec![("games/mc-0".to_string(), PodOutcome::WouldEvict)]
+    );
+    assert!(w.api.actions().is_empty(), "{:?}", w.api.actions());
+    assert_eq!(
+        w.api.get(NODES, NODE).unwrap()["spec"]["unschedulable"],
+        Value::Null
+    );
+    assert!(
+        receive_all(&w.sqs, &w.queue, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_follows_the_policy_and_imds_outages_are_survived() {
+    let w = world().await;
+    let mut cordon_only = agent(&w, false, Action::Cordon);
+    w.imds.set(
+        "meta-data/events/recommendations/rebalance",
+        r#"{"noticeTime": "2026-11-24T08:20:00Z"}"#,
+    );
+    let reports = cordon_only.tick().await;
+    assert_eq!(reports[0].action, Action::Cordon);
+    assert!(reports[0].drained.is_empty());
+    let verbs: Vec<_> = w.api.actions().into_iter().map(|a| a.verb).collect();
+    assert_eq!(verbs, vec!["PATCH"]);
+
+    // Metadata errors: no crash, no notice, and the agent recovers.
+    w.imds.fail_next(20);
+    assert!(cordon_only.tick().await.is_empty());
+    w.imds.fail_next(0);
+    w.imds.set(
+        SPOT,
+        &format!(r#"{{"action": "stop", "time": "{}"}}"#, in_secs(120)),
+    );
+    let reports = cordon_only.tick().await;
+    assert_eq!(reports.len(), 1, "the spot notice after the outage");
+}

@@ -7,6 +7,8 @@
 #[cfg(feature = "kubernetes")]
 pub mod agent;
 #[cfg(feature = "kubernetes")]
+pub mod cli;
+#[cfg(feature = "kubernetes")]
 pub mod drain;
 pub mod imds;
 pub mod inventory;

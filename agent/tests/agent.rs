@@ -345,3 +345,126 @@ async fn rebalance_follows_the_policy_and_imds_outages_are_survived() {
     let reports = cordon_only.tick().await;
     assert_eq!(reports.len(), 1, "the spot notice after the outage");
 }
+
+fn agent_exe() -> &'static str {
+    env!("CARGO_BIN_EXE_spotable-agent")
+}
+
+#[test]
+fn binary_flags_and_usage_errors() {
+    let out = std::process::Command::new(agent_exe())
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--node-name",
+        "--imds-endpoint",
+        "--queue-url",
+        "--poll-interval",
+        "--rebalance",
+        "--drain-timeout",
+        "--dry-run",
+        "--admin",
+        "--log-format",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+    for (args, expected) in [
+        (vec![], "--node-name"),
+        (
+            vec!["--node-name", "n", "--rebalance", "nuke"],
+            "--rebalance",
+        ),
+        (
+            vec!["--node-name", "n", "--poll-interval", "0s"],
+            "--poll-interval",
+        ),
+        (
+            vec!["--node-name", "n", "--imds-endpoint", "169.254.169.254"],
+            "--imds-endpoint",
+        ),
+    ] {
+        let out = std::process::Command::new(agent_exe())
+            .args(&args)
+            .env_remove("NODE_NAME")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_handles_a_spot_notice_end_to_end() {
+    let w = world().await;
+    let dir = std::env::temp_dir().join(format!("spotable-agent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = w.api.write_kubeconfig(&dir, "default").unwrap();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(agent_exe())
+        .args([
+            "--imds-endpoint",
+            &w.imds.endpoint(),
+            "--queue-url",
+            &w.queue,
+            "--poll-interval",
+            "200ms",
+            "--admin",
+            &format!("127.0.0.1:{admin_port}"),
+            "--log-format",
+            "json",
+        ])
+        .env("NODE_NAME", NODE)
+        .env("KUBECONFIG", &kubeconfig)
+        .envs(w.moto.env())
+        .env_remove("RUST_LOG")
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    w.imds.set(
+        SPOT,
+        &format!(r#"{{"action": "terminate", "time": "{}"}}"#, in_secs(120)),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while w.api.actions().len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let verbs: Vec<_> = w.api.actions().into_iter().map(|a| a.verb).collect();
+    assert_eq!(verbs, vec!["PATCH", "EVICT"]);
+    let got = receive_all(&w.sqs, &w.queue, Duration::from_millis(800)).await;
+    assert_eq!(got.len(), 1);
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("spotable_agent_notices_total{kind=\"spot\"} 1"),
+        "{metrics}"
+    );
+    let health = reqwest::get(format!("http://127.0.0.1:{admin_port}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    // SIGTERM: a clean exit.
+    let pid = i32::try_from(child.id()).unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,6 +1,5 @@
 //! Admin HTTP endpoints: Prometheus `/metrics`, liveness `/healthz`, readiness `/readyz`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -44,21 +43,6 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Binds `addr` and serves until the returned task is aborted.
-pub async fn serve(
-    addr: SocketAddr,
-    state: AdminState,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(state)).await {
-            tracing::error!(error = %e, "admin server failed");
-        }
-    });
-    Ok((local, task))
-}
-
 async fn metrics(State(state): State<AdminState>) -> String {
     // Gauges are sampled at scrape time: nothing on the data path keeps them current.
     metrics::gauge!(names::SESSIONS).set(state.sessions.load(Ordering::Acquire) as f64);
@@ -69,8 +53,7 @@ async fn metrics(State(state): State<AdminState>) -> String {
     if let Some(at) = state.replicas.last_sync() {
         metrics::gauge!(names::SYNC_AGE).set(at.elapsed().as_secs_f64());
     }
-    state.metrics.run_upkeep();
-    state.metrics.render()
+    spotable_edge::render(&state.metrics)
 }
 
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {

@@ -6,11 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::Parser;
-use metrics_exporter_prometheus::PrometheusBuilder;
-use tracing_subscriber::EnvFilter;
 
 use crate::admin::{self, AdminState};
-use crate::config::{Args, Config, LogFormat, ReplicaSource};
+use crate::config::{Args, Config, ReplicaSource};
 use crate::discovery::kubernetes;
 use crate::replicas::{Replica, ReplicaSet};
 use crate::server::Proxy;
@@ -29,17 +27,7 @@ pub fn main() -> ExitCode {
 pub fn main_from(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let args = match Args::try_parse_from(argv) {
         Ok(a) => a,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("spotable-proxy: {}", first.trim_start_matches("error: "));
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(e) => return ExitCode::from(spotable_edge::clap_exit("spotable-proxy", &e)),
     };
     let config = match Config::load(args) {
         Ok(c) => c,
@@ -48,8 +36,8 @@ pub fn main_from(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    if let Err(e) = init_logging(config.log_format, &config.log_level) {
-        eprintln!("spotable-proxy: log_level: {e}");
+    if let Err(e) = spotable_edge::init_logging(config.log_format, &config.log_level) {
+        eprintln!("spotable-proxy: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
     match run(config) {
@@ -62,27 +50,8 @@ pub fn main_from(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
     }
 }
 
-fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.is_empty() => EnvFilter::try_new(env)?,
-        _ => EnvFilter::try_new(level)?,
-    };
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-    Ok(())
-}
-
 fn run(config: Config) -> anyhow::Result<()> {
-    let metrics = PrometheusBuilder::new()
-        .install_recorder()
-        .context("cannot install the metrics recorder")?;
+    let metrics = spotable_edge::install_metrics()?;
     stats::describe();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -116,15 +85,14 @@ fn run(config: Config) -> anyhow::Result<()> {
                     sessions: proxy.session_counter(),
                     stopping: stopping.clone(),
                 };
-                let (local, task) = admin::serve(addr, state)
+                let (_, task) = spotable_edge::serve(addr, admin::router(state))
                     .await
                     .with_context(|| format!("cannot serve admin on {addr}"))?;
-                tracing::info!(addr = %local, "admin listening");
                 Some(task)
             }
             None => None,
         };
-        let mut signals = Signals::new()?;
+        let mut signals = spotable_edge::Signals::new()?;
         let signal = signals.next().await;
         stopping.store(true, Ordering::Release);
         if !config.drain_delay.is_zero() {
@@ -143,27 +111,4 @@ fn run(config: Config) -> anyhow::Result<()> {
     })?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// SIGTERM and SIGINT, as a stream.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> anyhow::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Self {
-            term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
-            int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
-        })
-    }
-
-    async fn next(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
-        }
-    }
 }

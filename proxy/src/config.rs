@@ -15,6 +15,7 @@ use crate::ratelimit::Rate;
 use crate::server::ProxyConfig;
 use crate::session::Settings;
 use crate::udp::MAX_UDP_PAYLOAD;
+pub use spotable_edge::LogFormat;
 
 /// Dedupe algorithm names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -36,17 +37,6 @@ pub enum EndianName {
     Be,
     /// Little-endian.
     Le,
-}
-
-/// Log output formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// `spotable-proxy` command line.

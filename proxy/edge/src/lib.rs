@@ -1,0 +1,126 @@
+//! The process edge every Spotable binary shares: log setup, stop signals, the admin HTTP
+//! listener and the Prometheus recorder. One implementation, so the binaries behave alike.
+
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Problems at the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// The log filter does not parse.
+    #[error("log_level: {0}")]
+    LogFilter(String),
+    /// The metrics recorder could not be installed (one per process).
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(String),
+    /// Signal handlers could not be set up.
+    #[error("cannot watch {0}: {1}")]
+    Signal(&'static str, std::io::Error),
+}
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG` when set, else by `level`.
+pub fn init_logging(format: LogFormat, level: &str) -> Result<(), EdgeError> {
+    use std::io::IsTerminal;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.is_empty() => EnvFilter::try_new(env),
+        _ => EnvFilter::try_new(level),
+    }
+    .map_err(|e| EdgeError::LogFilter(e.to_string()))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+/// Installs the Prometheus recorder; its handle renders `/metrics`.
+pub fn install_metrics() -> Result<PrometheusHandle, EdgeError> {
+    PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| EdgeError::Metrics(e.to_string()))
+}
+
+/// Renders the recorder for a scrape.
+pub fn render(handle: &PrometheusHandle) -> String {
+    handle.run_upkeep();
+    handle.render()
+}
+
+/// Binds `addr` and serves `router` until the returned task is aborted.
+pub async fn serve(
+    addr: SocketAddr,
+    router: axum::Router,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    tracing::info!(addr = %local, "admin listening");
+    Ok((local, task))
+}
+
+/// SIGTERM and SIGINT, as a stream.
+#[derive(Debug)]
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts watching both.
+    pub fn new() -> Result<Self, EdgeError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(|e| EdgeError::Signal("SIGTERM", e))?,
+            int: signal(SignalKind::interrupt()).map_err(|e| EdgeError::Signal("SIGINT", e))?,
+        })
+    }
+
+    /// The next one, by name.
+    pub async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Prints a clap parse failure as one line (or the help text) and gives the exit code:
+/// 0 for `--help` / `--version`, 2 for bad arguments.
+pub fn clap_exit(program: &str, e: &clap::Error) -> u8 {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return 0;
+    }
+    // clap's first paragraph names the problem and the argument (a missing argument is on
+    // its second line); usage and tips follow after a blank line.
+    let text = e.to_string();
+    let first: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = first.join(" ");
+    eprintln!("{program}: {}", line.trim_start_matches("error: "));
+    2
+}

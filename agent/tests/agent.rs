@@ -409,6 +409,8 @@ async fn the_binary_handles_a_spot_notice_end_to_end() {
         .local_addr()
         .unwrap()
         .port();
+    // Metadata is failing when the agent starts: it must survive, count and carry on.
+    w.imds.fail_next(12);
     let mut child = std::process::Command::new(agent_exe())
         .args([
             "--imds-endpoint",
@@ -428,7 +430,24 @@ async fn the_binary_handles_a_spot_notice_end_to_end() {
         .env_remove("RUST_LOG")
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut early = String::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics")).await {
+            early = r.text().await.unwrap_or_default();
+            if early.contains("spotable_agent_imds_errors_total") {
+                break;
+            }
+        }
+    }
+    assert!(
+        early.contains("spotable_agent_imds_errors_total"),
+        "{early}"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the agent died on metadata errors"
+    );
     w.imds.set(
         SPOT,
         &format!(r#"{{"action": "terminate", "time": "{}"}}"#, in_secs(120)),

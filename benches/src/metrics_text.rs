@@ -23,10 +23,8 @@ pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
                 .split(',')
                 .any(|kv| kv == format!("{k}=\"{val}\""))
         });
-        if all {
-            if let Ok(v) = v.parse::<f64>() {
-                *found.get_or_insert(0.0) += v;
-            }
+        if all && let Ok(v) = v.parse::<f64>() {
+            *found.get_or_insert(0.0) += v;
         }
     }
     found

@@ -1,0 +1,400 @@
+//! The `spotable-wrapper` binary: run a game server (or prepare one, as an init container).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use spotable_agent::imds::{Identity, Imds, ImdsConfig};
+use spotable_agent::inventory::{Message, PodRef, Publisher, Status};
+use spotable_edge::LogFormat;
+use tokio::sync::mpsc;
+
+use crate::ports::{self, Allocation, PortRange, PortSpec};
+use crate::supervise::{self, Supervisor};
+
+/// `spotable-wrapper` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "spotable-wrapper",
+    version,
+    args_conflicts_with_subcommands = true,
+    about = "Launches a game server: race-free ports, public address, inventory messages, PID-1 \
+             duty (signals to the process group, reaping, grace then SIGKILL, exit codes).",
+    after_help = "Run mode: spotable-wrapper [FLAGS] -- COMMAND [ARGS...]. The game gets \
+                  SPOTABLE_PORT_<NAME> for every port and SERVER_PORT / RCON_PORT / QUERY_PORT \
+                  for the ports named game (or server), rcon and query."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    sub: Option<Sub>,
+    #[command(flatten)]
+    common: Common,
+    /// The game server and its arguments (after `--`).
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Init-container mode: allocate ports, write them as an env file, publish `init`, exit.
+    Init {
+        /// Where to write `NAME=VALUE` lines for the game container.
+        #[arg(long, value_name = "PATH")]
+        env_file: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// Settings shared by run and init modes.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct Common {
+    /// Inventory queue (SQS); without it nothing is published.
+    #[arg(long, env = "QUEUE_URL", value_name = "URL")]
+    pub queue_url: Option<String>,
+    /// Game type, carried in inventory messages.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub kind: Option<String>,
+    /// A port the game needs: NAME/udp, NAME/tcp or NAME/udp+tcp (repeatable).
+    #[arg(long = "port", value_name = "NAME/PROTO")]
+    pub ports: Vec<PortSpec>,
+    /// Where ports are taken from.
+    #[arg(long, default_value = "7000-8000", value_name = "FIRST-LAST")]
+    pub port_range: PortRange,
+    /// Directory of per-port lock files, shared by every wrapper on the host (a hostPath).
+    #[arg(long, default_value = "/var/lock/spotable-ports", value_name = "DIR")]
+    pub lock_dir: PathBuf,
+    /// Instance metadata base URL.
+    #[arg(long, default_value = "http://169.254.169.254", value_name = "URL")]
+    pub imds_endpoint: String,
+    /// Do not ask instance metadata (other clouds): use the overrides only.
+    #[arg(long)]
+    pub no_imds: bool,
+    /// Public IPv4 to advertise instead of the metadata's.
+    #[arg(long, env = "SPOTABLE_PUBLIC_IP", value_name = "IP")]
+    pub public_ip: Option<std::net::Ipv4Addr>,
+    /// Public hostname to advertise instead of the metadata's.
+    #[arg(long, env = "SPOTABLE_PUBLIC_HOSTNAME", value_name = "NAME")]
+    pub public_hostname: Option<String>,
+    /// Stop signal to SIGKILL.
+    #[arg(long, default_value = "110s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    /// How long the game may take to bind its ports before `ready` is given up.
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub ready_timeout: Duration,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (RUST_LOG wins when set).
+    #[arg(long, default_value = "info", value_name = "FILTER")]
+    pub log_level: String,
+}
+
+/// Runs the wrapper binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return ExitCode::from(spotable_edge::clap_exit("spotable-wrapper", &e)),
+    };
+    let (common, mode) = match cli.sub {
+        Some(Sub::Init { env_file, common }) => (common, Mode::Init(env_file)),
+        None if cli.command.is_empty() => {
+            eprintln!(
+                "spotable-wrapper: no game command: spotable-wrapper [FLAGS] -- COMMAND [ARGS...]"
+            );
+            return ExitCode::from(2);
+        }
+        None => (cli.common, Mode::Run(cli.command)),
+    };
+    if common.ports.is_empty() {
+        eprintln!("spotable-wrapper: --port: at least one port is required (e.g. --port game/udp)");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = spotable_edge::init_logging(common.log_format, &common.log_level) {
+        eprintln!("spotable-wrapper: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("spotable-wrapper: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(common, mode)) {
+        Ok(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)),
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("spotable-wrapper: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Mode {
+    Run(Vec<OsString>),
+    Init(PathBuf),
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+async fn run(common: Common, mode: Mode) -> Result<i32, BoxError> {
+    let mut alloc = ports::allocate(&common.ports, common.port_range, &common.lock_dir)?;
+    tracing::info!(ports = ?alloc.ports, "ports allocated");
+    let identity = identity(&common).await?;
+    let server = ServerInfo::new(&common, &alloc, identity);
+    let outbox = Outbox::start(common.queue_url.clone()).await;
+    outbox.send(server.message(Status::Init));
+    match mode {
+        Mode::Init(env_file) => {
+            write_env_file(&env_file, &alloc)?;
+            tracing::info!(path = %env_file.display(), "env file written");
+            outbox.close(Duration::from_secs(10)).await;
+            Ok(0)
+        }
+        Mode::Run(command) => {
+            let code = launch(&common, &mut alloc, &server, &outbox, command).await?;
+            outbox.close(Duration::from_secs(5).min(common.grace)).await;
+            Ok(code)
+        }
+    }
+}
+
+async fn launch(
+    common: &Common,
+    alloc: &mut Allocation,
+    server: &ServerInfo,
+    outbox: &Outbox,
+    command: Vec<OsString>,
+) -> Result<i32, BoxError> {
+    use std::os::unix::process::CommandExt;
+    if let Err(e) = supervise::become_subreaper() {
+        tracing::warn!(error = %e, "cannot become a child subreaper; orphans go to PID 1");
+    }
+    let supervisor = Supervisor::new()?;
+    alloc.release_binds();
+    let mut cmd = std::process::Command::new(&command[0]);
+    cmd.args(&command[1..]).envs(alloc.env()).process_group(0);
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let mut m = server.message(Status::Terminated);
+            m.exit_code = Some(127);
+            m.reason = Some(format!("spawn failed: {e}"));
+            outbox.send(m);
+            return Err(format!("cannot start {:?}: {e}", command[0]).into());
+        }
+    };
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+    tracing::info!(pid = pid.as_raw(), "game started");
+    // `ready` once the game holds every port it asked for.
+    let ready = {
+        let wanted: Vec<(u16, Vec<_>)> = alloc
+            .ports
+            .iter()
+            .map(|(n, p)| (p.port, alloc.protos.get(n).cloned().unwrap_or_default()))
+            .collect();
+        let message = server.message(Status::Ready);
+        let outbox = outbox.clone();
+        let timeout = common.ready_timeout;
+        tokio::spawn(async move {
+            let start = Instant::now();
+            loop {
+                let all = wanted
+                    .iter()
+                    .all(|(port, protos)| protos.iter().all(|p| ports::in_use(*port, *p)));
+                if all {
+                    outbox.send(message);
+                    return;
+                }
+                if start.elapsed() > timeout {
+                    tracing::warn!("the game did not bind its ports in time; no ready message");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let exit = supervisor
+        .run(pid, common.grace, |signal| {
+            tracing::info!(signal, "stopping the game");
+            let mut m = server.message(Status::Terminating);
+            m.reason = Some(signal.into());
+            outbox.send(m);
+        })
+        .await;
+    ready.abort();
+    drop(child);
+    tracing::info!(exit = ?exit, "game exited");
+    let mut m = server.message(Status::Terminated);
+    m.exit_code = Some(exit.code());
+    m.reason = Some(match exit {
+        supervise::Exit::Code(_) => "exit".into(),
+        supervise::Exit::Signal(s) => format!("signal {s}"),
+    });
+    outbox.send(m);
+    Ok(exit.code())
+}
+
+async fn identity(common: &Common) -> Result<Identity, BoxError> {
+    let mut id = Identity::default();
+    if !common.no_imds {
+        let imds = Imds::new(ImdsConfig {
+            endpoint: common.imds_endpoint.clone(),
+            timeout: Duration::from_secs(1),
+            attempts: 2,
+            ..ImdsConfig::default()
+        })?;
+        match imds.identity().await {
+            Ok(found) => id = found,
+            Err(e) if common.public_ip.is_some() || common.public_hostname.is_some() => {
+                tracing::warn!(error = %e, "instance metadata unavailable; using the overrides");
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot find the public address: {e} (set --public-ip / --public-hostname, \
+                     or --no-imds outside AWS)"
+                )
+                .into());
+            }
+        }
+    }
+    if let Some(ip) = common.public_ip {
+        id.public_ipv4 = Some(ip.to_string());
+    }
+    if let Some(h) = &common.public_hostname {
+        id.public_hostname = Some(h.clone());
+    }
+    Ok(id)
+}
+
+/// What every message says about this game server.
+struct ServerInfo {
+    base: Message,
+    id: String,
+}
+
+impl ServerInfo {
+    fn new(common: &Common, alloc: &Allocation, identity: Identity) -> Self {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let pod = match (env("POD_NAMESPACE"), env("POD_NAME")) {
+            (Some(namespace), Some(name)) => Some(PodRef {
+                namespace,
+                name,
+                uid: env("POD_UID"),
+            }),
+            _ => None,
+        };
+        let started = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let id = pod
+            .as_ref()
+            .map(|p| {
+                p.uid
+                    .clone()
+                    .unwrap_or_else(|| format!("{}/{}", p.namespace, p.name))
+            })
+            .unwrap_or_else(|| format!("{}-{}-{started}", hostname(), std::process::id()));
+        let mut base = Message::new("", Status::Init);
+        base.kind = common.kind.clone();
+        base.ports = alloc.ports.clone();
+        base.public_hostname = identity.public_hostname;
+        base.public_ipv4 = identity.public_ipv4;
+        base.region = identity.region;
+        base.instance_id = identity.instance_id;
+        base.node = env("NODE_NAME");
+        base.pod = pod;
+        Self { base, id }
+    }
+
+    fn message(&self, status: Status) -> Message {
+        let mut m = self.base.clone();
+        let name = serde_status(status);
+        m.event_id = format!("{}:{name}", self.id);
+        m.status = status;
+        m.ts = spotable_agent::inventory::now_rfc3339();
+        m
+    }
+}
+
+fn serde_status(s: Status) -> &'static str {
+    match s {
+        Status::Init => "init",
+        Status::Ready => "ready",
+        Status::Terminating => "terminating",
+        Status::Terminated => "terminated",
+        Status::Interrupted => "interrupted",
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn write_env_file(path: &std::path::Path, alloc: &Allocation) -> std::io::Result<()> {
+    let mut text = String::new();
+    for (k, v) in alloc.env() {
+        text.push_str(&format!("{k}={v}\n"));
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Inventory messages, sent in order by one background task, each with bounded retries, so a
+/// slow or absent queue never holds up the game.
+#[derive(Clone)]
+struct Outbox {
+    tx: Option<mpsc::UnboundedSender<Message>>,
+    done: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Outbox {
+    async fn start(queue_url: Option<String>) -> Self {
+        let done = std::sync::Arc::new(tokio::sync::Notify::new());
+        let Some(url) = queue_url else {
+            tracing::warn!("no --queue-url: inventory messages are not published");
+            return Self { tx: None, done };
+        };
+        let publisher = Publisher::from_env(url).await;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+        let notify = done.clone();
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                match publisher.send_with_retry(&m, Duration::from_secs(10)).await {
+                    Ok(_) => tracing::info!(status = ?m.status, "inventory: published"),
+                    Err(e) => tracing::warn!(error = %e, "inventory: message dropped"),
+                }
+            }
+            notify.notify_one();
+        });
+        Self { tx: Some(tx), done }
+    }
+
+    fn send(&self, m: Message) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(m);
+        }
+    }
+
+    /// Waits up to `bound` for queued messages to go out.
+    async fn close(mut self, bound: Duration) {
+        if self.tx.take().is_none() {
+            return;
+        }
+        if tokio::time::timeout(bound, self.done.notified())
+            .await
+            .is_err()
+        {
+            tracing::warn!(?bound, "inventory: gave up waiting for the queue");
+        }
+    }
+}

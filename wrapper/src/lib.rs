@@ -1,0 +1,7 @@
+//! Spotable's game-server wrapper: race-free ports, public address, inventory messages, and
+//! PID-1 duty for the game process.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod ports;
+pub mod supervise;

@@ -46,6 +46,19 @@ enum Sub {
         #[command(flatten)]
         common: Common,
     },
+    /// Reads the inventory queue and prints the live fleet: status, address:port, node, age.
+    /// It consumes the queue and keeps the fleet in --state, so every run shows all of it.
+    Inventory {
+        /// The inventory queue.
+        #[arg(long, env = "QUEUE_URL", value_name = "URL")]
+        queue_url: String,
+        /// Keep reading and reprint every few seconds.
+        #[arg(long)]
+        watch: bool,
+        /// Where the fleet is kept between runs.
+        #[arg(long, default_value = "spotable-fleet.json", value_name = "PATH")]
+        state: PathBuf,
+    },
 }
 
 /// Settings shared by run and init modes.
@@ -99,6 +112,11 @@ pub fn main() -> ExitCode {
         Err(e) => return ExitCode::from(spotable_edge::clap_exit("spotable-wrapper", &e)),
     };
     let (common, mode) = match cli.sub {
+        Some(Sub::Inventory {
+            queue_url,
+            watch,
+            state,
+        }) => return inventory(&queue_url, watch, &state),
         Some(Sub::Init { env_file, common }) => (common, Mode::Init(env_file)),
         None if cli.command.is_empty() => {
             eprintln!(
@@ -130,6 +148,80 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)),
         Err(e) => {
             tracing::error!("{e}");
+            eprintln!("spotable-wrapper: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn inventory(queue_url: &str, watch: bool, state: &std::path::Path) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("spotable-wrapper: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: Result<(), BoxError> = runtime.block_on(async {
+        let client = spotable_agent::inventory::sqs_client().await;
+        let mut fleet = crate::fleet::Fleet::load(state)?;
+        loop {
+            let mut read = 0;
+            loop {
+                let out = client
+                    .receive_message()
+                    .queue_url(queue_url)
+                    .max_number_of_messages(10)
+                    .wait_time_seconds(if watch { 2 } else { 1 })
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "cannot read {queue_url}: {}",
+                            aws_sdk_sqs::error::DisplayErrorContext(e)
+                        )
+                    })?;
+                let messages = out.messages.unwrap_or_default();
+                if messages.is_empty() {
+                    break;
+                }
+                for m in &messages {
+                    match serde_json::from_str::<Message>(m.body().unwrap_or_default()) {
+                        Ok(msg) => fleet.apply(&msg),
+                        Err(e) => eprintln!("spotable-wrapper: skipping a message: {e}"),
+                    }
+                    read += 1;
+                }
+                // Saved before deleted: a message gone from the queue is never lost.
+                fleet.save(state)?;
+                for h in messages.iter().filter_map(|m| m.receipt_handle()) {
+                    client
+                        .delete_message()
+                        .queue_url(queue_url)
+                        .receipt_handle(h)
+                        .send()
+                        .await
+                        .map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(e).to_string())?;
+                }
+            }
+            let now = SystemTime::now();
+            fleet.prune(now, Duration::from_secs(600));
+            fleet.save(state)?;
+            print!("{}", fleet.table(now));
+            if !watch {
+                tracing::debug!(read, "inventory read");
+                return Ok(());
+            }
+            println!();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
             eprintln!("spotable-wrapper: {e}");
             ExitCode::FAILURE
         }

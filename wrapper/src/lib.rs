@@ -3,5 +3,6 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod fleet;
 pub mod ports;
 pub mod supervise;

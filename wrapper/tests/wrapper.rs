@@ -434,3 +434,90 @@ async fn init_container_mode_writes_the_env_file_and_publishes_init() {
     assert_eq!(m.public_ipv4.as_deref(), Some("203.0.113.9"));
     assert_eq!(m.ports.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_prints_the_live_fleet_and_remembers_it() {
+    use spotable_agent::inventory::{PodRef, Port, Proto, Publisher};
+    let dir = tempdir("inventory");
+    let moto = tokio::task::spawn_blocking(|| Moto::start(None))
+        .await
+        .unwrap()
+        .unwrap();
+    let sqs = sqs_client_for(&moto.endpoint());
+    let queue = create_queue(&sqs, "inventory.fifo").await;
+    let publisher = Publisher::with_client(sqs.clone(), queue.clone());
+    let server = |name: &str, status: Status, port: u16| {
+        let mut m = Message::new(format!("{name}:{status:?}"), status);
+        m.pod = Some(PodRef {
+            namespace: "games".into(),
+            name: name.into(),
+            uid: None,
+        });
+        m.node = Some(format!("node-{name}"));
+        m.public_ipv4 = Some("203.0.113.7".into());
+        m.ports.insert(
+            "game".into(),
+            Port {
+                port,
+                proto: Proto::Udp,
+            },
+        );
+        m
+    };
+    publisher
+        .send(&server("mc-0", Status::Init, 7001))
+        .await
+        .unwrap();
+    publisher
+        .send(&server("mc-0", Status::Ready, 7001))
+        .await
+        .unwrap();
+    publisher
+        .send(&server("mc-1", Status::Ready, 7002))
+        .await
+        .unwrap();
+    let mut spot = Message::new("spot:terminate:t", Status::Interrupted);
+    spot.node = Some("node-mc-1".into());
+    publisher.send(&spot).await.unwrap();
+    let state = dir.join("fleet.json");
+    let run = || {
+        let out = Command::new(exe())
+            .args([
+                "inventory",
+                "--queue-url",
+                &queue,
+                "--state",
+                state.to_str().unwrap(),
+            ])
+            .envs(moto.env())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = tokio::task::block_in_place(run);
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("games/{name}")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{table}"))
+            .to_string()
+    };
+    assert!(row("mc-0").contains("ready") && row("mc-0").contains("203.0.113.7:7001"));
+    assert!(row("mc-1").contains("interrupted") && row("mc-1").contains("node-mc-1"));
+    // The queue was consumed; the fleet is remembered.
+    assert!(
+        receive_all(&sqs, &queue, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+    let again = tokio::task::block_in_place(run);
+    assert!(
+        again.contains("games/mc-0") && again.contains("games/mc-1"),
+        "{again}"
+    );
+}

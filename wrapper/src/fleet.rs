@@ -117,7 +117,7 @@ impl Fleet {
             let age = humantime::parse_rfc3339_weak(&s.since)
                 .ok()
                 .and_then(|t| now.duration_since(t).ok())
-                .map_or_else(|| "?".into(), |d| format_age(d));
+                .map_or_else(|| "?".into(), format_age);
             let status = serde_json::to_value(s.status)
                 .ok()
                 .and_then(|v| v.as_str().map(String::from))

@@ -521,3 +521,68 @@ async fn inventory_prints_the_live_fleet_and_remembers_it() {
         "{again}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_address_comes_from_instance_metadata() {
+    let dir = tempdir("imds-ok");
+    let imds = spotable_agent::testing::FakeImds::start().await.unwrap();
+    imds.set_identity(
+        "i-0feed",
+        "ap-south-1",
+        "ec2-198-51-100-4.example",
+        "198.51.100.4",
+    );
+    imds.set_v2_required(true);
+    let moto = tokio::task::spawn_blocking(|| Moto::start(None))
+        .await
+        .unwrap()
+        .unwrap();
+    let sqs = sqs_client_for(&moto.endpoint());
+    let queue = create_queue(&sqs, "inventory.fifo").await;
+    let (a, b) = range(420);
+    let env_file = dir.join("ports.env");
+    let endpoint = imds.endpoint();
+    let queue_url = queue.clone();
+    let env = moto.env();
+    let lock_dir = dir.join("locks");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(exe())
+            .args([
+                "init",
+                "--env-file",
+                env_file.to_str().unwrap(),
+                "--port",
+                "game/udp",
+            ])
+            .args([
+                "--imds-endpoint",
+                &endpoint,
+                "--port-range",
+                &format!("{a}-{b}"),
+            ])
+            .args(["--lock-dir", lock_dir.to_str().unwrap()])
+            .env("QUEUE_URL", &queue_url)
+            .env_remove("SPOTABLE_PUBLIC_IP")
+            .env_remove("SPOTABLE_PUBLIC_HOSTNAME")
+            .envs(env)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = receive_all(&sqs, &queue, Duration::from_millis(800)).await;
+    let m: Message = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(m.public_ipv4.as_deref(), Some("198.51.100.4"));
+    assert_eq!(
+        m.public_hostname.as_deref(),
+        Some("ec2-198-51-100-4.example")
+    );
+    assert_eq!(m.instance_id.as_deref(), Some("i-0feed"));
+    assert_eq!(m.region.as_deref(), Some("ap-south-1"));
+    assert!(imds.token_requests() >= 1, "IMDSv2 was used");
+}

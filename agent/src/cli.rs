@@ -87,24 +87,7 @@ pub fn main() -> ExitCode {
         eprintln!("spotable-agent: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("spotable-agent: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("spotable-agent: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    spotable_edge::block_on("spotable-agent", async { run(args).await.map(|()| 0) })
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {

@@ -14,6 +14,25 @@ use serde::{Deserialize, Serialize};
 /// Schema version carried in `v`.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The keys every message carries (null when unknown), as documented for consumers.
+pub const KEYS: [&str; 15] = [
+    "v",
+    "event_id",
+    "status",
+    "reason",
+    "type",
+    "public_hostname",
+    "public_ipv4",
+    "ports",
+    "region",
+    "instance_id",
+    "node",
+    "pod",
+    "deadline",
+    "exit_code",
+    "ts",
+];
+
 /// Lifecycle of a game server (or its node).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -302,22 +321,7 @@ mod tests {
             },
         );
         let v: serde_json::Value = serde_json::to_value(&m).unwrap();
-        for key in [
-            "v",
-            "event_id",
-            "status",
-            "reason",
-            "type",
-            "public_hostname",
-            "public_ipv4",
-            "ports",
-            "region",
-            "instance_id",
-            "node",
-            "pod",
-            "deadline",
-            "ts",
-        ] {
+        for key in KEYS {
             assert!(v.get(key).is_some(), "{key} missing");
         }
         assert_eq!(v["status"], "interrupted");

@@ -162,22 +162,7 @@ async fn spot_notice_publishes_then_cordons_then_evicts() {
     let got = receive_all(&w.sqs, &w.queue, Duration::from_millis(800)).await;
     assert_eq!(got.len(), 1);
     let raw: Value = serde_json::from_str(&got[0].body).unwrap();
-    for key in [
-        "v",
-        "event_id",
-        "status",
-        "reason",
-        "type",
-        "public_hostname",
-        "public_ipv4",
-        "ports",
-        "region",
-        "instance_id",
-        "node",
-        "pod",
-        "deadline",
-        "ts",
-    ] {
+    for key in spotable_agent::inventory::KEYS {
         assert!(raw.get(key).is_some(), "{key} missing");
     }
     let m: Message = serde_json::from_value(raw).unwrap();

@@ -134,97 +134,69 @@ pub fn main() -> ExitCode {
         eprintln!("spotable-wrapper: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("spotable-wrapper: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(common, mode)) {
-        Ok(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)),
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("spotable-wrapper: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    spotable_edge::block_on("spotable-wrapper", run(common, mode))
 }
 
 fn inventory(queue_url: &str, watch: bool, state: &std::path::Path) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("spotable-wrapper: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result: Result<(), BoxError> = runtime.block_on(async {
-        let client = spotable_agent::inventory::sqs_client().await;
-        let mut fleet = crate::fleet::Fleet::load(state)?;
+    spotable_edge::block_on("spotable-wrapper", read_fleet(queue_url, watch, state))
+}
+
+async fn read_fleet(
+    queue_url: &str,
+    watch: bool,
+    state: &std::path::Path,
+) -> Result<i32, BoxError> {
+    let client = spotable_agent::inventory::sqs_client().await;
+    let mut fleet = crate::fleet::Fleet::load(state)?;
+    loop {
+        let mut read = 0;
         loop {
-            let mut read = 0;
-            loop {
-                let out = client
-                    .receive_message()
+            let out = client
+                .receive_message()
+                .queue_url(queue_url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(if watch { 2 } else { 1 })
+                .send()
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot read {queue_url}: {}",
+                        aws_sdk_sqs::error::DisplayErrorContext(e)
+                    )
+                })?;
+            let messages = out.messages.unwrap_or_default();
+            if messages.is_empty() {
+                break;
+            }
+            for m in &messages {
+                match serde_json::from_str::<Message>(m.body().unwrap_or_default()) {
+                    Ok(msg) => fleet.apply(&msg),
+                    Err(e) => eprintln!("spotable-wrapper: skipping a message: {e}"),
+                }
+                read += 1;
+            }
+            // Saved before deleted: a message gone from the queue is never lost.
+            fleet.save(state)?;
+            for h in messages.iter().filter_map(|m| m.receipt_handle()) {
+                client
+                    .delete_message()
                     .queue_url(queue_url)
-                    .max_number_of_messages(10)
-                    .wait_time_seconds(if watch { 2 } else { 1 })
+                    .receipt_handle(h)
                     .send()
                     .await
-                    .map_err(|e| {
-                        format!(
-                            "cannot read {queue_url}: {}",
-                            aws_sdk_sqs::error::DisplayErrorContext(e)
-                        )
-                    })?;
-                let messages = out.messages.unwrap_or_default();
-                if messages.is_empty() {
-                    break;
-                }
-                for m in &messages {
-                    match serde_json::from_str::<Message>(m.body().unwrap_or_default()) {
-                        Ok(msg) => fleet.apply(&msg),
-                        Err(e) => eprintln!("spotable-wrapper: skipping a message: {e}"),
-                    }
-                    read += 1;
-                }
-                // Saved before deleted: a message gone from the queue is never lost.
-                fleet.save(state)?;
-                for h in messages.iter().filter_map(|m| m.receipt_handle()) {
-                    client
-                        .delete_message()
-                        .queue_url(queue_url)
-                        .receipt_handle(h)
-                        .send()
-                        .await
-                        .map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(e).to_string())?;
-                }
+                    .map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(e).to_string())?;
             }
-            let now = SystemTime::now();
-            fleet.prune(now, Duration::from_secs(600));
-            fleet.save(state)?;
-            print!("{}", fleet.table(now));
-            if !watch {
-                tracing::debug!(read, "inventory read");
-                return Ok(());
-            }
-            println!();
-            tokio::time::sleep(Duration::from_secs(2)).await;
         }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("spotable-wrapper: {e}");
-            ExitCode::FAILURE
+        let now = SystemTime::now();
+        fleet.prune(now, Duration::from_secs(600));
+        fleet.save(state)?;
+        print!("{}", fleet.table(now));
+        if !watch {
+            tracing::debug!(read, "inventory read");
+            return Ok(0);
         }
+        println!();
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 

@@ -105,6 +105,33 @@ impl Signals {
     }
 }
 
+/// Runs `main` on a current-thread runtime and turns its outcome into the process exit code:
+/// `Ok(code)` exits with `code` (clamped to 0..=255), an error is logged, printed as one line
+/// prefixed by `program`, and exits 1.
+pub fn block_on<E: std::fmt::Display>(
+    program: &str,
+    main: impl std::future::Future<Output = Result<i32, E>>,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{program}: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(code) => std::process::ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)),
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("{program}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Prints a clap parse failure as one line (or the help text) and gives the exit code:
 /// 0 for `--help` / `--version`, 2 for bad arguments.
 pub fn clap_exit(program: &str, e: &clap::Error) -> u8 {

@@ -268,6 +268,18 @@ pub fn sqs_client_for(endpoint: &str) -> aws_sdk_sqs::Client {
     aws_sdk_sqs::Client::from_conf(config)
 }
 
+/// A fresh emulator with one queue `name`: the emulator (kept alive by the caller), a client
+/// for it, and the queue URL.
+pub async fn moto_with_queue(name: &str) -> (Moto, aws_sdk_sqs::Client, String) {
+    let moto = tokio::task::spawn_blocking(|| Moto::start(None))
+        .await
+        .unwrap_or_else(|e| panic!("moto start task: {e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = sqs_client_for(&moto.endpoint());
+    let url = create_queue(&client, name).await;
+    (moto, client, url)
+}
+
 /// Creates a queue (FIFO when the name ends with `.fifo`) and returns its URL.
 pub async fn create_queue(client: &aws_sdk_sqs::Client, name: &str) -> String {
     let mut req = client.create_queue().queue_name(name);

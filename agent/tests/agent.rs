@@ -12,7 +12,7 @@ use spotable_agent::drain::{Drainer, PodOutcome, TAINT_KEY};
 use spotable_agent::imds::{Imds, ImdsConfig};
 use spotable_agent::inventory::{Message, Publisher, Status};
 use spotable_agent::notice::Action;
-use spotable_agent::testing::{FakeImds, Moto, create_queue, receive_all, sqs_client_for};
+use spotable_agent::testing::{FakeImds, Moto, create_queue, moto_with_queue, receive_all};
 use spotable_kube_fake::FakeApi;
 
 const NODE: &str = "ip-10-0-1-23";
@@ -97,12 +97,7 @@ async fn world() -> World {
         SYSTEM_PODS,
         pod("kube-system", "agent-x", NODE, 3, Some("DaemonSet")),
     );
-    let moto = tokio::task::spawn_blocking(|| Moto::start(None))
-        .await
-        .unwrap()
-        .unwrap();
-    let sqs = sqs_client_for(&moto.endpoint());
-    let queue = create_queue(&sqs, "inventory.fifo").await;
+    let (moto, sqs, queue) = moto_with_queue("inventory.fifo").await;
     World {
         imds,
         api,

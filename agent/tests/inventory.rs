@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use spotable_agent::inventory::{Message, PodRef, Port, Proto, Publisher, Status};
-use spotable_agent::testing::{Moto, create_queue, receive_all, sqs_client_for};
+use spotable_agent::testing::{Moto, create_queue, moto_with_queue, receive_all, sqs_client_for};
 
 fn message(id: &str) -> Message {
     let mut m = Message::new(id, Status::Ready);
@@ -26,9 +26,7 @@ fn message(id: &str) -> Message {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifo_messages_carry_group_and_dedup_ids_and_are_delivered_once() {
-    let moto = Moto::start(None).unwrap();
-    let client = sqs_client_for(&moto.endpoint());
-    let url = create_queue(&client, "inventory.fifo").await;
+    let (_moto, client, url) = moto_with_queue("inventory.fifo").await;
     let publisher = Publisher::with_client(client.clone(), url.clone());
     publisher.send(&message("mc-0:ready:1")).await.unwrap();
     // A retried send of the same event is deduplicated by SQS.
@@ -50,9 +48,7 @@ async fn fifo_messages_carry_group_and_dedup_ids_and_are_delivered_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standard_queues_work_too() {
-    let moto = Moto::start(None).unwrap();
-    let client = sqs_client_for(&moto.endpoint());
-    let url = create_queue(&client, "inventory").await;
+    let (_moto, client, url) = moto_with_queue("inventory").await;
     Publisher::with_client(client.clone(), url.clone())
         .send(&message("x"))
         .await

@@ -229,6 +229,21 @@ impl ReplicaSet {
     }
 }
 
+/// A snapshot of loopback replicas `127.0.0.1:<port>` in the given states, for tests.
+#[cfg(test)]
+pub(crate) fn test_snapshot(version: u64, replicas: &[(u16, ReplicaState)]) -> Snapshot {
+    Snapshot {
+        version,
+        replicas: replicas
+            .iter()
+            .map(|&(port, state)| Replica {
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                state,
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,16 +289,7 @@ mod tests {
     }
 
     fn snap(replicas: &[(u16, ReplicaState)]) -> Snapshot {
-        Snapshot {
-            version: 1,
-            replicas: replicas
-                .iter()
-                .map(|&(p, state)| Replica {
-                    addr: addr(p),
-                    state,
-                })
-                .collect(),
-        }
+        test_snapshot(1, replicas)
     }
 
     #[test]

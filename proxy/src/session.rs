@@ -544,7 +544,6 @@ impl Drop for SessionTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replicas::Replica;
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -571,16 +570,7 @@ mod tests {
     }
 
     fn snapshot(version: u64, replicas: &[(u16, ReplicaState)]) -> Arc<Snapshot> {
-        Arc::new(Snapshot {
-            version,
-            replicas: replicas
-                .iter()
-                .map(|&(p, state)| Replica {
-                    addr: addr(p),
-                    state,
-                })
-                .collect(),
-        })
+        Arc::new(crate::replicas::test_snapshot(version, replicas))
     }
 
     fn table(settings: Settings, max: usize, replicas: &[u16]) -> SessionTable {

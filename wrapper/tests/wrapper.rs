@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use spotable_agent::inventory::{Message, Status};
-use spotable_agent::testing::{Moto, create_queue, receive_all, sqs_client_for};
+use spotable_agent::testing::{moto_with_queue, receive_all};
 
 fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_spotable-wrapper")
@@ -216,24 +216,19 @@ fn unreachable_metadata_is_a_clear_error_unless_overridden() {
         .unwrap()
         .port();
     let (a, b) = range(180);
+    let run = |extra: &[&str]| {
+        Command::new(exe())
+            .args(["--imds-endpoint", &format!("http://127.0.0.1:{closed}")])
+            .args(["--port", "game/udp", "--port-range", &format!("{a}-{b}")])
+            .args(["--lock-dir", dir.to_str().unwrap()])
+            .args(extra)
+            .args(["--", "true"])
+            .env_remove("SPOTABLE_PUBLIC_IP")
+            .output()
+            .unwrap()
+    };
     let start = Instant::now();
-    let out = Command::new(exe())
-        .args([
-            "--imds-endpoint",
-            &format!("http://127.0.0.1:{closed}"),
-            "--port",
-            "game/udp",
-        ])
-        .args([
-            "--port-range",
-            &format!("{a}-{b}"),
-            "--lock-dir",
-            dir.to_str().unwrap(),
-        ])
-        .args(["--", "true"])
-        .env_remove("SPOTABLE_PUBLIC_IP")
-        .output()
-        .unwrap();
+    let out = run(&[]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -241,22 +236,7 @@ fn unreachable_metadata_is_a_clear_error_unless_overridden() {
         "{stderr}"
     );
     assert!(start.elapsed() < Duration::from_secs(15), "no hang");
-    let out = Command::new(exe())
-        .args([
-            "--imds-endpoint",
-            &format!("http://127.0.0.1:{closed}"),
-            "--port",
-            "game/udp",
-        ])
-        .args([
-            "--port-range",
-            &format!("{a}-{b}"),
-            "--lock-dir",
-            dir.to_str().unwrap(),
-        ])
-        .args(["--public-ip", "198.51.100.1", "--", "true"])
-        .output()
-        .unwrap();
+    let out = run(&["--public-ip", "198.51.100.1"]);
     assert!(
         out.status.success(),
         "{}",
@@ -298,12 +278,7 @@ time.sleep(60)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_reaches_the_game_and_the_inventory_hears_every_step_in_order() {
     let dir = tempdir("sigterm");
-    let moto = tokio::task::spawn_blocking(|| Moto::start(None))
-        .await
-        .unwrap()
-        .unwrap();
-    let sqs = sqs_client_for(&moto.endpoint());
-    let queue = create_queue(&sqs, "inventory.fifo").await;
+    let (moto, sqs, queue) = moto_with_queue("inventory.fifo").await;
     let mut cmd = wrapper(&dir, 240, &["--type", "testgame"], &["python3", "-c", GAME]);
     cmd.env("QUEUE_URL", &queue)
         .envs(moto.env())
@@ -384,12 +359,7 @@ fn an_unreachable_queue_does_not_stop_the_game() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_container_mode_writes_the_env_file_and_publishes_init() {
     let dir = tempdir("init");
-    let moto = tokio::task::spawn_blocking(|| Moto::start(None))
-        .await
-        .unwrap()
-        .unwrap();
-    let sqs = sqs_client_for(&moto.endpoint());
-    let queue = create_queue(&sqs, "inventory.fifo").await;
+    let (moto, sqs, queue) = moto_with_queue("inventory.fifo").await;
     let (a, b) = range(360);
     let env_file = dir.join("ports.env");
     let out = Command::new(exe())
@@ -439,12 +409,7 @@ async fn init_container_mode_writes_the_env_file_and_publishes_init() {
 async fn inventory_prints_the_live_fleet_and_remembers_it() {
     use spotable_agent::inventory::{PodRef, Port, Proto, Publisher};
     let dir = tempdir("inventory");
-    let moto = tokio::task::spawn_blocking(|| Moto::start(None))
-        .await
-        .unwrap()
-        .unwrap();
-    let sqs = sqs_client_for(&moto.endpoint());
-    let queue = create_queue(&sqs, "inventory.fifo").await;
+    let (moto, sqs, queue) = moto_with_queue("inventory.fifo").await;
     let publisher = Publisher::with_client(sqs.clone(), queue.clone());
     let server = |name: &str, status: Status, port: u16| {
         let mut m = Message::new(format!("{name}:{status:?}"), status);
@@ -533,12 +498,7 @@ async fn the_address_comes_from_instance_metadata() {
         "198.51.100.4",
     );
     imds.set_v2_required(true);
-    let moto = tokio::task::spawn_blocking(|| Moto::start(None))
-        .await
-        .unwrap()
-        .unwrap();
-    let sqs = sqs_client_for(&moto.endpoint());
-    let queue = create_queue(&sqs, "inventory.fifo").await;
+    let (moto, sqs, queue) = moto_with_queue("inventory.fifo").await;
     let (a, b) = range(420);
     let env_file = dir.join("ports.env");
     let endpoint = imds.endpoint();

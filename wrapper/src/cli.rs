@@ -11,6 +11,7 @@ use spotable_agent::inventory::{Message, PodRef, Publisher, Status};
 use spotable_edge::LogFormat;
 use tokio::sync::mpsc;
 
+use crate::expand;
 use crate::ports::{self, Allocation, PortRange, PortSpec};
 use crate::supervise::{self, Supervisor};
 
@@ -24,7 +25,8 @@ use crate::supervise::{self, Supervisor};
              duty (signals to the process group, reaping, grace then SIGKILL, exit codes).",
     after_help = "Run mode: spotable-wrapper [FLAGS] -- COMMAND [ARGS...]. The game gets \
                   SPOTABLE_PORT_<NAME> for every port and SERVER_PORT / RCON_PORT / QUERY_PORT \
-                  for the ports named game (or server), rcon and query."
+                  for the ports named game (or server), rcon and query; `$NAME` or `${NAME}` of \
+                  these in the game's arguments is replaced by the port."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -242,8 +244,11 @@ async fn launch(
     }
     let supervisor = Supervisor::new()?;
     alloc.release_binds();
+    let env = alloc.env();
     let mut cmd = std::process::Command::new(&command[0]);
-    cmd.args(&command[1..]).envs(alloc.env()).process_group(0);
+    cmd.args(command[1..].iter().map(|a| expand::expand(a, &env)))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .process_group(0);
     let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod expand;
 pub mod fleet;
 pub mod ports;
 pub mod supervise;

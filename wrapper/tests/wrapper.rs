@@ -99,10 +99,15 @@ fn twenty_wrappers_at_once_get_distinct_ports_free_for_their_protocols() {
                 &[
                     "sh",
                     "-c",
+                    // The env as the game sees it (printenv, which the wrapper leaves
+                    // alone), then `$1`: an argument the wrapper expanded itself.
                     &format!(
-                        "echo \"$SERVER_PORT $RCON_PORT $SPOTABLE_PORT_GAME $SPOTABLE_PORT_RCON\" \
+                        "echo \"$(printenv SERVER_PORT) $(printenv RCON_PORT) \
+                         $(printenv SPOTABLE_PORT_GAME) $(printenv SPOTABLE_PORT_RCON) $1\" \
                          > \"$OUT/{i}.out\"; sleep 2"
                     ),
+                    "sh",
+                    "${SPOTABLE_PORT_RCON}",
                 ],
             )
             .stderr(Stdio::null())
@@ -117,9 +122,13 @@ fn twenty_wrappers_at_once_get_distinct_ports_free_for_their_protocols() {
             .split_whitespace()
             .map(|p| p.parse().unwrap())
             .collect();
-        assert_eq!(v.len(), 4, "{line}");
+        assert_eq!(v.len(), 5, "{line}");
         assert_eq!(v[0], v[2], "SERVER_PORT is the game port");
         assert_eq!(v[1], v[3], "RCON_PORT is the rcon port");
+        assert_eq!(
+            v[4], v[1],
+            "${{SPOTABLE_PORT_RCON}} in an argument became the port"
+        );
         assert_ne!(v[0], a, "game/udp got a port whose UDP side is taken");
         assert_ne!(v[1], a + 1, "rcon/tcp got a port whose TCP side is taken");
         assert!(

@@ -1,0 +1,744 @@
+//! Checks over every rendered overlay and the AWS files: least privilege, pod hardening, the
+//! game server's spread, and that every flag in a manifest is one the binary accepts (parsed
+//! with the binaries' own clap definitions). Needs `kubectl` on PATH (`.ci/run` installs it).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use clap::{Args as _, Parser};
+use serde_json::Value;
+use spotable_deploy::{
+    argv, containers, deploy_dir, expand_env_refs, id, overlays, pod_specs, read_yaml, render,
+    str_at,
+};
+
+fn rendered() -> BTreeMap<String, Vec<Value>> {
+    let names = overlays();
+    assert!(
+        names.len() >= 4,
+        "expected the standard, init-container, host-network and agones overlays: {names:?}"
+    );
+    names
+        .into_iter()
+        .map(|n| {
+            let objects = render(&n).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!objects.is_empty(), "{n} renders nothing");
+            (n, objects)
+        })
+        .collect()
+}
+
+fn all_pods(objects: &[Value]) -> Vec<(String, &Value)> {
+    objects
+        .iter()
+        .flat_map(|o| pod_specs(o).into_iter().map(move |p| (id(o), p)))
+        .collect()
+}
+
+fn strings(v: Option<&Value>) -> BTreeSet<String> {
+    v.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// Parses a command line with the clap definition of the program it runs.
+fn check_argv(argv: &[String]) -> Result<(), String> {
+    let program = argv
+        .first()
+        .ok_or("empty command")?
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    match program {
+        "spotable-proxy" => {
+            let args =
+                spotable_proxy::config::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+            spotable_proxy::config::Config::load(args)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+        "spotable-agent" => spotable_agent::cli::Args::try_parse_from(argv)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        "spotable-wrapper" => {
+            spotable_wrapper::cli::Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+            // The game command after `--`, as the wrapper will run it.
+            match argv.iter().position(|a| a == "--") {
+                Some(i) => {
+                    let vars = vec![
+                        ("SERVER_PORT".to_string(), "7777".to_string()),
+                        ("SPOTABLE_PORT_GAME".to_string(), "7777".to_string()),
+                    ];
+                    let game: Vec<String> = argv[i + 1..]
+                        .iter()
+                        .map(|a| {
+                            spotable_wrapper::expand::expand(a.as_ref(), &vars)
+                                .to_string_lossy()
+                                .into_owned()
+                        })
+                        .collect();
+                    check_argv(&game)
+                }
+                None => Ok(()),
+            }
+        }
+        "spotable-bench" => {
+            let cmd = clap::Command::new("spotable-bench").subcommand(
+                spotable_bench::replica::ReplicaArgs::augment_args(clap::Command::new("replica")),
+            );
+            match cmd.try_get_matches_from(argv) {
+                Ok(m) if m.subcommand_name() == Some("replica") => Ok(()),
+                Ok(_) => Err("the game must be `spotable-bench replica`".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        // `sh -c '. env && exec PROGRAM ARGS'`: check what is exec'd, with the env file's
+        // variables filled in.
+        "sh" if argv.get(1).map(String::as_str) == Some("-c") => {
+            let script = argv.get(2).ok_or("sh -c without a script")?;
+            let exec = script
+                .split("exec ")
+                .nth(1)
+                .ok_or("sh -c script without exec")?;
+            let words: Vec<String> = exec
+                .split_whitespace()
+                .map(|w| w.replace(['"', '\''], "").replace("$SERVER_PORT", "7777"))
+                .collect();
+            check_argv(&words)
+        }
+        other => Err(format!("unknown program {other:?}")),
+    }
+}
+
+/// The command a container runs: its own `command`, or the entrypoint of a Spotable image.
+fn container_argv(c: &Value) -> Vec<String> {
+    let mut v: Vec<String> = argv(c).iter().map(|a| expand_env_refs(a, c)).collect();
+    if c.get("command").is_none() {
+        let image = str_at(c, "/image");
+        let entry = ["spotable-proxy", "spotable-agent", "spotable-wrapper"]
+            .into_iter()
+            .find(|b| image.contains(&format!("/{b}:")))
+            .or_else(|| {
+                image
+                    .contains("/spotable-game-demo:")
+                    .then_some("spotable-wrapper")
+            });
+        if let Some(entry) = entry {
+            v.insert(0, entry.to_string());
+        }
+    }
+    v
+}
+
+#[test]
+fn the_flag_check_rejects_what_the_binaries_reject() {
+    let ok = |a: &[&str]| check_argv(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    assert!(
+        ok(&[
+            "spotable-proxy",
+            "--listen=0.0.0.0:7777",
+            "--replica=10.0.0.1:1"
+        ])
+        .is_ok()
+    );
+    assert!(ok(&["spotable-proxy", "--listen=0.0.0.0:7777", "--no-such-flag"]).is_err());
+    // Parses, but the proxy's own validation refuses it (no replica source).
+    assert!(ok(&["spotable-proxy", "--listen=0.0.0.0:7777"]).is_err());
+    assert!(ok(&["spotable-agent", "--node-name=n", "--rebalance=explode"]).is_err());
+    assert!(
+        ok(&[
+            "spotable-wrapper",
+            "--",
+            "spotable-bench",
+            "replica",
+            "--nope"
+        ])
+        .is_err()
+    );
+    assert!(
+        ok(&[
+            "spotable-wrapper",
+            "--",
+            "spotable-bench",
+            "replica",
+            "--listen=0.0.0.0:${SERVER_PORT}"
+        ])
+        .is_ok()
+    );
+    assert!(ok(&["sh", "-c", "exec spotable-bench replica --port 1"]).is_err());
+}
+
+#[test]
+fn every_flag_in_the_manifests_is_accepted_by_its_binary() {
+    let mut checked = 0;
+    for (overlay, objects) in rendered() {
+        for (owner, pod) in all_pods(&objects) {
+            for c in containers(pod) {
+                let argv = container_argv(c);
+                let name = str_at(c, "/name");
+                check_argv(&argv).unwrap_or_else(|e| {
+                    panic!("{overlay}: {owner} container {name}: {argv:?}: {e}")
+                });
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 12, "only {checked} containers checked");
+}
+
+#[test]
+fn rbac_has_no_wildcard_and_grants_exactly_what_is_used() {
+    for (overlay, objects) in rendered() {
+        let mut roles = 0;
+        for o in &objects {
+            let kind = str_at(o, "/kind");
+            if kind != "Role" && kind != "ClusterRole" {
+                continue;
+            }
+            roles += 1;
+            let rules = o.get("rules").and_then(Value::as_array).cloned();
+            let rules = rules.unwrap_or_else(|| panic!("{overlay}: {} has no rules", id(o)));
+            let mut grants = BTreeSet::new();
+            for r in &rules {
+                for key in [
+                    "apiGroups",
+                    "resources",
+                    "verbs",
+                    "resourceNames",
+                    "nonResourceURLs",
+                ] {
+                    assert!(
+                        !strings(r.get(key)).iter().any(|s| s.contains('*')),
+                        "{overlay}: wildcard in {} {key}",
+                        id(o)
+                    );
+                }
+                for g in strings(r.get("apiGroups")) {
+                    for res in strings(r.get("resources")) {
+                        for v in strings(r.get("verbs")) {
+                            grants.insert(format!("{g}/{res}:{v}"));
+                        }
+                    }
+                }
+            }
+            let expected = match (kind, str_at(o, "/metadata/name")) {
+                ("Role", "spotable-proxy") => set(&[
+                    "discovery.k8s.io/endpointslices:get",
+                    "discovery.k8s.io/endpointslices:list",
+                    "discovery.k8s.io/endpointslices:watch",
+                ]),
+                ("ClusterRole", "spotable-agent") => set(&[
+                    "/nodes:get",
+                    "/nodes:patch",
+                    "/pods:list",
+                    "/pods:delete",
+                    "/pods/eviction:create",
+                ]),
+                _ => panic!("{overlay}: unexpected role {}", id(o)),
+            };
+            assert_eq!(grants, expected, "{overlay}: {}", id(o));
+        }
+        assert!(roles >= 1, "{overlay}: no RBAC at all");
+    }
+}
+
+#[test]
+fn every_container_is_non_root_hardened_and_requests_resources() {
+    for (overlay, objects) in rendered() {
+        for (owner, pod) in all_pods(&objects) {
+            let pod_ctx = pod.get("securityContext");
+            for c in containers(pod) {
+                let name = str_at(c, "/name");
+                let at = format!("{overlay}: {owner} container {name}");
+                let field = |k: &str| {
+                    c.pointer(&format!("/securityContext/{k}"))
+                        .or_else(|| pod_ctx.and_then(|p| p.get(k)))
+                };
+                assert_eq!(
+                    field("runAsNonRoot"),
+                    Some(&Value::Bool(true)),
+                    "{at}: runAsNonRoot"
+                );
+                let uid = field("runAsUser").and_then(Value::as_u64);
+                assert!(uid.is_some_and(|u| u > 0), "{at}: runAsUser {uid:?}");
+                assert_eq!(
+                    c.pointer("/securityContext/allowPrivilegeEscalation"),
+                    Some(&Value::Bool(false)),
+                    "{at}: allowPrivilegeEscalation"
+                );
+                assert_eq!(
+                    c.pointer("/securityContext/readOnlyRootFilesystem"),
+                    Some(&Value::Bool(true)),
+                    "{at}: readOnlyRootFilesystem"
+                );
+                assert!(
+                    strings(c.pointer("/securityContext/capabilities/drop")).contains("ALL"),
+                    "{at}: capabilities not dropped"
+                );
+                for r in ["cpu", "memory"] {
+                    assert!(
+                        c.pointer(&format!("/resources/requests/{r}")).is_some(),
+                        "{at}: no {r} request"
+                    );
+                }
+                assert!(
+                    c.pointer("/resources/limits/memory").is_some(),
+                    "{at}: no memory limit"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn game_server_copies_never_share_a_node_and_spread_over_zones() {
+    for (overlay, objects) in rendered() {
+        let games: Vec<&Value> = objects
+            .iter()
+            .filter(|o| str_at(o, "/metadata/name") == "game-server")
+            .filter(|o| !pod_specs(o).is_empty())
+            .collect();
+        assert_eq!(games.len(), 1, "{overlay}: one game-server workload");
+        let game = games[0];
+        let pod = pod_specs(game)[0];
+        let at = format!("{overlay}: {}", id(game));
+        let replicas = game.pointer("/spec/replicas").and_then(Value::as_u64);
+        assert_eq!(
+            replicas,
+            Some(2),
+            "{at}: the documented default of 2 copies"
+        );
+        assert_eq!(str_at(pod, "/nodeSelector/lifecycle"), "spot", "{at}");
+        let spread: BTreeMap<String, String> = pod
+            .get("topologySpreadConstraints")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                (
+                    str_at(c, "/topologyKey").to_string(),
+                    str_at(c, "/whenUnsatisfiable").to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            spread.get("kubernetes.io/hostname").map(String::as_str),
+            Some("DoNotSchedule"),
+            "{at}: spread over nodes"
+        );
+        assert!(
+            spread.contains_key("topology.kubernetes.io/zone"),
+            "{at}: spread over zones"
+        );
+        let anti = pod
+            .pointer("/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let labels = pod_labels(game);
+        assert!(
+            anti.iter().any(|t| {
+                str_at(t, "/topologyKey") == "kubernetes.io/hostname"
+                    && selects(t.pointer("/labelSelector/matchLabels"), &labels)
+            }),
+            "{at}: no required anti-affinity per node that selects its own pods"
+        );
+        // The pod is gone before the 120 s spot deadline, and the wrapper's own SIGKILL
+        // comes before the kubelet's.
+        let tgp = pod
+            .get("terminationGracePeriodSeconds")
+            .and_then(Value::as_u64)
+            .unwrap_or(30);
+        assert!(tgp < 120, "{at}: grace period {tgp}s reaches the reclaim");
+        for c in containers(pod) {
+            if let Some(grace) = argv(c).iter().find_map(|a| a.strip_prefix("--grace=")) {
+                let grace = parse_secs(grace);
+                assert!(grace < tgp, "{at}: wrapper --grace {grace}s ≥ pod's {tgp}s");
+            }
+        }
+    }
+}
+
+fn parse_secs(s: &str) -> u64 {
+    s.strip_suffix('s')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("grace {s:?} is not in seconds"))
+}
+
+fn pod_labels(workload: &Value) -> BTreeMap<String, String> {
+    let pointer = if str_at(workload, "/kind") == "Fleet" {
+        "/spec/template/spec/template/metadata/labels"
+    } else {
+        "/spec/template/metadata/labels"
+    };
+    workload
+        .pointer(pointer)
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+        .collect()
+}
+
+fn selects(selector: Option<&Value>, labels: &BTreeMap<String, String>) -> bool {
+    let Some(sel) = selector.and_then(Value::as_object) else {
+        return false;
+    };
+    !sel.is_empty()
+        && sel
+            .iter()
+            .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+}
+
+#[test]
+fn the_proxy_finds_its_game_and_runs_highly_available() {
+    for (overlay, objects) in rendered() {
+        let Some(proxy) = objects
+            .iter()
+            .find(|o| str_at(o, "/kind") == "Deployment" && id(o).ends_with("/spotable-proxy"))
+        else {
+            assert_eq!(
+                overlay, "host-network",
+                "only direct mode runs without the proxy"
+            );
+            continue;
+        };
+        let at = format!("{overlay}: {}", id(proxy));
+        let ns = str_at(proxy, "/metadata/namespace");
+        let pod = pod_specs(proxy)[0];
+        assert!(
+            proxy
+                .pointer("/spec/replicas")
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+                >= 2,
+            "{at}"
+        );
+        assert_eq!(str_at(pod, "/nodeSelector/lifecycle"), "ondemand", "{at}");
+        let c = containers(pod)[0];
+        assert_eq!(str_at(c, "/readinessProbe/httpGet/path"), "/readyz", "{at}");
+        let annotations = proxy.pointer("/spec/template/metadata/annotations");
+        assert_eq!(
+            annotations.and_then(|a| a.get("prometheus.io/scrape")),
+            Some(&Value::String("true".into())),
+            "{at}"
+        );
+        let labels = pod_labels(proxy);
+        assert!(
+            objects
+                .iter()
+                .any(|o| str_at(o, "/kind") == "PodDisruptionBudget"
+                    && selects(o.pointer("/spec/selector/matchLabels"), &labels)),
+            "{at}: no PodDisruptionBudget"
+        );
+        let lb = objects
+            .iter()
+            .find(|o| {
+                str_at(o, "/kind") == "Service"
+                    && str_at(o, "/spec/type") == "LoadBalancer"
+                    && selects(o.pointer("/spec/selector"), &labels)
+            })
+            .unwrap_or_else(|| panic!("{at}: no LoadBalancer Service"));
+        assert!(
+            str_at(
+                lb,
+                "/metadata/annotations/service.beta.kubernetes.io~1aws-load-balancer-type"
+            ) == "external",
+            "{at}: not an NLB"
+        );
+        assert!(
+            lb.pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .is_some_and(|p| p.iter().all(|p| str_at(p, "/protocol") == "UDP")),
+            "{at}: player ports are UDP"
+        );
+        // --kubernetes-service names a Service in this namespace that selects the game's pods
+        // and has the --port-name port.
+        let args = argv(c);
+        let flag = |f: &str| {
+            args.iter()
+                .find_map(|a| a.strip_prefix(&format!("--{f}=")))
+                .unwrap_or_else(|| panic!("{at}: no --{f}"))
+                .to_string()
+        };
+        let (svc, port) = (flag("kubernetes-service"), flag("port-name"));
+        let service = objects
+            .iter()
+            .find(|o| {
+                str_at(o, "/kind") == "Service"
+                    && str_at(o, "/metadata/name") == svc
+                    && str_at(o, "/metadata/namespace") == ns
+            })
+            .unwrap_or_else(|| panic!("{at}: Service {ns}/{svc} not rendered"));
+        assert!(
+            service
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .is_some_and(|ps| ps.iter().any(|p| str_at(p, "/name") == port)),
+            "{at}: Service {svc} has no port {port}"
+        );
+        let game = objects
+            .iter()
+            .find(|o| str_at(o, "/metadata/name") == "game-server" && !pod_specs(o).is_empty())
+            .unwrap_or_else(|| panic!("{at}: no game-server"));
+        assert!(
+            selects(service.pointer("/spec/selector"), &pod_labels(game)),
+            "{at}: Service {svc} does not select the game-server pods"
+        );
+    }
+}
+
+#[test]
+fn references_resolve_within_the_render() {
+    for (overlay, objects) in rendered() {
+        let have = |kind: &str, ns: &str, name: &str| {
+            objects.iter().any(|o| {
+                str_at(o, "/kind") == kind
+                    && str_at(o, "/metadata/name") == name
+                    && (ns.is_empty() || str_at(o, "/metadata/namespace") == ns)
+            })
+        };
+        for o in &objects {
+            let ns = str_at(o, "/metadata/namespace");
+            if !ns.is_empty() {
+                assert!(
+                    have("Namespace", "", ns),
+                    "{overlay}: {} in a missing namespace",
+                    id(o)
+                );
+            }
+            for pod in pod_specs(o) {
+                let sa = str_at(pod, "/serviceAccountName");
+                assert!(
+                    sa.is_empty() || have("ServiceAccount", ns, sa),
+                    "{overlay}: {} uses missing ServiceAccount {sa}",
+                    id(o)
+                );
+                for c in containers(pod) {
+                    for from in c
+                        .get("envFrom")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        let cm = str_at(from, "/configMapRef/name");
+                        assert!(
+                            cm.is_empty() || have("ConfigMap", ns, cm),
+                            "{overlay}: {} uses missing ConfigMap {cm}",
+                            id(o)
+                        );
+                    }
+                }
+            }
+            if str_at(o, "/kind").ends_with("RoleBinding") {
+                for s in o
+                    .get("subjects")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    assert!(
+                        have(
+                            "ServiceAccount",
+                            str_at(s, "/namespace"),
+                            str_at(s, "/name")
+                        ),
+                        "{overlay}: {} binds a missing account",
+                        id(o)
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_agent_runs_on_every_spot_node_with_metadata_access() {
+    for (overlay, objects) in rendered() {
+        let agent = objects
+            .iter()
+            .find(|o| str_at(o, "/kind") == "DaemonSet" && id(o).ends_with("/spotable-agent"))
+            .unwrap_or_else(|| panic!("{overlay}: no agent DaemonSet"));
+        let pod = pod_specs(agent)[0];
+        assert_eq!(str_at(pod, "/nodeSelector/lifecycle"), "spot", "{overlay}");
+        assert_eq!(
+            pod.get("hostNetwork"),
+            Some(&Value::Bool(true)),
+            "{overlay}"
+        );
+        assert!(
+            pod.get("tolerations")
+                .and_then(Value::as_array)
+                .is_some_and(|t| t
+                    .iter()
+                    .any(|t| str_at(t, "/key") == "spotable.io/interrupted")),
+            "{overlay}: the agent must stay on the node it cordons"
+        );
+    }
+}
+
+#[test]
+fn agones_objects_have_their_required_fields() {
+    let objects = render("agones").unwrap_or_else(|e| panic!("{e}"));
+    let fleets: Vec<&Value> = objects
+        .iter()
+        .filter(|o| str_at(o, "/apiVersion").starts_with("agones.dev/"))
+        .collect();
+    assert!(
+        !fleets.is_empty(),
+        "the agones overlay renders no Agones object"
+    );
+    for f in fleets {
+        let at = id(f);
+        assert_eq!(str_at(f, "/apiVersion"), "agones.dev/v1", "{at}");
+        assert!(matches!(str_at(f, "/kind"), "Fleet" | "GameServer"), "{at}");
+        assert!(!str_at(f, "/metadata/name").is_empty(), "{at}: name");
+        let gs = if str_at(f, "/kind") == "Fleet" {
+            assert!(
+                f.pointer("/spec/replicas")
+                    .and_then(Value::as_u64)
+                    .is_some(),
+                "{at}"
+            );
+            if let Some(s) = f.pointer("/spec/scheduling").and_then(Value::as_str) {
+                assert!(
+                    matches!(s, "Packed" | "Distributed"),
+                    "{at}: scheduling {s}"
+                );
+            }
+            f.pointer("/spec/template/spec")
+        } else {
+            f.pointer("/spec")
+        };
+        let gs = gs.unwrap_or_else(|| panic!("{at}: no GameServer spec"));
+        let ports = gs
+            .get("ports")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        assert!(!ports.is_empty(), "{at}: ports");
+        for p in &ports {
+            assert!(!str_at(p, "/name").is_empty(), "{at}: port name");
+            assert!(
+                p.get("containerPort").and_then(Value::as_u64).is_some(),
+                "{at}"
+            );
+            assert!(
+                matches!(
+                    str_at(p, "/portPolicy"),
+                    "Dynamic" | "Static" | "Passthrough" | "None"
+                ),
+                "{at}: portPolicy"
+            );
+            assert!(
+                matches!(str_at(p, "/protocol"), "UDP" | "TCP" | "TCPUDP"),
+                "{at}"
+            );
+        }
+        let cs = gs
+            .pointer("/template/spec/containers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        assert!(!cs.is_empty(), "{at}: template.spec.containers");
+        for c in &cs {
+            assert!(
+                !str_at(c, "/name").is_empty() && !str_at(c, "/image").is_empty(),
+                "{at}"
+            );
+        }
+    }
+}
+
+#[test]
+fn iam_policies_name_only_the_queue_actions_each_part_needs() {
+    let queue = serde_json::from_str::<Value>(
+        &std::fs::read_to_string(deploy_dir().join("aws/sqs-queue.json")).unwrap(),
+    )
+    .expect("sqs-queue.json parses");
+    let name = str_at(&queue, "/QueueName");
+    assert!(name.ends_with(".fifo"), "{name}");
+    assert_eq!(str_at(&queue, "/Attributes/FifoQueue"), "true");
+    for (file, expected) in [
+        (
+            "agent-policy.json",
+            &["sqs:SendMessage", "sqs:GetQueueUrl"][..],
+        ),
+        (
+            "wrapper-policy.json",
+            &["sqs:SendMessage", "sqs:GetQueueUrl"][..],
+        ),
+        (
+            "consumer-policy.json",
+            &["sqs:ReceiveMessage", "sqs:DeleteMessage"][..],
+        ),
+    ] {
+        let path = deploy_dir().join("aws/iam").join(file);
+        let policy: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{file} does not parse: {e}"));
+        assert_eq!(str_at(&policy, "/Version"), "2012-10-17", "{file}");
+        let statements = policy["Statement"].as_array().expect("Statement list");
+        let mut actions = BTreeSet::new();
+        for s in statements {
+            assert_eq!(str_at(s, "/Effect"), "Allow", "{file}");
+            let one_or_many = |k: &str| match s.get(k) {
+                Some(Value::String(a)) => set(&[a]),
+                v => strings(v),
+            };
+            actions.extend(one_or_many("Action"));
+            let resources = one_or_many("Resource");
+            assert_eq!(resources.len(), 1, "{file}: one queue");
+            for r in &resources {
+                assert!(
+                    r.starts_with("arn:aws:sqs:") && r.ends_with(&format!(":{name}")),
+                    "{file}: {r} is not the inventory queue"
+                );
+            }
+        }
+        assert_eq!(actions, set(expected), "{file}");
+    }
+}
+
+#[test]
+fn the_node_groups_are_labelled_as_the_manifests_select() {
+    let docs = read_yaml(&deploy_dir().join("aws/eksctl-cluster.yaml")).unwrap();
+    let cfg = &docs[0];
+    assert_eq!(str_at(cfg, "/kind"), "ClusterConfig");
+    let groups = cfg["managedNodeGroups"].as_array().expect("node groups");
+    let by_label = |l: &str| {
+        groups
+            .iter()
+            .find(|g| str_at(g, "/labels/lifecycle") == l)
+            .unwrap_or_else(|| panic!("no node group labelled lifecycle={l}"))
+    };
+    let spot = by_label("spot");
+    assert_eq!(spot.get("spot"), Some(&Value::Bool(true)));
+    let types = strings(spot.get("instanceTypes"));
+    assert!(types.len() >= 3, "spot group not diversified: {types:?}");
+    let ondemand = by_label("ondemand");
+    assert_ne!(ondemand.get("spot"), Some(&Value::Bool(true)));
+}
+
+#[test]
+fn the_queue_url_in_the_manifests_is_the_queue_the_policies_name() {
+    let queue = serde_json::from_str::<Value>(
+        &std::fs::read_to_string(deploy_dir().join("aws/sqs-queue.json")).unwrap(),
+    )
+    .unwrap();
+    let name = str_at(&queue, "/QueueName").to_string();
+    for (overlay, objects) in rendered() {
+        for o in objects.iter().filter(|o| str_at(o, "/kind") == "ConfigMap") {
+            let url = str_at(o, "/data/QUEUE_URL");
+            assert!(
+                url.ends_with(&format!("/{name}")),
+                "{overlay}: {}: {url}",
+                id(o)
+            );
+        }
+    }
+}

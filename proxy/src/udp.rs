@@ -278,6 +278,66 @@ impl SendBatch {
     }
 }
 
+/// A non-blocking UDP socket on an ephemeral port of `any` (0.0.0.0 or [::], dual-stack),
+/// bound by number. The number matters: Linux keeps a port across [`disconnect`] only when it
+/// was bound explicitly, and a session's port is the player's identity at the replicas.
+pub fn bind_ephemeral(any: std::net::IpAddr) -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = if any.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let new = || -> io::Result<Socket> {
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if any.is_ipv6() {
+            s.set_only_v6(false)?;
+        }
+        Ok(s)
+    };
+    let mut last = None;
+    for _ in 0..16 {
+        // Let the kernel pick a free port, then take that number (another program may take it
+        // in between: try again).
+        let probe = new()?;
+        probe.bind(&SocketAddr::new(any, 0).into())?;
+        let port = probe.local_addr()?.as_socket().map_or(0, |a| a.port());
+        drop(probe);
+        let socket = new()?;
+        match socket.bind(&SocketAddr::new(any, port).into()) {
+            Ok(()) => {
+                socket.set_nonblocking(true)?;
+                return Ok(socket);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
+}
+
+/// Dissolves a UDP socket's association (`connect` with `AF_UNSPEC`), so that it receives
+/// from every address again and sends to the address each datagram names. The local port
+/// stays only if it was bound by number ([`bind_ephemeral`]).
+pub fn disconnect(fd: RawFd) -> io::Result<()> {
+    // SAFETY: a zeroed sockaddr with family AF_UNSPEC, valid for the length passed; the
+    // kernel only reads it.
+    let r = unsafe {
+        let mut addr: libc::sockaddr = std::mem::zeroed();
+        addr.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(
+            fd,
+            &addr,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Writes `addr` as a C socket address for a socket of the given family.
 fn encode(addr: SocketAddr, v6_socket: bool, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
     let addr = match addr {
@@ -419,5 +479,32 @@ mod tests {
         let d = recv.get(1);
         assert!(d.truncated);
         assert_eq!(d.payload.len(), 64);
+    }
+
+    #[test]
+    fn a_disconnected_socket_keeps_its_port_and_hears_everyone_again() {
+        let sock: UdpSocket = bind_ephemeral(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+            .unwrap()
+            .into();
+        sock.set_nonblocking(false).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let (a, b) = (
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+        );
+        let to = sock.local_addr().unwrap();
+        sock.connect(a.local_addr().unwrap()).unwrap();
+        b.send_to(b"filtered", to).unwrap();
+        a.send_to(b"from a", to).unwrap();
+        let mut buf = [0u8; 16];
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"from a", "connected: only a is heard");
+        disconnect(sock.as_raw_fd()).unwrap();
+        assert_eq!(sock.local_addr().unwrap(), to, "the port survives");
+        b.send_to(b"from b", to).unwrap();
+        let (n, from) = sock.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"from b"[..], b.local_addr().unwrap()));
+        assert!(sock.send(b"x").is_err(), "no default destination any more");
     }
 }

@@ -12,14 +12,13 @@ use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::server::Shared;
 use crate::session::{
     AnswerVerdict, ClientVerdict, DropReason, ListenerId, SessionId, SessionTable,
 };
 use crate::stats;
-use crate::udp::{MAX_UDP_PAYLOAD, RecvBatch, SendBatch};
+use crate::udp::{self, MAX_UDP_PAYLOAD, RecvBatch, SendBatch, SendOutcome};
 
 const WAKER: Token = Token(0);
 const FRONT_BASE: usize = 1;
@@ -54,6 +53,46 @@ impl Front {
 struct Upstream {
     socket: UdpSocket,
     v6: bool,
+    /// The one replica the socket is connected to, while the session has exactly one. A
+    /// connected socket sends on a cached route with no address to copy in: the common
+    /// fan-out-1 path costs what a plain UDP proxy's does.
+    connected: Option<SocketAddr>,
+}
+
+impl Upstream {
+    /// Sends `payload` to `targets`: on the connected socket when there is one target,
+    /// otherwise one `sendmmsg` to all (disconnecting first, so every replica's answers are
+    /// received again).
+    fn send(&mut self, tx: &mut SendBatch, payload: &[u8], targets: &[SocketAddr]) -> SendOutcome {
+        if let [only] = targets
+            && (self.v6 == only.is_ipv6())
+        {
+            if self.connected != Some(*only) && self.socket.connect(*only).is_ok() {
+                self.connected = Some(*only);
+            }
+            if self.connected == Some(*only) {
+                return match self.socket.send(payload) {
+                    Ok(n) => SendOutcome {
+                        sent: 1,
+                        bytes: n as u64,
+                        failed: 0,
+                    },
+                    Err(_) => SendOutcome {
+                        sent: 0,
+                        bytes: 0,
+                        failed: 1,
+                    },
+                };
+            }
+        }
+        if self.connected.is_some() {
+            if let Err(e) = udp::disconnect(self.socket.as_raw_fd()) {
+                tracing::warn!(error = %e, "cannot disconnect an upstream socket");
+            }
+            self.connected = None;
+        }
+        tx.fan_out(self.socket.as_raw_fd(), payload, targets, self.v6)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -246,13 +285,11 @@ impl Worker {
                 }
             }
         }
-        let Some(up) = self.upstreams.get(id).and_then(Option::as_ref) else {
+        let Some(up) = self.upstreams.get_mut(id).and_then(Option::as_mut) else {
             self.local.drop(DropReason::SocketError, 1);
             return;
         };
-        let out = self
-            .tx
-            .fan_out(up.socket.as_raw_fd(), d.payload, targets, up.v6);
+        let out = up.send(&mut self.tx, d.payload, targets);
         self.local.upstream_packets += out.sent;
         self.local.upstream_bytes += out.bytes;
         self.local.drop(DropReason::SendFailed, out.failed);
@@ -271,6 +308,9 @@ impl Worker {
             let n = match self.answers.recv(up.socket.as_raw_fd(), start) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                // A connected socket reports the replica's ICMP port-unreachable here, once;
+                // answers may still be queued behind it (edge-triggered: read on).
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                 Err(e) => {
                     tracing::debug!(session = id, error = %e, "receive from replicas failed");
                     return true;
@@ -350,19 +390,18 @@ impl Worker {
 /// A session's own socket: an ephemeral port, so each replica sees each player as a distinct
 /// source. IPv6 (dual-stack) when any replica is IPv6.
 fn open_upstream(poll: &Poll, id: SessionId, v6: bool) -> io::Result<Upstream> {
-    let (domain, any) = if v6 {
-        (Domain::IPV6, IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+    let any = if v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
     } else {
-        (Domain::IPV4, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
     };
-    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    if v6 {
-        socket.set_only_v6(false)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&SocketAddr::new(any, 0).into())?;
+    let socket = udp::bind_ephemeral(any)?;
     let mut socket = UdpSocket::from_std(socket.into());
     poll.registry()
         .register(&mut socket, Token(SESSION_BASE + id), Interest::READABLE)?;
-    Ok(Upstream { socket, v6 })
+    Ok(Upstream {
+        socket,
+        v6,
+        connected: None,
+    })
 }

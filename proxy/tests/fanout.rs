@@ -86,17 +86,24 @@ fn sigkill_of_a_replica_under_load_loses_nothing_and_duplicates_nothing() {
 
 #[test]
 fn answers_from_a_non_replica_address_are_dropped_and_counted() {
-    // The test plays the replica itself, to learn the session's upstream address.
+    // The test plays the replicas itself, to learn the session's upstream address. Two of
+    // them: with one, the session's socket is connected and the kernel itself discards a
+    // stranger's datagrams before the proxy could count them.
     let replica = UdpSocket::bind("127.0.0.1:0").unwrap();
-    replica
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let proxy = start_proxy(&[replica.local_addr().unwrap()], &[]);
+    let other = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for r in [&replica, &other] {
+        r.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    let proxy = start_proxy(
+        &[replica.local_addr().unwrap(), other.local_addr().unwrap()],
+        &[],
+    );
     let c = client(&proxy);
     c.send(b"hello").unwrap();
     let mut buf = [0u8; 64];
     let (n, upstream) = replica.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"hello");
+    assert_eq!(other.recv_from(&mut buf).unwrap().1, upstream);
     assert_ne!(upstream, proxy.addr, "sessions use their own upstream port");
 
     let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -116,19 +116,27 @@ fn late_join_adds_new_replicas_to_running_sessions() {
     let player = socket();
     player.connect(proxy.local_addrs()[0]).unwrap();
     player.send(b"one").unwrap();
-    assert!(received(&r1).is_some());
+    let (_, first_port) = received(&r1).unwrap();
     publish(
         &set,
         &[(&r1, ReplicaState::Ready), (&r2, ReplicaState::Ready)],
     );
     player.send(b"two").unwrap();
-    assert_eq!(received(&r2).map(|r| r.0), Some(b"two".to_vec()));
+    let (payload, upstream) = received(&r2).unwrap();
+    assert_eq!(payload, b"two");
+    // To r1 the player is still the same address: the session kept its port.
+    assert_eq!(received(&r1).map(|r| r.1), Some(first_port));
+    assert_eq!(upstream, first_port);
+    // The session's socket, connected while r1 was its only replica, takes r2's answers now.
+    r2.send_to(b"two from r2", upstream).unwrap();
+    let mut buf = [0u8; 64];
+    let n = player.recv(&mut buf).expect("the late joiner's answer");
+    assert_eq!(&buf[..n], b"two from r2");
     // Its answers count for the session: r1 dies, r2 alone carries the stream.
     publish(&set, &[(&r2, ReplicaState::Ready)]);
     player.send(b"three").unwrap();
     let (payload, upstream) = received(&r2).unwrap();
     r2.send_to(&payload, upstream).unwrap();
-    let mut buf = [0u8; 64];
     let n = player.recv(&mut buf).expect("answer via the late joiner");
     assert_eq!(&buf[..n], b"three");
     proxy.shutdown().unwrap();

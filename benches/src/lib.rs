@@ -4,6 +4,7 @@
 //! child processes.
 
 pub mod demo;
+pub mod loadgen;
 pub mod metrics_text;
 pub mod process;
 pub mod replica;

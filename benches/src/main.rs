@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use spotable_bench::{demo, replica};
+use spotable_bench::{demo, loadgen, replica};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,6 +22,8 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// A deterministic game-server stand-in: answers every datagram with its bytes.
     Replica(replica::ReplicaArgs),
+    /// Load generator: many flows, open or closed loop, counts lost/duplicate/late answers.
+    Loadgen(loadgen::LoadArgs),
     /// Runs spotable-proxy itself (same code as the spotable-proxy binary); flags follow.
     #[command(disable_help_flag = true)]
     Proxy {
@@ -35,6 +37,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Demo(args) => demo::run(&args).map(|_| ()),
         Cmd::Replica(args) => replica::run(&args),
+        Cmd::Loadgen(args) => loadgen::run(&args).and_then(|r| {
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                loadgen::print(&r);
+            }
+            Ok(())
+        }),
         Cmd::Proxy { args } => {
             let argv = std::iter::once("spotable-proxy".into()).chain(args);
             return spotable_proxy::cli::main_from(argv);

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use spotable_bench::{demo, loadgen, replica};
+use spotable_bench::{compare, demo, loadgen, replica};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,6 +24,8 @@ enum Cmd {
     Replica(replica::ReplicaArgs),
     /// Load generator: many flows, open or closed loop, counts lost/duplicate/late answers.
     Loadgen(loadgen::LoadArgs),
+    /// The full comparison: direct, Spotable, nginx, Quilkin; writes BENCHMARKS.md and plots.
+    Compare(compare::CompareArgs),
     /// Runs spotable-proxy itself (same code as the spotable-proxy binary); flags follow.
     #[command(disable_help_flag = true)]
     Proxy {
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Cmd::Compare(args) => compare::run(&args),
         Cmd::Proxy { args } => {
             let argv = std::iter::once("spotable-proxy".into()).chain(args);
             return spotable_proxy::cli::main_from(argv);

@@ -1,0 +1,533 @@
+//! `spotable-bench compare`: the same load through every path, in one run.
+//!
+//! Paths: straight to one replica (the baseline), Spotable at fan-out 1, 2 and 3 and in each
+//! dedupe mode, nginx's UDP stream proxy (one upstream) and Quilkin (fan-out 1 and 2; it sends
+//! to every endpoint and does not deduplicate). Each is measured closed loop (throughput) and
+//! open loop (latency), in rounds interleaved so that machine noise spreads over all paths;
+//! the medians are kept. Then a replica is SIGKILLed under load, through Spotable and
+//! Quilkin. Results go to `benches/results/` (JSON, SVG plots) and `benches/BENCHMARKS.md`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::loadgen::Report;
+use crate::netns::Netns;
+use crate::peers::{self, PeerPaths};
+use crate::process::{self, ReplicaProcess};
+use crate::results;
+
+/// `spotable-bench compare` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CompareArgs {
+    /// Rounds over all paths; each figure is the median of its rounds.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Closed-loop (throughput) time per path and round.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub throughput_time: Duration,
+    /// Open-loop (latency) time per path and round.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub latency_time: Duration,
+    /// Open-loop rate for the latency runs, datagrams/s (well under every path's capacity).
+    #[arg(long, default_value_t = 4000)]
+    pub latency_rate: u64,
+    /// Flows (players), each its own session.
+    #[arg(long, default_value_t = 64)]
+    pub flows: u32,
+    /// Closed loop: datagrams in flight per flow.
+    #[arg(long, default_value_t = 4)]
+    pub window: u32,
+    /// Payload size in bytes (64…1400).
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// A second, throughput-only pass with this payload size (0: skip it).
+    #[arg(long, default_value_t = 1400)]
+    pub large_payload: usize,
+    /// Worker threads / processes for every proxy.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Failover run: rate, length, and when the replica is SIGKILLed.
+    #[arg(long, default_value_t = 2000)]
+    pub failover_rate: u64,
+    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
+    pub failover_time: Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub kill_at: Duration,
+    /// Where results go (JSON and plots); BENCHMARKS.md goes beside `results/`.
+    #[arg(long, default_value = "benches/results")]
+    pub out: PathBuf,
+    /// Measure nothing: rewrite BENCHMARKS.md and the plots from a saved results.json.
+    #[arg(long, value_name = "FILE")]
+    pub from_json: Option<PathBuf>,
+    /// Run the load generator on loopback instead of in a network namespace (no root
+    /// needed; Quilkin is then skipped, since it ignores loopback clients).
+    #[arg(long)]
+    pub loopback: bool,
+}
+
+/// Which proxy a path goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Proxy {
+    Direct,
+    Spotable,
+    Nginx,
+    Quilkin,
+}
+
+impl Proxy {
+    pub fn label(self) -> &'static str {
+        match self {
+            Proxy::Direct => "direct",
+            Proxy::Spotable => "Spotable",
+            Proxy::Nginx => "nginx",
+            Proxy::Quilkin => "Quilkin",
+        }
+    }
+}
+
+/// One path: a proxy, how many replicas it sends to, and (Spotable) its dedupe mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub proxy: Proxy,
+    pub fanout: usize,
+    pub dedupe: Option<String>,
+}
+
+impl Route {
+    pub fn name(&self) -> String {
+        match &self.dedupe {
+            Some(d) => format!("{} ×{} ({d})", self.proxy.label(), self.fanout),
+            None if self.proxy == Proxy::Direct => "direct".to_string(),
+            None => format!("{} ×{}", self.proxy.label(), self.fanout),
+        }
+    }
+}
+
+/// The measured figures of one path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathResult {
+    pub path: Route,
+    /// Median round's closed-loop report, and every round's throughput.
+    pub throughput: Report,
+    pub throughput_rounds: Vec<f64>,
+    /// Median round's open-loop report.
+    pub latency: Report,
+    /// Closed-loop report with the large payload (median round), if that pass ran.
+    pub large: Option<Report>,
+}
+
+/// A failover run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailoverResult {
+    pub path: Route,
+    pub kill_at_ms: f64,
+    pub report: Report,
+}
+
+/// Everything one `compare` run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub machine: Vec<(String, String)>,
+    pub settings: Vec<(String, String)>,
+    pub paths: Vec<PathResult>,
+    pub failover: Vec<FailoverResult>,
+    /// Paths not measured, and why.
+    pub skipped: Vec<(String, String)>,
+    pub seconds: f64,
+}
+
+/// Where the load generator runs and what it targets.
+struct Env {
+    exe: PathBuf,
+    netns: Option<Netns>,
+    /// The address proxies and replicas are reached at by the load generator.
+    front_ip: Ipv4Addr,
+    tmp: PathBuf,
+    peers: PeerPaths,
+}
+
+impl Env {
+    fn loadgen(&self, target: SocketAddr, extra: &[String]) -> anyhow::Result<Report> {
+        let mut cmd = match &self.netns {
+            Some(ns) => ns.command(&self.exe),
+            None => std::process::Command::new(&self.exe),
+        };
+        let bind = match &self.netns {
+            Some(ns) => format!("{}:0", ns.ns_ip),
+            None => "127.0.0.1:0".to_string(),
+        };
+        let out = cmd
+            .arg("loadgen")
+            .args(["--target", &target.to_string(), "--bind", &bind, "--json"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .context("cannot run the load generator")?;
+        if !out.status.success() {
+            bail!("load generator failed ({})", out.status);
+        }
+        serde_json::from_slice(&out.stdout).context("load generator report")
+    }
+
+    fn replicas(&self, n: usize) -> anyhow::Result<Vec<ReplicaProcess>> {
+        (0..n)
+            .map(|_| process::spawn_replica(&self.exe, &["--listen", "0.0.0.0:0"]))
+            .collect()
+    }
+}
+
+/// A path made ready: its processes (dropped = killed), and the address to load.
+struct Running {
+    target: SocketAddr,
+    replicas: Vec<ReplicaProcess>,
+    _proxy: Option<process::Guard>,
+}
+
+fn on_loopback(r: &ReplicaProcess) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), r.addr.port())
+}
+
+fn start(env: &Env, path: &Route, workers: usize) -> anyhow::Result<Running> {
+    let replicas = env.replicas(path.fanout)?;
+    let upstreams: Vec<SocketAddr> = replicas.iter().map(on_loopback).collect();
+    let (target, proxy) = match path.proxy {
+        Proxy::Direct => (
+            SocketAddr::new(env.front_ip.into(), replicas[0].addr.port()),
+            None,
+        ),
+        Proxy::Spotable => {
+            let mut args: Vec<String> = vec![
+                "--listen".into(),
+                "0.0.0.0:0".into(),
+                "--workers".into(),
+                workers.to_string(),
+                "--log-level".into(),
+                "warn,spotable_proxy::server=info".into(),
+                // The per-player limit (1000/s by default) guards against floods; the load
+                // generator's flows send faster than any player, and the peers have none.
+                "--rate-limit".into(),
+                "0".into(),
+            ];
+            for u in &upstreams {
+                args.extend(["--replica".into(), u.to_string()]);
+            }
+            let dedupe = path.dedupe.as_deref().unwrap_or("copies");
+            args.extend(["--dedupe".into(), dedupe.into()]);
+            if dedupe == "sequence" {
+                args.extend(["--sequence-offset", "0", "--sequence-width", "8"].map(String::from));
+            }
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let p = process::spawn_proxy(&env.exe, &["proxy"], &refs, false)?;
+            (
+                SocketAddr::new(env.front_ip.into(), p.addr.port()),
+                Some(p.process),
+            )
+        }
+        Proxy::Nginx => {
+            let port = peers::free_udp_port()?;
+            let g = peers::start_nginx(
+                &env.peers,
+                &env.tmp.join("nginx"),
+                port,
+                upstreams[0],
+                workers,
+            )?;
+            (SocketAddr::new(env.front_ip.into(), port), Some(g))
+        }
+        Proxy::Quilkin => {
+            let port = peers::free_udp_port()?;
+            let g = peers::start_quilkin(
+                &env.peers,
+                &env.tmp.join("quilkin"),
+                port,
+                &upstreams,
+                workers,
+            )?;
+            (SocketAddr::new(env.front_ip.into(), port), Some(g))
+        }
+    };
+    peers::wait_echo(env.front_ip, target, Duration::from_secs(15))
+        .with_context(|| format!("{} is not answering", path.name()))?;
+    Ok(Running {
+        target,
+        replicas,
+        _proxy: proxy,
+    })
+}
+
+fn median_by(reports: &mut [Report], key: impl Fn(&Report) -> f64) -> Report {
+    reports.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    reports[reports.len() / 2].clone()
+}
+
+/// The paths of a full comparison.
+pub fn paths() -> Vec<Route> {
+    let p = |proxy, fanout, dedupe: Option<&str>| Route {
+        proxy,
+        fanout,
+        dedupe: dedupe.map(String::from),
+    };
+    vec![
+        p(Proxy::Direct, 1, None),
+        p(Proxy::Nginx, 1, None),
+        p(Proxy::Quilkin, 1, None),
+        p(Proxy::Quilkin, 2, None),
+        p(Proxy::Spotable, 1, Some("copies")),
+        p(Proxy::Spotable, 2, Some("copies")),
+        p(Proxy::Spotable, 3, Some("copies")),
+        p(Proxy::Spotable, 2, Some("sequence")),
+        p(Proxy::Spotable, 2, Some("primary")),
+    ]
+}
+
+/// Runs the comparison and writes its results.
+pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
+    let began = Instant::now();
+    let workspace = workspace_root();
+    let out = if args.out.is_absolute() {
+        args.out.clone()
+    } else {
+        workspace.join(&args.out)
+    };
+    if let Some(saved) = &args.from_json {
+        let text = std::fs::read_to_string(saved)
+            .with_context(|| format!("cannot read {}", saved.display()))?;
+        let all: Results = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a compare results file", saved.display()))?;
+        results::write(&all, &out)?;
+        println!("{}", results::summary(&all));
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    let netns = if args.loopback {
+        None
+    } else {
+        crate::netns::remove_stale();
+        match Netns::create() {
+            Ok(ns) => Some(ns),
+            Err(e) => {
+                eprintln!(
+                    "compare: no network namespace ({e:#}); running on loopback, without Quilkin \
+                     (it ignores loopback clients). Run as root with iproute2 for the full set."
+                );
+                None
+            }
+        }
+    };
+    let tmp = workspace.join("benches/results/tmp");
+    std::fs::create_dir_all(&tmp)?;
+    let env = Env {
+        exe,
+        front_ip: netns.as_ref().map_or(Ipv4Addr::LOCALHOST, |n| n.host_ip),
+        netns,
+        tmp,
+        peers: PeerPaths::discover(&workspace),
+    };
+
+    let mut skipped = Vec::new();
+    let mut todo = Vec::new();
+    for path in paths() {
+        let why = match path.proxy {
+            Proxy::Nginx => env.peers.nginx_missing(),
+            Proxy::Quilkin if env.netns.is_none() => Some(
+                "needs a network namespace (root, iproute2): it ignores loopback clients".into(),
+            ),
+            Proxy::Quilkin => env.peers.quilkin_missing(),
+            _ => None,
+        };
+        match why {
+            Some(why) => {
+                eprintln!(
+                    "compare: skipping {}: {why} (benches/peers/install.sh installs it)",
+                    path.name()
+                );
+                skipped.push((path.name(), why));
+            }
+            None => todo.push(path),
+        }
+    }
+
+    let load = |mode: &str, time: Duration, payload: usize| -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--mode".into(),
+            mode.into(),
+            "--flows".into(),
+            args.flows.to_string(),
+            "--payload".into(),
+            payload.to_string(),
+            "--duration".into(),
+            humantime::format_duration(time).to_string(),
+            "--warmup".into(),
+            "500ms".into(),
+        ];
+        if mode == "closed" {
+            v.extend(["--window".into(), args.window.to_string()]);
+        } else {
+            v.extend(["--rate".into(), args.latency_rate.to_string()]);
+        }
+        v
+    };
+    // The large-payload pass covers the rows of the headline table.
+    let large = |p: &Route| {
+        args.large_payload > 0
+            && p.fanout <= 2
+            && matches!(p.dedupe.as_deref(), None | Some("copies"))
+    };
+
+    let runs = todo.len() as u64 * u64::from(args.rounds) + 2;
+    let bar = ProgressBar::new(runs).with_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut closed: Vec<Vec<Report>> = vec![Vec::new(); todo.len()];
+    let mut open: Vec<Vec<Report>> = vec![Vec::new(); todo.len()];
+    let mut big: Vec<Vec<Report>> = vec![Vec::new(); todo.len()];
+    for round in 0..args.rounds {
+        for (i, path) in todo.iter().enumerate() {
+            bar.set_message(format!("round {} · {}", round + 1, path.name()));
+            let running = start(&env, path, args.workers)?;
+            let tp = args.throughput_time;
+            closed[i].push(env.loadgen(running.target, &load("closed", tp, args.payload))?);
+            open[i].push(env.loadgen(
+                running.target,
+                &load("open", args.latency_time, args.payload),
+            )?);
+            if large(path) {
+                big[i].push(env.loadgen(running.target, &load("closed", tp, args.large_payload))?);
+            }
+            drop(running);
+            bar.inc(1);
+        }
+    }
+    let mut results = Vec::new();
+    for (i, path) in todo.iter().enumerate() {
+        let rounds: Vec<f64> = closed[i].iter().map(|r| r.answers_per_sec).collect();
+        let throughput = median_by(&mut closed[i], |r| r.answers_per_sec);
+        let latency = median_by(&mut open[i], |r| r.rtt_us.p50);
+        let mut large = (!big[i].is_empty()).then(|| median_by(&mut big[i], |r| r.answers_per_sec));
+        // Timelines matter for the failover runs only; CDFs for the latency runs.
+        let mut throughput = throughput;
+        let mut latency = latency;
+        for r in [Some(&mut throughput), Some(&mut latency), large.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            r.timeline.clear();
+            r.timeline_all.clear();
+        }
+        throughput.cdf.clear();
+        if let Some(l) = large.as_mut() {
+            l.cdf.clear();
+        }
+        results.push(PathResult {
+            path: path.clone(),
+            throughput,
+            throughput_rounds: rounds,
+            latency,
+            large,
+        });
+    }
+
+    let mut failover = Vec::new();
+    for path in todo
+        .iter()
+        .filter(|p| p.fanout == 2 && matches!(p.dedupe.as_deref(), None | Some("copies")))
+    {
+        bar.set_message(format!("failover · {}", path.name()));
+        let mut running = start(&env, path, args.workers)?;
+        let victim = running.replicas.remove(0);
+        let kill_at = args.kill_at;
+        let killer = std::thread::spawn(move || {
+            let mut victim = victim;
+            std::thread::sleep(kill_at);
+            let _ = victim.process.kill();
+        });
+        let report = env.loadgen(
+            running.target,
+            &[
+                "--mode".into(),
+                "open".into(),
+                "--rate".into(),
+                args.failover_rate.to_string(),
+                "--flows".into(),
+                args.flows.to_string(),
+                "--payload".into(),
+                args.payload.to_string(),
+                "--duration".into(),
+                humantime::format_duration(args.failover_time).to_string(),
+                "--warmup".into(),
+                "0s".into(),
+            ],
+        )?;
+        let _ = killer.join();
+        failover.push(FailoverResult {
+            path: path.clone(),
+            kill_at_ms: kill_at.as_secs_f64() * 1000.0,
+            report,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let all = Results {
+        machine: results::machine(&env.peers),
+        settings: vec![
+            ("rounds".into(), args.rounds.to_string()),
+            ("flows".into(), args.flows.to_string()),
+            ("payload".into(), format!("{} B (and {} B for throughput)", args.payload, args.large_payload)),
+            ("Spotable flags".into(), "--workers N --dedupe MODE --rate-limit 0 (the per-player flood limit is off, as the peers have none)".into()),
+            (
+                "closed-loop window".into(),
+                format!("{} per flow", args.window),
+            ),
+            (
+                "throughput run".into(),
+                humantime::format_duration(args.throughput_time).to_string(),
+            ),
+            (
+                "latency run".into(),
+                format!(
+                    "{} at {} datagrams/s",
+                    humantime::format_duration(args.latency_time),
+                    args.latency_rate
+                ),
+            ),
+            ("workers per proxy".into(), args.workers.to_string()),
+            (
+                "load generator".into(),
+                if env.netns.is_some() {
+                    "in a network namespace, over a veth pair".into()
+                } else {
+                    "on loopback".into()
+                },
+            ),
+        ],
+        paths: results,
+        failover,
+        skipped,
+        seconds: began.elapsed().as_secs_f64(),
+    };
+    results::write(&all, &out)?;
+    println!("{}", results::summary(&all));
+    Ok(())
+}
+
+/// The workspace root: where `benches/` is, found from the current directory upward.
+fn workspace_root() -> PathBuf {
+    let mut dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    loop {
+        if dir.join("benches/Cargo.toml").is_file() {
+            return dir;
+        }
+        if !dir.pop() {
+            return PathBuf::from(".");
+        }
+    }
+}

@@ -1,0 +1,701 @@
+//! What `compare` writes: `results/results.json`, the plots, and `BENCHMARKS.md` beside
+//! `results/`, with Spotable's targets checked against the figures of the same run.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use plotters::prelude::*;
+
+use crate::compare::{FailoverResult, PathResult, Proxy, Results};
+use crate::peers::PeerPaths;
+
+/// A description of the machine and of the programs measured.
+pub fn machine(peers: &PeerPaths) -> Vec<(String, String)> {
+    let cmd = |program: &Path, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| {
+                let text = if o.stdout.is_empty() {
+                    o.stderr
+                } else {
+                    o.stdout
+                };
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "not available".into())
+    };
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or("unknown".into(), |kb| {
+            format!("{:.0} GiB", kb as f64 / 1048576.0)
+        });
+    vec![
+        ("CPU".into(), format!("{model}, {cores} cores available")),
+        ("memory".into(), mem),
+        ("kernel".into(), cmd(Path::new("uname"), &["-sr"])),
+        ("rustc".into(), cmd(Path::new("rustc"), &["--version"])),
+        (
+            "Spotable".into(),
+            format!("spotable-proxy {}", env!("CARGO_PKG_VERSION")),
+        ),
+        ("nginx".into(), cmd(&peers.nginx, &["-v"])),
+        ("Quilkin".into(), cmd(&peers.quilkin, &["--version"])),
+    ]
+}
+
+fn find<'a>(
+    r: &'a Results,
+    proxy: Proxy,
+    fanout: usize,
+    dedupe: Option<&str>,
+) -> Option<&'a PathResult> {
+    r.paths.iter().find(|p| {
+        p.path.proxy == proxy
+            && p.path.fanout == fanout
+            && (dedupe.is_none() || p.path.dedupe.as_deref() == dedupe)
+    })
+}
+
+/// One target: what it asks, what was measured, whether it holds (None: not measured).
+#[derive(Debug)]
+pub struct Target {
+    pub what: &'static str,
+    pub measured: String,
+    pub met: Option<bool>,
+}
+
+/// Spotable's stated targets, checked against this run.
+pub fn targets(r: &Results) -> Vec<Target> {
+    let direct = find(r, Proxy::Direct, 1, None);
+    let nginx = find(r, Proxy::Nginx, 1, None);
+    let quilkin2 = find(r, Proxy::Quilkin, 2, None);
+    let s1 = find(r, Proxy::Spotable, 1, Some("copies"));
+    let s2 = find(r, Proxy::Spotable, 2, Some("copies"));
+    let added = |p: &PathResult| direct.map(|d| p.latency.rtt_us.p50 - d.latency.rtt_us.p50);
+    let mut out = Vec::new();
+    out.push(match (s1, nginx) {
+        (Some(s), Some(n)) => Target {
+            what: "fan-out 1: throughput ≥ nginx's",
+            measured: format!(
+                "{:.0} vs {:.0} answers/s ({:.2}×)",
+                s.throughput.answers_per_sec,
+                n.throughput.answers_per_sec,
+                s.throughput.answers_per_sec / n.throughput.answers_per_sec.max(1.0)
+            ),
+            met: Some(s.throughput.answers_per_sec >= n.throughput.answers_per_sec),
+        },
+        _ => Target {
+            what: "fan-out 1: throughput ≥ nginx's",
+            measured: "not measured".into(),
+            met: None,
+        },
+    });
+    out.push(match (s2, quilkin2) {
+        (Some(s), Some(q)) => Target {
+            what: "fan-out 2, deduplicated: throughput ≥ 1.5× Quilkin's unique-answer rate",
+            measured: format!(
+                "{:.0} vs {:.0} unique answers/s ({:.2}×)",
+                s.throughput.answers_per_sec,
+                q.throughput.answers_per_sec,
+                s.throughput.answers_per_sec / q.throughput.answers_per_sec.max(1.0)
+            ),
+            met: Some(s.throughput.answers_per_sec >= 1.5 * q.throughput.answers_per_sec),
+        },
+        _ => Target {
+            what: "fan-out 2, deduplicated: throughput ≥ 1.5× Quilkin's unique-answer rate",
+            measured: "not measured".into(),
+            met: None,
+        },
+    });
+    out.push(match (s1.and_then(added), nginx.and_then(added)) {
+        (Some(s), Some(n)) => Target {
+            what: "added p50 latency ≤ nginx's",
+            measured: format!("{s:.0} µs vs {n:.0} µs"),
+            met: Some(s <= n),
+        },
+        _ => Target {
+            what: "added p50 latency ≤ nginx's",
+            measured: "not measured".into(),
+            met: None,
+        },
+    });
+    let fo = r.failover.iter().find(|f| f.path.proxy == Proxy::Spotable);
+    out.push(match fo {
+        Some(f) => Target {
+            what: "failover: 0 lost, 0 duplicates",
+            measured: format!("{} lost, {} duplicates", f.report.lost, f.report.duplicates),
+            met: Some(f.report.lost == 0 && f.report.duplicates == 0),
+        },
+        None => Target {
+            what: "failover: 0 lost, 0 duplicates",
+            measured: "not measured".into(),
+            met: None,
+        },
+    });
+    out
+}
+
+fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "**not met**",
+        None => "not measured",
+    }
+}
+
+/// BENCHMARKS.md.
+pub fn markdown(r: &Results) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Generated by `spotable-bench compare` (see the README's Benchmarks section) in {:.0} s. \
+         Every figure comes from this one run; compare paths by the ratios, since the \
+         machine is shared and absolute numbers move between runs. Each figure is the median of \
+         the rounds, which ran the paths interleaved.\n",
+        r.seconds
+    );
+    let _ = writeln!(md, "## Machine and settings\n\n| | |\n|---|---|");
+    for (k, v) in r.machine.iter().chain(&r.settings) {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    let _ = writeln!(
+        md,
+        "\nThe load generator, every proxy and every replica share the machine's cores.\n"
+    );
+
+    let _ = writeln!(
+        md,
+        "## Targets\n\n| Spotable's target | measured | |\n|---|---|---|"
+    );
+    for t in targets(r) {
+        let _ = writeln!(md, "| {} | {} | {} |", t.what, t.measured, verdict(t.met));
+    }
+
+    let direct = find(r, Proxy::Direct, 1, None);
+    let _ = writeln!(
+        md,
+        "\n## Throughput and latency\n\n\
+         Closed loop ({} flows, a window per flow) for throughput: *answers/s* counts each request's \
+         first answer; *received/s* counts every datagram the player got, duplicates included. \
+         Open loop at a fixed rate for latency, measured from each datagram's intended send time; \
+         *added* is the path's round trip minus the direct path's.\n",
+        r.paths.first().map_or(0, |p| p.throughput.flows)
+    );
+    let _ = writeln!(
+        md,
+        "| path | answers/s | × direct | received/s | duplicates delivered per request | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | lost (open loop) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for p in &r.paths {
+        let t = &p.throughput;
+        let l = &p.latency;
+        let ratio = direct.map_or(f64::NAN, |d| {
+            t.answers_per_sec / d.throughput.answers_per_sec.max(1.0)
+        });
+        let firsts = (t.unique + t.late).max(1) as f64;
+        let (a50, a99) = direct.map_or((f64::NAN, f64::NAN), |d| {
+            (
+                l.rtt_us.p50 - d.latency.rtt_us.p50,
+                l.rtt_us.p99 - d.latency.rtt_us.p99,
+            )
+        });
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:+.0} | {:+.0} | {} of {} |",
+            p.path.name(),
+            t.answers_per_sec,
+            ratio,
+            t.received_per_sec,
+            t.duplicates as f64 / firsts,
+            l.rtt_us.p50,
+            l.rtt_us.p99,
+            l.rtt_us.p999,
+            a50,
+            a99,
+            l.lost,
+            l.sent
+        );
+    }
+    for (name, why) in &r.skipped {
+        let _ = writeln!(md, "| {name} | not measured: {why} | | | | | | | | | |");
+    }
+
+    let big: Vec<&PathResult> = r.paths.iter().filter(|p| p.large.is_some()).collect();
+    if let Some(size) = big
+        .first()
+        .and_then(|p| p.large.as_ref())
+        .map(|l| l.payload)
+    {
+        let base = direct
+            .and_then(|d| d.large.as_ref())
+            .map(|l| l.answers_per_sec);
+        let _ = writeln!(
+            md,
+            "\n### Large datagrams ({size} B)\n\nClosed loop as above, same rounds.\n\n\
+             | path | answers/s | × direct | received/s | MB/s delivered (first answers) |\n\
+             |---|---:|---:|---:|---:|"
+        );
+        for p in big {
+            let Some(l) = &p.large else { continue };
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.2} | {:.0} | {:.1} |",
+                p.path.name(),
+                l.answers_per_sec,
+                base.map_or(f64::NAN, |b| l.answers_per_sec / b.max(1.0)),
+                l.received_per_sec,
+                l.answers_per_sec * size as f64 / 1e6
+            );
+        }
+    }
+
+    let _ = writeln!(
+        md,
+        "\n## Failover\n\nOpen loop; one of the two replicas is SIGKILLed mid-run. A gap is \
+         the longest time without a new answer while sending.\n\n\
+         | path | sent | lost | duplicates delivered | longest gap ms | kill at ms |\n|---|---:|---:|---:|---:|---:|"
+    );
+    for f in &r.failover {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.1} | {:.0} |",
+            f.path.name(),
+            f.report.sent,
+            f.report.lost,
+            f.report.duplicates,
+            f.report.longest_gap_ms,
+            f.kill_at_ms
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n## Plots\n\n![Throughput by fan-out](results/throughput.svg)\n\n\
+         ![Round-trip time CDF](results/latency-cdf.svg)\n\n\
+         ![Failover timeline](results/failover.svg)\n"
+    );
+    md
+}
+
+/// A few lines for the terminal.
+pub fn summary(r: &Results) -> String {
+    let mut s = String::new();
+    for p in &r.paths {
+        let _ = writeln!(
+            s,
+            "  {:<28} {:>9.0} answers/s {:>9.0} received/s  p50 {:>6.0} µs  p99 {:>6.0} µs",
+            p.path.name(),
+            p.throughput.answers_per_sec,
+            p.throughput.received_per_sec,
+            p.latency.rtt_us.p50,
+            p.latency.rtt_us.p99
+        );
+    }
+    for f in &r.failover {
+        let _ = writeln!(
+            s,
+            "  failover {:<19} lost {}  duplicates {}  longest gap {:.1} ms",
+            f.path.name(),
+            f.report.lost,
+            f.report.duplicates,
+            f.report.longest_gap_ms
+        );
+    }
+    for t in targets(r) {
+        let _ = writeln!(
+            s,
+            "  target: {} — {} ({})",
+            t.what,
+            t.measured,
+            verdict(t.met).replace("**", "")
+        );
+    }
+    s
+}
+
+/// Writes results.json, the plots and ../BENCHMARKS.md.
+pub fn write(r: &Results, out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(r)?)?;
+    plot_throughput(r, &out.join("throughput.svg"))?;
+    plot_cdf(r, &out.join("latency-cdf.svg"))?;
+    plot_failover(&r.failover, &out.join("failover.svg"))?;
+    let md = out.parent().unwrap_or(out).join("BENCHMARKS.md");
+    std::fs::write(&md, markdown(r))?;
+    Ok(())
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("plot: {e:?}")
+}
+
+fn plot_throughput(r: &Results, path: &Path) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut add = |name: String, proxy: Proxy, dedupe: Option<&str>, received: bool| {
+        let pts: Vec<(f64, f64)> = r
+            .paths
+            .iter()
+            .filter(|p| {
+                p.path.proxy == proxy && (dedupe.is_none() || p.path.dedupe.as_deref() == dedupe)
+            })
+            .map(|p| {
+                let t = &p.throughput;
+                (
+                    p.path.fanout as f64,
+                    if received {
+                        t.received_per_sec
+                    } else {
+                        t.answers_per_sec
+                    },
+                )
+            })
+            .collect();
+        if !pts.is_empty() {
+            series.push((name, pts));
+        }
+    };
+    add("direct".into(), Proxy::Direct, None, false);
+    add("nginx".into(), Proxy::Nginx, None, false);
+    add(
+        "Quilkin (unique answers)".into(),
+        Proxy::Quilkin,
+        None,
+        false,
+    );
+    add(
+        "Quilkin (received, with duplicates)".into(),
+        Proxy::Quilkin,
+        None,
+        true,
+    );
+    add(
+        "Spotable copies (deduplicated)".into(),
+        Proxy::Spotable,
+        Some("copies"),
+        false,
+    );
+    let ymax = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.1))
+        .fold(1.0, f64::max)
+        * 1.15;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Throughput by fan-out (closed loop)", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.5f64..3.5f64, 0f64..ymax)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("replicas per session (fan-out)")
+        .y_desc("answers per second")
+        .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
+        .x_labels(3)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(plot_err)?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .map_err(plot_err)?
+            .label(name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+            .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+fn plot_cdf(r: &Results, path: &Path) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let chosen: Vec<&PathResult> = r
+        .paths
+        .iter()
+        .filter(|p| p.path.fanout <= 2 && matches!(p.path.dedupe.as_deref(), None | Some("copies")))
+        .filter(|p| !p.latency.cdf.is_empty())
+        .collect();
+    let xmax = chosen
+        .iter()
+        .flat_map(|p| p.latency.cdf.iter().map(|c| c.0))
+        .fold(10.0, f64::max);
+    // y: the quantile on a "nines" scale, -log10(1 - q): 1 = p90, 2 = p99, 3 = p99.9.
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Round-trip time (open loop)", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((1f64..xmax * 1.2).log_scale(), 0f64..4f64)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("round trip, µs")
+        .y_desc("percentile")
+        .y_labels(5)
+        .y_label_formatter(&|y| match y.round() as i64 {
+            0 => "p0".into(),
+            1 => "p90".into(),
+            2 => "p99".into(),
+            3 => "p99.9".into(),
+            _ => "p99.99".into(),
+        })
+        .draw()
+        .map_err(plot_err)?;
+    for (i, p) in chosen.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let pts: Vec<(f64, f64)> = p
+            .latency
+            .cdf
+            .iter()
+            .map(|&(x, q)| (x.max(1.0), -(1.0 - q).max(1e-4).log10()))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .map_err(plot_err)?
+            .label(p.path.name())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+fn plot_failover(runs: &[FailoverResult], path: &Path) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let ymax = runs
+        .iter()
+        .flat_map(|f| f.report.timeline_all.iter().copied())
+        .max()
+        .unwrap_or(1) as f64
+        * 1.3;
+    let xmax = runs
+        .iter()
+        .map(|f| f.report.timeline.len() as f64 * f.report.bucket_ms)
+        .fold(100.0, f64::max);
+    let bucket = runs.first().map_or(10.0, |f| f.report.bucket_ms);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Failover: answers per 10 ms, one of two replicas SIGKILLed",
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..xmax, 0f64..ymax.max(1.0))
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("time since the load started, ms")
+        .y_desc(format!("answers per {bucket:.0} ms"))
+        .draw()
+        .map_err(plot_err)?;
+    for (i, f) in runs.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let pts: Vec<(f64, f64)> = f
+            .report
+            .timeline
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| (k as f64 * f.report.bucket_ms, f64::from(n)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .map_err(plot_err)?
+            .label(format!(
+                "{}: first answers ({} lost)",
+                f.path.name(),
+                f.report.lost
+            ))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        // Everything the player received, duplicates included, dashed.
+        let faded = color.mix(0.7);
+        let all: Vec<(f64, f64)> = f
+            .report
+            .timeline_all
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| (k as f64 * f.report.bucket_ms, f64::from(n)))
+            .collect();
+        chart
+            .draw_series(DashedLineSeries::new(all, 6, 4, faded.stroke_width(1)))
+            .map_err(plot_err)?
+            .label(format!(
+                "{}: all received ({} duplicates)",
+                f.path.name(),
+                f.report.duplicates
+            ))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], faded.stroke_width(1))
+            });
+    }
+    if let Some(f) = runs.first() {
+        let k = f.kill_at_ms;
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(k, 0.0), (k, ymax)],
+                RED.stroke_width(2),
+            )))
+            .map_err(plot_err)?
+            .label("SIGKILL")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compare::Route;
+    use crate::loadgen::Report;
+
+    fn path(proxy: Proxy, fanout: usize, dedupe: Option<&str>, tput: f64, p50: f64) -> PathResult {
+        let mut throughput = Report {
+            answers_per_sec: tput,
+            received_per_sec: tput,
+            unique: 100,
+            ..Report::default()
+        };
+        if proxy == Proxy::Quilkin && fanout == 2 {
+            throughput.received_per_sec = 2.0 * tput;
+            throughput.duplicates = 100;
+        }
+        let mut latency = Report::default();
+        latency.rtt_us.p50 = p50;
+        PathResult {
+            path: Route {
+                proxy,
+                fanout,
+                dedupe: dedupe.map(String::from),
+            },
+            throughput,
+            throughput_rounds: vec![tput],
+            latency,
+            large: None,
+        }
+    }
+
+    fn results(spotable_1: f64, spotable_p50: f64, failover_dups: u64) -> Results {
+        Results {
+            machine: vec![("CPU".into(), "test".into())],
+            settings: vec![],
+            paths: vec![
+                path(Proxy::Direct, 1, None, 200.0, 100.0),
+                path(Proxy::Nginx, 1, None, 90.0, 150.0),
+                path(Proxy::Quilkin, 2, None, 30.0, 160.0),
+                path(Proxy::Spotable, 1, Some("copies"), spotable_1, spotable_p50),
+                path(Proxy::Spotable, 2, Some("copies"), 60.0, 150.0),
+            ],
+            failover: vec![FailoverResult {
+                path: Route {
+                    proxy: Proxy::Spotable,
+                    fanout: 2,
+                    dedupe: Some("copies".into()),
+                },
+                kill_at_ms: 2000.0,
+                report: Report {
+                    duplicates: failover_dups,
+                    ..Report::default()
+                },
+            }],
+            skipped: vec![("Quilkin ×1".into(), "not installed".into())],
+            seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn targets_hold_or_fail_on_the_figures() {
+        let met: Vec<Option<bool>> = targets(&results(100.0, 140.0, 0))
+            .iter()
+            .map(|t| t.met)
+            .collect();
+        assert_eq!(met, vec![Some(true); 4]);
+        // Slower than nginx, more added latency, a duplicate in failover.
+        let met: Vec<Option<bool>> = targets(&results(80.0, 160.0, 1))
+            .iter()
+            .map(|t| t.met)
+            .collect();
+        assert_eq!(met, vec![Some(false), Some(true), Some(false), Some(false)]);
+        // 60 vs 1.5 x 30 = 45 holds; with Quilkin missing it is "not measured".
+        let mut r = results(100.0, 140.0, 0);
+        r.paths.retain(|p| p.path.proxy != Proxy::Quilkin);
+        assert_eq!(targets(&r)[1].met, None);
+    }
+
+    #[test]
+    fn the_markdown_has_every_path_the_skips_and_the_verdicts() {
+        let md = markdown(&results(80.0, 140.0, 0));
+        assert!(md.contains("| Spotable ×1 (copies) | 80 | 0.40 |"), "{md}");
+        // Quilkin x2 delivered a duplicate per request.
+        assert!(
+            md.contains("| Quilkin ×2 | 30 | 0.15 | 60 | 1.00 |"),
+            "{md}"
+        );
+        assert!(md.contains("| Quilkin ×1 | not measured: not installed |"));
+        assert!(md.contains("| **not met** |"));
+        assert!(md.contains("+40 |"), "added p50 of Spotable x1: {md}");
+    }
+}

@@ -94,6 +94,13 @@ pub fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
     v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
 }
 
+/// The list at a JSON pointer, or an empty one.
+pub fn items<'a>(v: &'a Value, pointer: &str) -> &'a [Value] {
+    v.pointer(pointer)
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
 /// The pod template specs an object carries, wherever its kind keeps them: workloads at
 /// `spec.template.spec`, an Agones Fleet one level deeper (Fleet → GameServer → pod).
 pub fn pod_specs(object: &Value) -> Vec<&Value> {
@@ -133,12 +140,7 @@ pub fn argv(container: &Value) -> Vec<String> {
 /// the kubelet leaves them.
 pub fn expand_env_refs(arg: &str, container: &Value) -> String {
     let mut out = arg.to_string();
-    for env in container
-        .get("env")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for env in items(container, "/env") {
         let name = str_at(env, "/name");
         let field = str_at(env, "/valueFrom/fieldRef/fieldPath");
         let value = match (env.get("value").and_then(Value::as_str), field) {

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use clap::{Args as _, Parser};
 use serde_json::Value;
 use spotable_deploy::{
-    argv, containers, deploy_dir, expand_env_refs, id, overlays, pod_specs, read_yaml, render,
-    str_at,
+    argv, containers, deploy_dir, expand_env_refs, id, items, overlays, pod_specs, read_yaml,
+    render, str_at,
 };
 
 fn rendered() -> BTreeMap<String, Vec<Value>> {
@@ -201,10 +201,10 @@ fn rbac_has_no_wildcard_and_grants_exactly_what_is_used() {
                 continue;
             }
             roles += 1;
-            let rules = o.get("rules").and_then(Value::as_array).cloned();
-            let rules = rules.unwrap_or_else(|| panic!("{overlay}: {} has no rules", id(o)));
+            let rules = items(o, "/rules");
+            assert!(!rules.is_empty(), "{overlay}: {} has no rules", id(o));
             let mut grants = BTreeSet::new();
-            for r in &rules {
+            for r in rules {
                 for key in [
                     "apiGroups",
                     "resources",
@@ -314,11 +314,8 @@ fn game_server_copies_never_share_a_node_and_spread_over_zones() {
             "{at}: the documented default of 2 copies"
         );
         assert_eq!(str_at(pod, "/nodeSelector/lifecycle"), "spot", "{at}");
-        let spread: BTreeMap<String, String> = pod
-            .get("topologySpreadConstraints")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
+        let spread: BTreeMap<String, String> = items(pod, "/topologySpreadConstraints")
+            .iter()
             .map(|c| {
                 (
                     str_at(c, "/topologyKey").to_string(),
@@ -335,11 +332,11 @@ fn game_server_copies_never_share_a_node_and_spread_over_zones() {
             spread.contains_key("topology.kubernetes.io/zone"),
             "{at}: spread over zones"
         );
-        let anti = pod
-            .pointer("/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        let anti = items(
+            pod,
+            "/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution",
+        )
+        .to_vec();
         let labels = pod_labels(game);
         assert!(
             anti.iter().any(|t| {
@@ -451,10 +448,9 @@ fn the_proxy_finds_its_game_and_runs_highly_available() {
             ) == "external",
             "{at}: not an NLB"
         );
+        let ports = items(lb, "/spec/ports");
         assert!(
-            lb.pointer("/spec/ports")
-                .and_then(Value::as_array)
-                .is_some_and(|p| p.iter().all(|p| str_at(p, "/protocol") == "UDP")),
+            !ports.is_empty() && ports.iter().all(|p| str_at(p, "/protocol") == "UDP"),
             "{at}: player ports are UDP"
         );
         // --kubernetes-service names a Service in this namespace that selects the game's pods
@@ -476,10 +472,9 @@ fn the_proxy_finds_its_game_and_runs_highly_available() {
             })
             .unwrap_or_else(|| panic!("{at}: Service {ns}/{svc} not rendered"));
         assert!(
-            service
-                .pointer("/spec/ports")
-                .and_then(Value::as_array)
-                .is_some_and(|ps| ps.iter().any(|p| str_at(p, "/name") == port)),
+            items(service, "/spec/ports")
+                .iter()
+                .any(|p| str_at(p, "/name") == port),
             "{at}: Service {svc} has no port {port}"
         );
         let game = objects
@@ -520,12 +515,7 @@ fn references_resolve_within_the_render() {
                     id(o)
                 );
                 for c in containers(pod) {
-                    for from in c
-                        .get("envFrom")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                    {
+                    for from in items(c, "/envFrom").iter() {
                         let cm = str_at(from, "/configMapRef/name");
                         assert!(
                             cm.is_empty() || have("ConfigMap", ns, cm),
@@ -536,12 +526,7 @@ fn references_resolve_within_the_render() {
                 }
             }
             if str_at(o, "/kind").ends_with("RoleBinding") {
-                for s in o
-                    .get("subjects")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
+                for s in items(o, "/subjects").iter() {
                     assert!(
                         have(
                             "ServiceAccount",
@@ -572,11 +557,9 @@ fn the_agent_runs_on_every_spot_node_with_metadata_access() {
             "{overlay}"
         );
         assert!(
-            pod.get("tolerations")
-                .and_then(Value::as_array)
-                .is_some_and(|t| t
-                    .iter()
-                    .any(|t| str_at(t, "/key") == "spotable.io/interrupted")),
+            items(pod, "/tolerations")
+                .iter()
+                .any(|t| str_at(t, "/key") == "spotable.io/interrupted"),
             "{overlay}: the agent must stay on the node it cordons"
         );
     }
@@ -616,11 +599,7 @@ fn agones_objects_have_their_required_fields() {
             f.pointer("/spec")
         };
         let gs = gs.unwrap_or_else(|| panic!("{at}: no GameServer spec"));
-        let ports = gs
-            .get("ports")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        let ports = items(gs, "/ports").to_vec();
         assert!(!ports.is_empty(), "{at}: ports");
         for p in &ports {
             assert!(!str_at(p, "/name").is_empty(), "{at}: port name");
@@ -640,11 +619,7 @@ fn agones_objects_have_their_required_fields() {
                 "{at}"
             );
         }
-        let cs = gs
-            .pointer("/template/spec/containers")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        let cs = items(gs, "/template/spec/containers").to_vec();
         assert!(!cs.is_empty(), "{at}: template.spec.containers");
         for c in &cs {
             assert!(

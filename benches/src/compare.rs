@@ -389,10 +389,26 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let mut closed: Vec<Vec<Report>> = vec![Vec::new(); todo.len()];
     let mut open: Vec<Vec<Report>> = vec![Vec::new(); todo.len()];
     let mut big: Vec<Vec<Report>> = vec![Vec::new(); todo.len()];
+    let mut failed: Vec<Option<String>> = vec![None; todo.len()];
     for round in 0..args.rounds {
         for (i, path) in todo.iter().enumerate() {
+            if failed[i].is_some() {
+                bar.inc(1);
+                continue;
+            }
             bar.set_message(format!("round {} · {}", round + 1, path.name()));
-            let running = start(&env, path, args.workers)?;
+            let running = match start(&env, path, args.workers) {
+                Ok(r) => r,
+                // A peer that will not run here is reported, not fatal; Spotable's own
+                // paths and the baseline are.
+                Err(e) if matches!(path.proxy, Proxy::Nginx | Proxy::Quilkin) => {
+                    bar.suspend(|| eprintln!("compare: skipping {}: {e:#}", path.name()));
+                    failed[i] = Some(format!("did not start: {e:#}"));
+                    bar.inc(1);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let tp = args.throughput_time;
             closed[i].push(env.loadgen(running.target, &load("closed", tp, args.payload))?);
             open[i].push(env.loadgen(
@@ -408,6 +424,10 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     }
     let mut results = Vec::new();
     for (i, path) in todo.iter().enumerate() {
+        if let Some(why) = &failed[i] {
+            skipped.push((path.name(), why.clone()));
+            continue;
+        }
         let rounds: Vec<f64> = closed[i].iter().map(|r| r.answers_per_sec).collect();
         let throughput = median_by(&mut closed[i], |r| r.answers_per_sec);
         let latency = median_by(&mut open[i], |r| r.rtt_us.p50);
@@ -436,8 +456,9 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     }
 
     let mut failover = Vec::new();
-    for path in todo
+    for path in results
         .iter()
+        .map(|r| &r.path)
         .filter(|p| p.fanout == 2 && matches!(p.dedupe.as_deref(), None | Some("copies")))
     {
         bar.set_message(format!("failover · {}", path.name()));

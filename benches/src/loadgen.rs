@@ -284,6 +284,19 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Report> {
     let mut longest_gap_ns = 0u64;
     let stuck_after = Duration::from_millis(200);
 
+    // A progress bar for people (hidden when stderr is not a terminal, and under --json,
+    // where a parent such as `compare` draws its own).
+    let bar = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total_ns / 1_000_000)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} ms {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut shown_ms = 0;
+
     if args.mode == Mode::Closed {
         for f in &mut flows {
             for _ in 0..args.window {
@@ -298,6 +311,11 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Report> {
             break;
         }
         let sending = now_ns < send_ns;
+        if now_ns / 1_000_000 >= shown_ms + 100 {
+            shown_ms = now_ns / 1_000_000;
+            bar.set_position(shown_ms);
+            bar.set_message(format!("{} answers", counted.unique + counted.late));
+        }
         let mut timeout = Duration::from_millis(20);
         if args.mode == Mode::Open {
             // Everything due by now goes out, however late; a slow turn of this loop near
@@ -393,6 +411,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Report> {
         }
     }
 
+    bar.finish_and_clear();
     let mut report = Report {
         mode: Some(args.mode),
         flows: args.flows,

@@ -360,6 +360,20 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plot: {e:?}")
 }
 
+/// A legend entry's sample: a short line in the series' style.
+fn legend_mark((x, y): (i32, i32), style: ShapeStyle) -> PathElement<(i32, i32)> {
+    PathElement::new(vec![(x, y), (x + 20, y)], style)
+}
+
+/// A per-bucket count as plot points at each bucket's start, in ms.
+fn points(timeline: &[u32], bucket_ms: f64) -> Vec<(f64, f64)> {
+    timeline
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| (k as f64 * bucket_ms, f64::from(n)))
+        .collect()
+}
+
 /// Draws the legend at `at` and writes the file.
 fn finish<'a, X, Y>(
     chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
@@ -455,9 +469,7 @@ fn plot_throughput(r: &Results, path: &Path) -> anyhow::Result<()> {
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(plot_err)?
             .label(name.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .legend(move |at| legend_mark(at, color.stroke_width(2)));
         chart
             .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
             .map_err(plot_err)?;
@@ -512,9 +524,7 @@ fn plot_cdf(r: &Results, path: &Path) -> anyhow::Result<()> {
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))
             .map_err(plot_err)?
             .label(p.path.name())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .legend(move |at| legend_mark(at, color.stroke_width(2)));
     }
     finish(&mut chart, &root, SeriesLabelPosition::UpperLeft)
 }
@@ -551,13 +561,7 @@ fn plot_failover(runs: &[FailoverResult], path: &Path) -> anyhow::Result<()> {
         .map_err(plot_err)?;
     for (i, f) in runs.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let pts: Vec<(f64, f64)> = f
-            .report
-            .timeline
-            .iter()
-            .enumerate()
-            .map(|(k, &n)| (k as f64 * f.report.bucket_ms, f64::from(n)))
-            .collect();
+        let pts = points(&f.report.timeline, f.report.bucket_ms);
         chart
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))
             .map_err(plot_err)?
@@ -566,18 +570,10 @@ fn plot_failover(runs: &[FailoverResult], path: &Path) -> anyhow::Result<()> {
                 f.path.name(),
                 f.report.lost
             ))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .legend(move |at| legend_mark(at, color.stroke_width(2)));
         // Everything the player received, duplicates included, dashed.
         let faded = color.mix(0.7);
-        let all: Vec<(f64, f64)> = f
-            .report
-            .timeline_all
-            .iter()
-            .enumerate()
-            .map(|(k, &n)| (k as f64 * f.report.bucket_ms, f64::from(n)))
-            .collect();
+        let all = points(&f.report.timeline_all, f.report.bucket_ms);
         chart
             .draw_series(DashedLineSeries::new(all, 6, 4, faded.stroke_width(1)))
             .map_err(plot_err)?
@@ -586,9 +582,7 @@ fn plot_failover(runs: &[FailoverResult], path: &Path) -> anyhow::Result<()> {
                 f.path.name(),
                 f.report.duplicates
             ))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], faded.stroke_width(1))
-            });
+            .legend(move |at| legend_mark(at, faded.stroke_width(1)));
     }
     if let Some(f) = runs.first() {
         let k = f.kill_at_ms;
@@ -599,7 +593,7 @@ fn plot_failover(runs: &[FailoverResult], path: &Path) -> anyhow::Result<()> {
             )))
             .map_err(plot_err)?
             .label("SIGKILL")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+            .legend(|at| legend_mark(at, RED.stroke_width(2)));
     }
     finish(&mut chart, &root, SeriesLabelPosition::UpperRight)
 }

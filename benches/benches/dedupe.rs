@@ -34,6 +34,7 @@ fn modes() -> [(&'static str, Mode); 3] {
                 },
                 window: Duration::from_secs(2),
                 max_entries: 4096,
+                resync_after: 2,
             },
         ),
         (

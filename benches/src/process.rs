@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -124,6 +124,29 @@ pub struct ProxyProcess {
     pub addr: SocketAddr,
     /// Its admin HTTP address, if `--admin` was given.
     pub admin: Option<SocketAddr>,
+    /// Every line it has logged so far.
+    pub log: Log,
+}
+
+/// A process's log lines, collected as it writes them.
+#[derive(Debug, Clone, Default)]
+pub struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn push(&self, line: String) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(line);
+    }
+
+    /// The lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// Starts a proxy (`program` with `prefix` arguments, then `args`) and reads its text log until
@@ -160,6 +183,8 @@ pub fn spawn_proxy_env(
     let process = Guard::new(child);
     let want_admin = args.contains(&"--admin");
     let (tx, rx) = mpsc::channel();
+    let log = Log::default();
+    let collected = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let addr = |key: &str| {
@@ -175,6 +200,7 @@ pub fn spawn_proxy_env(
             if echo {
                 eprintln!("  [proxy] {line}");
             }
+            collected.push(line);
         }
         let _ = tx.send(("exit", None));
     });
@@ -192,6 +218,7 @@ pub fn spawn_proxy_env(
         process,
         addr: front.context("front address")?,
         admin,
+        log,
     })
 }
 

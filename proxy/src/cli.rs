@@ -50,7 +50,17 @@ pub fn main_from(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
     }
 }
 
+/// Raises the soft open-file limit to the hard one: every session holds a socket, and the
+/// common soft default (1024) is far below a proxy's needs.
+fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
 fn run(config: Config) -> anyhow::Result<()> {
+    raise_fd_limit();
     let metrics = spotable_edge::install_metrics()?;
     stats::describe();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -84,6 +94,9 @@ fn run(config: Config) -> anyhow::Result<()> {
                     replicas: replicas.clone(),
                     sessions: proxy.session_counter(),
                     stopping: stopping.clone(),
+                    health: proxy.health(),
+                    session_limit: proxy.session_limit(),
+                    front_inodes: proxy.front_inodes().into(),
                 };
                 let (_, task) = spotable_edge::serve(addr, admin::router(state))
                     .await
@@ -93,7 +106,13 @@ fn run(config: Config) -> anyhow::Result<()> {
             None => None,
         };
         let mut signals = spotable_edge::Signals::new()?;
-        let signal = signals.next().await;
+        let health = proxy.health();
+        // A lost worker ends the process (after the drain delay, with /healthz failing) so
+        // that Kubernetes restarts it: its players would otherwise be rehashed as strangers.
+        let (signal, failure) = tokio::select! {
+            signal = signals.next() => (signal, None),
+            why = health.failed() => ("worker failure", Some(why)),
+        };
         stopping.store(true, Ordering::Release);
         if !config.drain_delay.is_zero() {
             tracing::info!(signal, delay = ?config.drain_delay, "draining: not ready, still forwarding");
@@ -107,7 +126,10 @@ fn run(config: Config) -> anyhow::Result<()> {
             task.abort();
         }
         proxy.shutdown()?;
-        anyhow::Ok(())
+        match failure {
+            Some(why) => Err(anyhow::anyhow!("data plane failed: {why}")),
+            None => anyhow::Ok(()),
+        }
     })?;
     tracing::info!("stopped");
     Ok(())

@@ -85,6 +85,10 @@ pub struct Args {
     /// `sequence` mode: byte order of the sequence number [default: be].
     #[arg(long, value_enum)]
     pub sequence_endian: Option<EndianName>,
+    /// `sequence` mode: consecutive answers agreeing on a restarted numbering (a restarted
+    /// replica, a new player on a reused address) before it is accepted; 0 never [default: 2].
+    #[arg(long, value_name = "K")]
+    pub sequence_resync_after: Option<u32>,
     /// `primary` mode: primary silence (while another replica answers) before failover
     /// [default: 50ms].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -150,6 +154,7 @@ struct FileConfig {
     sequence_offset: Option<usize>,
     sequence_width: Option<u64>,
     sequence_endian: Option<EndianName>,
+    sequence_resync_after: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     failover_after: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -329,6 +334,7 @@ impl Config {
             None => f.sequence_width,
         };
         let endian = a.sequence_endian.or(f.sequence_endian);
+        let resync_after = a.sequence_resync_after.or(f.sequence_resync_after);
         let mode = match kind {
             DedupeKind::Copies => Mode::Copies {
                 window,
@@ -352,6 +358,7 @@ impl Config {
                     },
                     window,
                     max_entries,
+                    resync_after: resync_after.unwrap_or(2),
                 }
             }
             DedupeKind::Primary => {
@@ -365,7 +372,8 @@ impl Config {
                 Mode::Primary { failover_after }
             }
         };
-        if kind != DedupeKind::Sequence && (offset.is_some() || width.is_some() || endian.is_some())
+        if kind != DedupeKind::Sequence
+            && (offset.is_some() || width.is_some() || endian.is_some() || resync_after.is_some())
         {
             return Err(invalid(
                 "sequence_offset",
@@ -527,6 +535,7 @@ mod tests {
                 },
                 window: Duration::from_secs(2),
                 max_entries: 4096,
+                resync_after: 2,
             }
         );
         assert_eq!(

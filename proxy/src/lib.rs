@@ -6,6 +6,8 @@
 //! event loop; [`server`] starts and stops it all.
 
 pub mod dedupe;
+pub mod kernel;
+pub mod loglimit;
 pub mod ratelimit;
 pub mod replicas;
 pub mod server;

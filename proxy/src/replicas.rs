@@ -137,7 +137,8 @@ struct Inner {
     current: Mutex<Arc<Snapshot>>,
     subscribers: Mutex<Vec<Arc<dyn Notify>>>,
     synced: AtomicBool,
-    last_sync: Mutex<Option<Instant>>,
+    /// Since when the source has been failing; `None` while it is healthy.
+    out_of_sync: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for ReplicaSet {
@@ -161,7 +162,7 @@ impl ReplicaSet {
     pub fn publish(&self, mut replicas: Vec<Replica>) -> bool {
         replicas.sort();
         replicas.dedup_by_key(|r| r.addr);
-        self.touch();
+        self.heard();
         {
             let mut current = self
                 .inner
@@ -187,20 +188,35 @@ impl ReplicaSet {
         true
     }
 
-    /// Records that the source was heard from, changed or not.
-    pub fn touch(&self) {
-        *self
-            .inner
-            .last_sync
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    /// Records that the source answered (an event, a completed list): the set is as fresh as
+    /// the source, however long nothing changed.
+    pub fn heard(&self) {
+        *self.out_of_sync() = None;
     }
 
-    /// When the source was last heard from.
-    pub fn last_sync(&self) -> Option<Instant> {
-        *self
-            .inner
-            .last_sync
+    /// Records that the source failed at `now`; the set is out of sync from the first failure
+    /// until the source is heard again.
+    pub fn lost(&self, now: Instant) {
+        self.out_of_sync().get_or_insert(now);
+    }
+
+    /// How long the set has been out of sync with its source at `now`: zero while the source
+    /// is healthy, `None` before the first complete set.
+    pub fn sync_age(&self, now: Instant) -> Option<std::time::Duration> {
+        if !self.is_synced() {
+            return None;
+        }
+        Some(
+            self.out_of_sync()
+                .map_or(std::time::Duration::ZERO, |since| {
+                    now.saturating_duration_since(since)
+                }),
+        )
+    }
+
+    fn out_of_sync(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.inner
+            .out_of_sync
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
@@ -290,6 +306,26 @@ mod tests {
 
     fn snap(replicas: &[(u16, ReplicaState)]) -> Snapshot {
         test_snapshot(1, replicas)
+    }
+
+    #[test]
+    fn sync_age_grows_only_while_the_source_fails() {
+        let set = ReplicaSet::new();
+        let t0 = Instant::now();
+        let s = std::time::Duration::from_secs(1);
+        assert_eq!(set.sync_age(t0), None, "nothing listed yet");
+        set.publish(vec![Replica::ready(addr(1))]);
+        // Healthy and idle for a long time: still in sync.
+        assert_eq!(set.sync_age(t0 + 600 * s), Some(std::time::Duration::ZERO));
+        set.lost(t0 + 10 * s);
+        set.lost(t0 + 20 * s);
+        assert_eq!(
+            set.sync_age(t0 + 25 * s),
+            Some(15 * s),
+            "from the first failure"
+        );
+        set.heard();
+        assert_eq!(set.sync_age(t0 + 30 * s), Some(std::time::Duration::ZERO));
     }
 
     #[test]

@@ -3,11 +3,12 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
 
 use crate::replicas::{Notify, ReplicaSet};
 use crate::session::{Admission, SessionTable, Settings};
@@ -60,6 +61,66 @@ pub enum ServerError {
 pub(crate) struct Shared {
     pub(crate) replicas: ReplicaSet,
     pub(crate) shutdown: AtomicBool,
+    pub(crate) health: Arc<Health>,
+}
+
+/// Whether the data plane is whole. A worker that stops for any reason but shutdown (its
+/// event loop failed, it panicked) marks the proxy failed: its clients would otherwise be
+/// rehashed to other workers and reach the game as strangers, silently.
+#[derive(Debug)]
+pub struct Health {
+    failure: watch::Sender<Option<String>>,
+    workers_up: AtomicUsize,
+}
+
+impl Health {
+    fn new() -> Self {
+        Self {
+            failure: watch::Sender::new(None),
+            workers_up: AtomicUsize::new(0),
+        }
+    }
+
+    /// Why the data plane failed, once it has.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.borrow().clone()
+    }
+
+    /// Waits until the data plane fails; returns why.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failure.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            // The sender lives in `self`: it cannot be gone while we borrow it.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Workers running now.
+    pub fn workers_up(&self) -> usize {
+        self.workers_up.load(Ordering::Acquire)
+    }
+
+    fn fail(&self, why: String) {
+        self.failure.send_if_modified(|f| {
+            let first = f.is_none();
+            if first {
+                *f = Some(why);
+            }
+            first
+        });
+    }
+}
+
+/// File descriptors kept from sessions beyond each worker's own (epoll, waker, front sockets):
+/// stdio, the admin listener and its connections, the Kubernetes client, the runtime.
+pub const FD_RESERVE: u64 = 64;
+
+/// Sessions that fit: each holds one socket, so `max_sessions` is capped by the descriptor
+/// limit less what the process needs besides (`fixed`).
+pub fn session_budget(max_sessions: usize, fd_limit: u64, fixed: u64) -> usize {
+    let room = fd_limit.saturating_sub(fixed);
+    max_sessions.min(usize::try_from(room).unwrap_or(usize::MAX))
 }
 
 struct WakeWorker(Arc<mio::Waker>);
@@ -78,6 +139,8 @@ pub struct Proxy {
     local_addrs: Vec<SocketAddr>,
     shared: Arc<Shared>,
     admission: Admission,
+    session_limit: usize,
+    front_inodes: Vec<u64>,
     wakers: Vec<Arc<mio::Waker>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -94,24 +157,31 @@ impl Proxy {
         let mut per_worker: Vec<Vec<std::net::UdpSocket>> =
             (0..workers).map(|_| Vec::new()).collect();
         let mut local_addrs = Vec::new();
+        let mut front_inodes = Vec::new();
         for &addr in &config.listen {
             let group = bind_group(addr, workers, config.socket_buffer)
                 .map_err(|source| ServerError::Bind { addr, source })?;
             local_addrs.push(group.0);
             for (w, s) in group.1.into_iter().enumerate() {
+                front_inodes.extend(crate::kernel::socket_inode(&s));
                 per_worker[w].push(s);
             }
         }
+        let session_limit = fit_sessions(config.max_sessions, workers, config.listen.len());
         let shared = Arc::new(Shared {
             replicas: replicas.clone(),
             shutdown: AtomicBool::new(false),
+            health: Arc::new(Health::new()),
         });
-        let admission = Admission::new(config.max_sessions);
+        let admission = Admission::new(session_limit);
         let settings = Arc::new(config.settings);
+        let fault = crate::worker::injected_fault();
         let mut proxy = Proxy {
             local_addrs,
             shared: shared.clone(),
             admission: admission.clone(),
+            session_limit,
+            front_inodes,
             wakers: Vec::new(),
             threads: Vec::new(),
         };
@@ -135,12 +205,13 @@ impl Proxy {
                             shared.replicas.snapshot(),
                             seed,
                         );
-                        Worker::new(fronts, table, settings.max_datagram, shared)
+                        let fault = fault.filter(|_| index == 0);
+                        Worker::new(fronts, table, settings.max_datagram, shared.clone(), fault)
                     })();
                     match built {
                         Ok((worker, waker)) => {
                             let _ = ready_tx.send(Ok(waker));
-                            worker.run();
+                            run_worker(index, worker, &shared);
                         }
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -184,6 +255,21 @@ impl Proxy {
         self.admission.counter()
     }
 
+    /// Sessions allowed at once: `max_sessions`, capped by the descriptor limit.
+    pub fn session_limit(&self) -> usize {
+        self.session_limit
+    }
+
+    /// Whether the data plane is whole.
+    pub fn health(&self) -> Arc<Health> {
+        self.shared.health.clone()
+    }
+
+    /// Inodes of the front sockets, to find their kernel counters.
+    pub fn front_inodes(&self) -> &[u64] {
+        &self.front_inodes
+    }
+
     /// Stops the workers and waits for them.
     pub fn shutdown(mut self) -> Result<(), ServerError> {
         self.stop()
@@ -208,6 +294,51 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.stop();
     }
+}
+
+/// Runs one worker to its end and reports an end that was not asked for. A panic is caught
+/// here (the default hook has already printed it) so that it becomes a failure of the proxy
+/// rather than a thread that quietly vanished.
+fn run_worker(index: usize, worker: Worker, shared: &Shared) {
+    shared.health.workers_up.fetch_add(1, Ordering::AcqRel);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+    shared.health.workers_up.fetch_sub(1, Ordering::AcqRel);
+    let why = match outcome {
+        Ok(Ok(())) if shared.shutdown.load(Ordering::Acquire) => return,
+        Ok(Ok(())) => format!("worker {index} stopped"),
+        Ok(Err(e)) => format!("worker {index}: event loop failed: {e}"),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown payload".into());
+            format!("worker {index} panicked: {msg}")
+        }
+    };
+    tracing::error!("{why}; the proxy is unhealthy and will exit");
+    shared.health.fail(why);
+}
+
+/// The session limit that fits the process's descriptor limit, warning when it had to be cut.
+fn fit_sessions(max_sessions: usize, workers: usize, listeners: usize) -> usize {
+    let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else {
+        return max_sessions;
+    };
+    // Per worker: epoll, its waker, one front socket per listener.
+    let fixed = FD_RESERVE + (workers * (listeners + 2)) as u64;
+    let fits = session_budget(max_sessions, soft, fixed);
+    if fits < max_sessions {
+        tracing::warn!(
+            max_sessions,
+            fd_limit = soft,
+            reserved = fixed,
+            session_limit = fits,
+            "max_sessions does not fit the open-file limit; sessions capped (raise the hard \
+             limit, e.g. `ulimit -Hn` or the container runtime's nofile, to allow more)"
+        );
+    }
+    fits
 }
 
 /// Binds `count` sockets to `addr` in one `SO_REUSEPORT` group. A probe bind without
@@ -246,4 +377,17 @@ fn bind_group(
 fn seed() -> u64 {
     use std::hash::BuildHasher;
     std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_capped_by_the_descriptor_limit() {
+        assert_eq!(session_budget(10_000, 1024, 100), 924);
+        assert_eq!(session_budget(500, 1024, 100), 500);
+        assert_eq!(session_budget(10_000, 50, 100), 0);
+        assert_eq!(session_budget(10, u64::MAX, 100), 10);
+    }
 }

@@ -45,11 +45,14 @@ pub enum DropReason {
     SendFailed,
     /// Could not open the session's upstream socket.
     SocketError,
+    /// A client datagram from a current replica's address: serving it would open a session
+    /// for the replica and loop the proxy's own traffic.
+    FromReplica,
 }
 
 impl DropReason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Empty,
         DropReason::Oversized,
         DropReason::RateLimited,
@@ -60,6 +63,7 @@ impl DropReason {
         DropReason::StaleSequence,
         DropReason::SendFailed,
         DropReason::SocketError,
+        DropReason::FromReplica,
     ];
 
     /// Metric label.
@@ -75,8 +79,53 @@ impl DropReason {
             DropReason::StaleSequence => "stale_sequence",
             DropReason::SendFailed => "send_failed",
             DropReason::SocketError => "socket_error",
+            DropReason::FromReplica => "from_replica",
         }
     }
+}
+
+/// Why a session ended. Labels `spotable_sessions_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// No client datagram for the session timeout.
+    Idle,
+    /// Its last live replica left: the player's next datagram opens a fresh session.
+    NoReplicas,
+    /// The client's address became a replica's.
+    FromReplica,
+    /// Its upstream socket could not be opened or failed.
+    SocketError,
+}
+
+impl CloseReason {
+    /// Every reason, for pre-registering metrics.
+    pub const ALL: [CloseReason; 4] = [
+        CloseReason::Idle,
+        CloseReason::NoReplicas,
+        CloseReason::FromReplica,
+        CloseReason::SocketError,
+    ];
+
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Idle => "idle",
+            CloseReason::NoReplicas => "no_replicas",
+            CloseReason::FromReplica => "from_replica",
+            CloseReason::SocketError => "socket_error",
+        }
+    }
+}
+
+/// A session that the table closed; the caller closes its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed {
+    /// The session.
+    pub id: SessionId,
+    /// Its client.
+    pub client: SocketAddr,
+    /// Why it closed.
+    pub reason: CloseReason,
 }
 
 /// Behaviour shared by every session of a proxy.
@@ -148,14 +197,14 @@ pub struct Members {
 }
 
 impl Members {
-    fn new(replicas: Vec<crate::replicas::Replica>) -> Self {
+    fn new(replicas: Vec<crate::replicas::Replica>, client: SocketAddr) -> Self {
         let mut m = Members {
             addrs: replicas.iter().map(|r| r.addr).collect(),
             states: replicas.iter().map(|r| slot_state(Some(r.state))).collect(),
             targets: Vec::new(),
             wanted: replicas.len(),
         };
-        m.rebuild_targets();
+        m.rebuild_targets(client);
         m
     }
 
@@ -164,11 +213,15 @@ impl Members {
         self.live() < self.wanted
     }
 
-    fn rebuild_targets(&mut self) {
+    /// Rebuilds the send list. A datagram is never sent back to its own source, whatever
+    /// the replica set says: that is how a forwarding loop would start.
+    fn rebuild_targets(&mut self, client: SocketAddr) {
         self.targets.clear();
         let live = self.addrs.iter().zip(&self.states);
-        self.targets
-            .extend(live.filter(|(_, s)| s.is_live()).map(|(a, _)| *a));
+        self.targets.extend(
+            live.filter(|(a, s)| s.is_live() && **a != client)
+                .map(|(a, _)| *a),
+        );
     }
 
     /// The live slot holding `addr`.
@@ -190,27 +243,36 @@ impl Members {
     }
 
     /// Brings the members in line with `snapshot`; returns whether anything changed and the
-    /// slots that were (re)filled. With `late_join`, free places are filled from `client`'s
-    /// rendezvous ranking, up to `fanout`.
+    /// slots that were (re)filled. A replica that comes back at its old address takes its
+    /// slot back (a flap, a re-added endpoint). With `late_join`, free places are filled from
+    /// `client`'s rendezvous ranking, up to `fanout`.
     fn apply(
         &mut self,
         snapshot: &Snapshot,
         settings: &Settings,
         client: SocketAddr,
     ) -> (bool, Vec<Slot>) {
+        let limit = settings.fanout.min(MAX_SLOTS);
         let mut changed = false;
-        for (addr, state) in self.addrs.iter().zip(self.states.iter_mut()) {
-            if *state == SlotState::Gone {
+        let mut joined = Vec::new();
+        let mut live = self.live();
+        for (slot, (addr, state)) in self.addrs.iter().zip(self.states.iter_mut()).enumerate() {
+            let new = slot_state(snapshot.state_of(*addr));
+            if new == *state {
                 continue;
             }
-            let new = slot_state(snapshot.state_of(*addr));
-            if new != *state {
-                *state = new;
-                changed = true;
+            if *state == SlotState::Gone {
+                if live >= limit {
+                    continue;
+                }
+                live += 1;
+                joined.push(slot);
+            } else if new == SlotState::Gone {
+                live -= 1;
             }
+            *state = new;
+            changed = true;
         }
-        let mut joined = Vec::new();
-        let limit = settings.fanout.min(MAX_SLOTS);
         if settings.late_join && self.live() < limit {
             for r in snapshot.ranked(client, ReplicaState::Ready) {
                 if self.live() >= limit {
@@ -238,7 +300,7 @@ impl Members {
             self.wanted = self.wanted.max(self.live());
         }
         if changed {
-            self.rebuild_targets();
+            self.rebuild_targets(client);
         }
         (changed, joined)
     }
@@ -267,6 +329,9 @@ pub struct Session {
     members: Members,
     dedupe: Deduper,
     limiter: Option<Limiter>,
+    /// Datagrams over the rate since the client was last reported, and when that was.
+    limited: u64,
+    limited_reported: Option<Instant>,
 }
 
 impl Session {
@@ -324,6 +389,18 @@ pub struct ApplyReport {
     pub degraded: u64,
 }
 
+/// A client held to its rate, as reported once per [`RATE_REPORT_INTERVAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimited {
+    /// The client.
+    pub client: SocketAddr,
+    /// Datagrams dropped since its last report.
+    pub dropped: u64,
+}
+
+/// How often one rate-limited client is reported (logged) at most.
+pub const RATE_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Sessions of one worker.
 #[derive(Debug)]
 pub struct SessionTable {
@@ -334,6 +411,9 @@ pub struct SessionTable {
     by_client: HashMap<(ListenerId, SocketAddr), SessionId, foldhash::fast::RandomState>,
     sessions: Slab<Session>,
     evictions: u64,
+    resyncs: u64,
+    /// Sessions with rate-limit drops not yet reported.
+    limited: Vec<SessionId>,
 }
 
 impl SessionTable {
@@ -352,6 +432,8 @@ impl SessionTable {
             by_client: HashMap::default(),
             sessions: Slab::new(),
             evictions: 0,
+            resyncs: 0,
+            limited: Vec::new(),
         }
     }
 
@@ -404,6 +486,10 @@ impl SessionTable {
         if let Some(limiter) = &mut session.limiter
             && !limiter.allow(now)
         {
+            if session.limited == 0 {
+                self.limited.push(id);
+            }
+            session.limited += 1;
             return ClientVerdict::Drop(DropReason::RateLimited);
         }
         if session.members.targets.is_empty() {
@@ -422,8 +508,13 @@ impl SessionTable {
         client: SocketAddr,
         now: Instant,
     ) -> Result<SessionId, DropReason> {
+        // A replica's own address never becomes a player: its datagrams would be fanned out
+        // to the replicas, answered, delivered back to it, and so on.
+        if self.snapshot.state_of(client).is_some() {
+            return Err(DropReason::FromReplica);
+        }
         let limit = self.settings.fanout.min(MAX_SLOTS);
-        let members = Members::new(self.snapshot.for_new_session(client, limit));
+        let members = Members::new(self.snapshot.for_new_session(client, limit), client);
         if members.targets.is_empty() {
             return Err(DropReason::NoReplicas);
         }
@@ -439,6 +530,8 @@ impl SessionTable {
             members,
             dedupe,
             limiter: self.settings.rate.map(|r| Limiter::new(r, now)),
+            limited: 0,
+            limited_reported: None,
         });
         self.by_client.insert((listener, client), id);
         Ok(id)
@@ -463,8 +556,10 @@ impl SessionTable {
             .on_answer(slot, payload, now, &session.members.states);
         match verdict {
             Verdict::Forward | Verdict::ForwardAfterFailover => {
-                // Only a new payload can push an entry out, and a new payload is forwarded.
+                // Only a new payload can push an entry out, and a new payload is forwarded;
+                // likewise only a forwarded answer completes a resync.
                 self.evictions += session.dedupe.take_evictions();
+                self.resyncs += session.dedupe.take_resyncs();
                 AnswerVerdict::Deliver {
                     listener: session.listener,
                     client: session.client,
@@ -478,17 +573,21 @@ impl SessionTable {
 
     /// Closes sessions idle since before `now - session_timeout`, appending their ids to
     /// `closed` so the caller can close their sockets.
-    pub fn expire(&mut self, now: Instant, closed: &mut Vec<SessionId>) {
+    pub fn expire(&mut self, now: Instant, closed: &mut Vec<Closed>) {
         let timeout = self.settings.session_timeout;
         let start = closed.len();
         closed.extend(
             self.sessions
                 .iter()
                 .filter(|(_, s)| now.saturating_duration_since(s.last_active) >= timeout)
-                .map(|(id, _)| id),
+                .map(|(id, s)| Closed {
+                    id,
+                    client: s.client,
+                    reason: CloseReason::Idle,
+                }),
         );
-        for &id in &closed[start..] {
-            self.close(id);
+        for c in &closed[start..] {
+            self.close(c.id);
         }
     }
 
@@ -501,13 +600,35 @@ impl SessionTable {
     }
 
     /// Adopts a new replica snapshot: removed replicas leave every session at once, draining
-    /// ones stop being primary, and with `late_join` new ones join running sessions.
-    pub fn apply(&mut self, snapshot: Arc<Snapshot>, now: Instant) -> ApplyReport {
+    /// ones stop being primary, returning ones take their slot back, and with `late_join` new
+    /// ones join running sessions. A session left without a live replica, or whose client is
+    /// now a replica, is closed and appended to `closed`: the player's next datagram opens a
+    /// fresh session on the replicas there are.
+    pub fn apply(
+        &mut self,
+        snapshot: Arc<Snapshot>,
+        now: Instant,
+        closed: &mut Vec<Closed>,
+    ) -> ApplyReport {
         let mut report = ApplyReport::default();
-        for (_, s) in self.sessions.iter_mut() {
+        let start = closed.len();
+        for (id, s) in self.sessions.iter_mut() {
+            let close = |reason| Closed {
+                id,
+                client: s.client,
+                reason,
+            };
+            if snapshot.state_of(s.client).is_some() {
+                closed.push(close(CloseReason::FromReplica));
+                continue;
+            }
             let was_degraded = s.members.is_degraded();
             let (changed, joined) = s.members.apply(&snapshot, &self.settings, s.client);
             if !changed {
+                continue;
+            }
+            if s.members.live() == 0 {
+                closed.push(close(CloseReason::NoReplicas));
                 continue;
             }
             if s.members.is_degraded() && !was_degraded {
@@ -522,8 +643,39 @@ impl SessionTable {
                 report.failovers += 1;
             }
         }
+        for c in &closed[start..] {
+            self.close(c.id);
+        }
         self.snapshot = snapshot;
         report
+    }
+
+    /// Clients held to their rate since they were last reported, each at most once per
+    /// [`RATE_REPORT_INTERVAL`]; the rest wait for a later call.
+    pub fn rate_limited(&mut self, now: Instant, out: &mut Vec<RateLimited>) {
+        let sessions = &mut self.sessions;
+        self.limited.retain(|&id| {
+            let Some(s) = sessions.get_mut(id) else {
+                return false;
+            };
+            let due = s
+                .limited_reported
+                .is_none_or(|at| now.saturating_duration_since(at) >= RATE_REPORT_INTERVAL);
+            if !due || s.limited == 0 {
+                return s.limited > 0;
+            }
+            out.push(RateLimited {
+                client: s.client,
+                dropped: std::mem::take(&mut s.limited),
+            });
+            s.limited_reported = Some(now);
+            false
+        });
+    }
+
+    /// Restarted `sequence` numberings accepted since the last call.
+    pub fn take_resyncs(&mut self) -> u64 {
+        std::mem::take(&mut self.resyncs)
     }
 
     /// Content-dedupe entries evicted by the per-session cap since the last call; each one
@@ -581,6 +733,14 @@ mod tests {
             snapshot(1, &replicas),
             42,
         )
+    }
+
+    fn apply(t: &mut SessionTable, snapshot: Arc<Snapshot>, now: Instant) -> ApplyReport {
+        let mut closed = Vec::new();
+        let report = t.apply(snapshot, now, &mut closed);
+        let closed: Vec<_> = closed.iter().map(|c| (c.id, c.reason)).collect();
+        assert!(closed.is_empty(), "unexpected closes: {closed:?}");
+        report
     }
 
     fn open(t: &mut SessionTable, client: u16, now: Instant) -> SessionId {
@@ -699,7 +859,8 @@ mod tests {
         t.expire(t0 + Duration::from_secs(59), &mut closed);
         assert!(closed.is_empty());
         t.expire(t0 + Duration::from_secs(60), &mut closed);
-        assert_eq!(closed, vec![idle]);
+        let ids = |c: &[Closed]| c.iter().map(|c| (c.id, c.reason)).collect::<Vec<_>>();
+        assert_eq!(ids(&closed), vec![(idle, CloseReason::Idle)]);
         assert!(t.get(busy).is_some());
         assert_eq!(
             t.on_answer(idle, addr(7001), b"late", t0),
@@ -708,7 +869,10 @@ mod tests {
         // Answers from replicas do not keep a session alive: it belongs to the client.
         t.on_answer(busy, addr(7001), b"x", t0 + Duration::from_secs(80));
         t.expire(t0 + Duration::from_secs(90), &mut closed);
-        assert_eq!(closed, vec![idle, busy]);
+        assert_eq!(
+            ids(&closed),
+            vec![(idle, CloseReason::Idle), (busy, CloseReason::Idle)]
+        );
         assert!(t.is_empty());
     }
 
@@ -756,7 +920,8 @@ mod tests {
         let now = Instant::now();
         let mut t = table(settings(copies()), 10, &[7001, 7002]);
         let old = open(&mut t, 1, now);
-        let report = t.apply(
+        let report = apply(
+            &mut t,
             snapshot(
                 2,
                 &[(7002, ReplicaState::Ready), (7003, ReplicaState::Ready)],
@@ -792,7 +957,8 @@ mod tests {
         let mut t = table(s, 10, &[7001, 7002]);
         let id = open(&mut t, 1, now);
         // Nothing to add while the session is full.
-        let report = t.apply(
+        let report = apply(
+            &mut t,
             snapshot(
                 2,
                 &[
@@ -804,7 +970,8 @@ mod tests {
             now,
         );
         assert_eq!(report.late_joins, 0);
-        let report = t.apply(
+        let report = apply(
+            &mut t,
             snapshot(
                 3,
                 &[(7002, ReplicaState::Ready), (7003, ReplicaState::Ready)],
@@ -852,7 +1019,7 @@ mod tests {
             .filter(|&&p| addr(p) != ranking[0])
             .map(|&p| (p, ReplicaState::Ready))
             .collect();
-        let report = t.apply(snapshot(2, &remaining), now);
+        let report = apply(&mut t, snapshot(2, &remaining), now);
         assert_eq!(report.late_joins, 1);
         assert_eq!(report.degraded, 0, "topped up at once");
         let mut members = t.get(id).unwrap().members().targets().to_vec();
@@ -867,7 +1034,8 @@ mod tests {
         let now = Instant::now();
         let mut t = table(settings(copies()), 10, &[7001, 7002, 7003]);
         open(&mut t, 1, now);
-        let r = t.apply(
+        let r = apply(
+            &mut t,
             snapshot(
                 2,
                 &[(7001, ReplicaState::Ready), (7002, ReplicaState::Ready)],
@@ -875,7 +1043,7 @@ mod tests {
             now,
         );
         assert_eq!(r.degraded, 1);
-        let r = t.apply(snapshot(3, &[(7001, ReplicaState::Ready)]), now);
+        let r = apply(&mut t, snapshot(3, &[(7001, ReplicaState::Ready)]), now);
         assert_eq!(r.degraded, 0, "already degraded: counted once");
     }
 
@@ -894,7 +1062,8 @@ mod tests {
                 ..
             }
         ));
-        let report = t.apply(
+        let report = apply(
+            &mut t,
             snapshot(
                 2,
                 &[(7001, ReplicaState::Draining), (7002, ReplicaState::Ready)],
@@ -929,7 +1098,8 @@ mod tests {
             let now = t0 + MS * seq;
             let payload = seq.to_be_bytes();
             if seq == 100 {
-                t.apply(
+                apply(
+                    &mut t,
                     snapshot(
                         2,
                         &[(7001, ReplicaState::Ready), (7003, ReplicaState::Ready)],
@@ -963,6 +1133,7 @@ mod tests {
             },
             window: Duration::from_secs(1),
             max_entries: 64,
+            resync_after: 2,
         };
         let mut t = table(settings(mode), 10, &[7001, 7002]);
         let id = open(&mut t, 1, now);
@@ -975,5 +1146,269 @@ mod tests {
             t.on_answer(id, addr(7002), b"\x01\x00 at 11ms", now),
             AnswerVerdict::Duplicate
         );
+    }
+
+    fn ready(ports: &[u16]) -> Vec<(u16, ReplicaState)> {
+        ports.iter().map(|&p| (p, ReplicaState::Ready)).collect()
+    }
+
+    fn apply_closing(
+        t: &mut SessionTable,
+        snap: Arc<Snapshot>,
+        now: Instant,
+    ) -> Vec<(SessionId, CloseReason)> {
+        let mut closed = Vec::new();
+        t.apply(snap, now, &mut closed);
+        closed.iter().map(|c| (c.id, c.reason)).collect()
+    }
+
+    fn targets(t: &SessionTable, id: SessionId) -> Vec<SocketAddr> {
+        let mut v = t.get(id).unwrap().members().targets().to_vec();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_rolling_replacement_closes_the_session_and_the_next_datagram_reconnects() {
+        // A,B -> A,B,C -> A draining -> B,C -> B,C,D -> B draining -> C,D; no late join.
+        let now = Instant::now();
+        let (a, b, c, d) = (7001, 7002, 7003, 7004);
+        let mut t = table(settings(copies()), 10, &[a, b]);
+        let id = open(&mut t, 1, now);
+        let steps: [&[(u16, ReplicaState)]; 5] = [
+            &ready(&[a, b, c]),
+            &[
+                (a, ReplicaState::Draining),
+                (b, ReplicaState::Ready),
+                (c, ReplicaState::Ready),
+            ],
+            &ready(&[b, c]),
+            &ready(&[b, c, d]),
+            &[
+                (b, ReplicaState::Draining),
+                (c, ReplicaState::Ready),
+                (d, ReplicaState::Ready),
+            ],
+        ];
+        for (v, step) in steps.iter().enumerate() {
+            let closed = apply_closing(&mut t, snapshot(v as u64 + 2, step), now);
+            assert!(closed.is_empty(), "step {v}: {closed:?}");
+            assert!(matches!(
+                t.on_client(0, addr(1), 10, now),
+                ClientVerdict::Forward { id: i, opened: false, .. } if i == id
+            ));
+        }
+        assert_eq!(targets(&t, id), [addr(b)], "only the draining B is left");
+        // B leaves: the session has no live replica and closes.
+        let closed = apply_closing(&mut t, snapshot(9, &ready(&[c, d])), now);
+        assert_eq!(closed, [(id, CloseReason::NoReplicas)]);
+        assert!(t.is_empty());
+        assert_eq!(t.admission.in_use(), 0, "its budget is returned");
+        // The player's next datagram is a fresh session on the live replicas.
+        let ClientVerdict::Forward {
+            id: fresh,
+            opened: true,
+            ..
+        } = t.on_client(0, addr(1), 10, now)
+        else {
+            panic!("no fresh session");
+        };
+        assert_eq!(targets(&t, fresh), [addr(c), addr(d)]);
+        assert!(matches!(
+            t.on_answer(fresh, addr(d), b"x", now),
+            AnswerVerdict::Deliver { .. }
+        ));
+    }
+
+    #[test]
+    fn all_replicas_flapping_away_closes_and_their_return_readmits() {
+        let now = Instant::now();
+        let mut t = table(settings(copies()), 10, &[7001, 7002]);
+        let id = open(&mut t, 1, now);
+        let closed = apply_closing(&mut t, snapshot(2, &[]), now);
+        assert_eq!(closed, [(id, CloseReason::NoReplicas)]);
+        // While there is nothing to send to, no session opens (and none is left deaf).
+        assert_eq!(
+            t.on_client(0, addr(1), 10, now),
+            ClientVerdict::Drop(DropReason::NoReplicas)
+        );
+        assert!(t.is_empty());
+        apply_closing(&mut t, snapshot(3, &ready(&[7001, 7002])), now);
+        let id = open(&mut t, 1, now);
+        assert_eq!(targets(&t, id), [addr(7001), addr(7002)]);
+    }
+
+    #[test]
+    fn a_replica_returning_at_its_address_takes_its_slot_back() {
+        let now = Instant::now();
+        let mode = Mode::Primary {
+            failover_after: 50 * MS,
+        };
+        let mut t = table(settings(mode), 10, &[7001, 7002]);
+        let id = open(&mut t, 1, now);
+        apply(&mut t, snapshot(2, &ready(&[7002])), now);
+        assert_eq!(targets(&t, id), [addr(7002)]);
+        assert_eq!(
+            t.on_answer(id, addr(7001), b"x", now),
+            AnswerVerdict::Drop(DropReason::NotReplica)
+        );
+        // Removed and re-added (or not-ready for a moment): back in its old slot.
+        let report = apply(&mut t, snapshot(3, &ready(&[7001, 7002])), now);
+        assert_eq!(report.late_joins, 1);
+        assert_eq!(targets(&t, id), [addr(7001), addr(7002)]);
+        let slots = t.get(id).unwrap().members().states().to_vec();
+        assert_eq!(slots, [SlotState::Ready, SlotState::Ready]);
+        assert!(!t.get(id).unwrap().members().is_degraded());
+        // Its answers count again.
+        assert_ne!(
+            t.on_answer(id, addr(7001), b"y", now),
+            AnswerVerdict::Drop(DropReason::NotReplica)
+        );
+        // It comes back draining: a member, but never primary.
+        apply(&mut t, snapshot(4, &ready(&[7002])), now);
+        apply(
+            &mut t,
+            snapshot(
+                5,
+                &[(7001, ReplicaState::Draining), (7002, ReplicaState::Ready)],
+            ),
+            now,
+        );
+        assert_eq!(targets(&t, id), [addr(7001), addr(7002)]);
+    }
+
+    #[test]
+    fn a_returning_replica_does_not_exceed_the_fanout() {
+        let now = Instant::now();
+        let mut s = settings(copies());
+        s.late_join = true;
+        s.fanout = 2;
+        let mut t = table(s, 10, &[7001, 7002]);
+        let id = open(&mut t, 1, now);
+        let gone = t.get(id).unwrap().members().targets()[0];
+        let stays = t.get(id).unwrap().members().targets()[1];
+        // The slot is topped up by late join, then the old replica returns: two stay two.
+        let others: Vec<_> = [stays.port(), 7003]
+            .into_iter()
+            .map(|p| (p, ReplicaState::Ready))
+            .collect();
+        apply(&mut t, snapshot(2, &others), now);
+        let mut all = others.clone();
+        all.push((gone.port(), ReplicaState::Ready));
+        apply(&mut t, snapshot(3, &all), now);
+        assert_eq!(t.get(id).unwrap().members().targets().len(), 2);
+    }
+
+    #[test]
+    fn a_replica_address_never_opens_a_session() {
+        let now = Instant::now();
+        let mut t = table(settings(copies()), 10, &[7001, 7002]);
+        assert_eq!(
+            t.on_client(0, addr(7001), 10, now),
+            ClientVerdict::Drop(DropReason::FromReplica)
+        );
+        assert!(t.is_empty());
+        // A player whose address later turns up as a replica loses its session.
+        let id = open(&mut t, 7003, now);
+        let closed = apply_closing(&mut t, snapshot(2, &ready(&[7001, 7002, 7003])), now);
+        assert_eq!(closed, [(id, CloseReason::FromReplica)]);
+        assert_eq!(
+            t.on_client(0, addr(7003), 10, now),
+            ClientVerdict::Drop(DropReason::FromReplica)
+        );
+    }
+
+    #[test]
+    fn nothing_is_ever_sent_back_to_its_source() {
+        // The general guard below the from-replica rule: members never target the client.
+        let replicas = vec![
+            crate::replicas::Replica::ready(addr(1)),
+            crate::replicas::Replica::ready(addr(2)),
+        ];
+        let m = Members::new(replicas, addr(1));
+        assert_eq!(m.targets(), [addr(2)]);
+    }
+
+    #[test]
+    fn rate_limited_clients_are_reported_once_per_interval() {
+        let now = Instant::now();
+        let mut s = settings(copies());
+        s.rate = Some(Rate {
+            per_second: 1,
+            burst: 1,
+        });
+        let mut t = table(s, 10, &[7001]);
+        open(&mut t, 1, now);
+        open(&mut t, 2, now);
+        for _ in 0..5 {
+            t.on_client(0, addr(1), 10, now);
+        }
+        t.on_client(0, addr(2), 10, now);
+        let mut out = Vec::new();
+        t.rate_limited(now, &mut out);
+        out.sort_by_key(|r| r.client);
+        assert_eq!(
+            out,
+            [
+                RateLimited {
+                    client: addr(1),
+                    dropped: 5
+                },
+                RateLimited {
+                    client: addr(2),
+                    dropped: 1
+                }
+            ]
+        );
+        // More drops within the interval wait; after it, they are reported with their count.
+        let later = now + Duration::from_millis(500);
+        for _ in 0..3 {
+            t.on_client(0, addr(1), 10, later);
+        }
+        out.clear();
+        t.rate_limited(later, &mut out);
+        assert!(out.is_empty());
+        t.rate_limited(now + RATE_REPORT_INTERVAL, &mut out);
+        assert_eq!(
+            out,
+            [RateLimited {
+                client: addr(1),
+                dropped: 3
+            }]
+        );
+        out.clear();
+        t.rate_limited(now + 3 * RATE_REPORT_INTERVAL, &mut out);
+        assert!(out.is_empty(), "nothing new to report");
+    }
+
+    #[test]
+    fn sequence_resync_through_the_table_counts_stale_and_resyncs() {
+        let now = Instant::now();
+        let mode = Mode::Sequence {
+            spec: crate::dedupe::SequenceSpec {
+                offset: 0,
+                width: crate::dedupe::Width::Four,
+                endian: crate::dedupe::Endian::Big,
+            },
+            window: Duration::from_secs(1),
+            max_entries: 64,
+            resync_after: 2,
+        };
+        let mut t = table(settings(mode), 10, &[7001, 7002]);
+        let id = open(&mut t, 1, now);
+        for n in 0u32..100 {
+            t.on_answer(id, addr(7001), &n.to_be_bytes(), now);
+            t.on_answer(id, addr(7002), &n.to_be_bytes(), now);
+        }
+        // The same address, a new player: the replicas number from 0 again.
+        assert_eq!(
+            t.on_answer(id, addr(7001), &0u32.to_be_bytes(), now),
+            AnswerVerdict::Drop(DropReason::StaleSequence)
+        );
+        assert!(matches!(
+            t.on_answer(id, addr(7002), &0u32.to_be_bytes(), now),
+            AnswerVerdict::Deliver { .. }
+        ));
+        assert_eq!(t.take_resyncs(), 1);
     }
 }

@@ -5,7 +5,7 @@
 
 use metrics::{Counter, counter, describe_counter, describe_gauge};
 
-use crate::session::DropReason;
+use crate::session::{CloseReason, DropReason};
 
 /// Metric names, in one place so docs, dashboards and tests agree.
 pub mod names {
@@ -47,8 +47,80 @@ pub mod names {
     pub const DEGRADED: &str = "spotable_sessions_degraded_total";
     /// Replica-discovery watch errors (each followed by a retry with backoff).
     pub const WATCH_ERRORS: &str = "spotable_discovery_watch_errors_total";
-    /// Seconds since discovery last heard from its source.
+    /// Seconds since discovery was last known to be in sync with its source (0 while its
+    /// watch is healthy, idle or not).
     pub const SYNC_AGE: &str = "spotable_discovery_last_sync_age_seconds";
+    /// Sessions closed, by `reason`.
+    pub const SESSIONS_CLOSED: &str = "spotable_sessions_closed_total";
+    /// `sequence` mode: restarted numberings accepted.
+    pub const SEQUENCE_RESYNCS: &str = "spotable_sequence_resyncs_total";
+    /// Clients over their rate, once per client per report interval.
+    pub const RATE_LIMITED_CLIENTS: &str = "spotable_rate_limited_clients_total";
+    /// Errors read from upstream sockets (ICMP reports and others), by `reason`.
+    pub const UPSTREAM_ERRORS: &str = "spotable_upstream_errors_total";
+    /// Datagrams the kernel dropped on the front sockets (receive buffer full).
+    pub const FRONT_KERNEL_DROPS: &str = "spotable_front_kernel_drops_total";
+    /// UDP receive-buffer errors of the whole network namespace (the pod's, in Kubernetes):
+    /// upstream sockets' kernel drops show here.
+    pub const UDP_RCVBUF_ERRORS: &str = "spotable_udp_receive_buffer_errors_total";
+    /// Session limit in force (`--max-sessions`, capped by the file-descriptor limit).
+    pub const SESSION_LIMIT: &str = "spotable_session_limit";
+    /// Data-plane workers running.
+    pub const WORKERS_UP: &str = "spotable_workers_up";
+}
+
+/// An error an upstream socket reported, as counted in [`names::UPSTREAM_ERRORS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// ICMP port unreachable: nothing listens at the replica's port.
+    Refused,
+    /// ICMP host unreachable (or host down).
+    HostUnreachable,
+    /// ICMP network unreachable (or network down).
+    NetUnreachable,
+    /// ICMP fragmentation needed: the datagram exceeds the path MTU.
+    MessageTooBig,
+    /// Anything else.
+    Other,
+}
+
+impl UpstreamError {
+    /// Every kind, for pre-registering metrics.
+    pub const ALL: [UpstreamError; 5] = [
+        UpstreamError::Refused,
+        UpstreamError::HostUnreachable,
+        UpstreamError::NetUnreachable,
+        UpstreamError::MessageTooBig,
+        UpstreamError::Other,
+    ];
+
+    /// Classifies an error from a receive on an upstream socket.
+    pub fn of(e: &std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => UpstreamError::Refused,
+            Some(libc::EHOSTUNREACH | libc::EHOSTDOWN) => UpstreamError::HostUnreachable,
+            Some(libc::ENETUNREACH | libc::ENETDOWN) => UpstreamError::NetUnreachable,
+            Some(libc::EMSGSIZE) => UpstreamError::MessageTooBig,
+            _ => UpstreamError::Other,
+        }
+    }
+
+    /// Whether the error is a replica's or the network's report about one datagram (ICMP),
+    /// after which the socket reads on as before.
+    pub fn is_report(self) -> bool {
+        !matches!(self, UpstreamError::Other)
+    }
+
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamError::Refused => "refused",
+            UpstreamError::HostUnreachable => "host_unreachable",
+            UpstreamError::NetUnreachable => "net_unreachable",
+            UpstreamError::MessageTooBig => "message_too_big",
+            UpstreamError::Other => "other",
+        }
+    }
 }
 
 /// Registers help texts with the installed recorder.
@@ -77,6 +149,44 @@ pub fn describe() {
         DEDUPE_EVICTIONS,
         "Dedupe entries evicted by the per-session cap"
     );
+    describe_counter!(
+        DEGRADED,
+        "Sessions that fell below the redundancy they started with"
+    );
+    describe_counter!(
+        WATCH_ERRORS,
+        "Replica-discovery watch errors, each followed by a retry"
+    );
+    describe_gauge!(
+        SYNC_AGE,
+        "Seconds since discovery was last known in sync with its source (0 while healthy)"
+    );
+    describe_counter!(SESSIONS_CLOSED, "Sessions closed, by reason");
+    describe_counter!(
+        SEQUENCE_RESYNCS,
+        "Restarted sequence numberings accepted (sequence mode)"
+    );
+    describe_counter!(
+        RATE_LIMITED_CLIENTS,
+        "Clients over their packet rate, once per client per report interval"
+    );
+    describe_counter!(
+        UPSTREAM_ERRORS,
+        "Errors reported on upstream sockets (ICMP and others), by reason"
+    );
+    describe_counter!(
+        FRONT_KERNEL_DROPS,
+        "Datagrams the kernel dropped on the front sockets (receive buffer full)"
+    );
+    describe_counter!(
+        UDP_RCVBUF_ERRORS,
+        "UDP receive-buffer errors in the proxy's network namespace"
+    );
+    describe_gauge!(
+        SESSION_LIMIT,
+        "Sessions allowed at once (max_sessions capped by the file-descriptor limit)"
+    );
+    describe_gauge!(WORKERS_UP, "Data-plane workers running");
 }
 
 /// One worker's counters since the last flush.
@@ -112,13 +222,29 @@ pub struct Local {
     pub evictions: u64,
     /// See [`names::DEGRADED`].
     pub degraded: u64,
+    /// See [`names::SEQUENCE_RESYNCS`].
+    pub resyncs: u64,
+    /// See [`names::RATE_LIMITED_CLIENTS`].
+    pub rate_limited_clients: u64,
     drops: [u64; DropReason::ALL.len()],
+    closed: [u64; CloseReason::ALL.len()],
+    upstream_errors: [u64; UpstreamError::ALL.len()],
 }
 
 impl Local {
-    /// Counts one dropped datagram.
+    /// Counts `n` dropped datagrams.
     pub fn drop(&mut self, reason: DropReason, n: u64) {
         self.drops[reason as usize] += n;
+    }
+
+    /// Counts one closed session.
+    pub fn closed(&mut self, reason: CloseReason) {
+        self.closed[reason as usize] += 1;
+    }
+
+    /// Counts one upstream socket error.
+    pub fn upstream_error(&mut self, kind: UpstreamError) {
+        self.upstream_errors[kind as usize] += 1;
     }
 }
 
@@ -140,7 +266,11 @@ pub struct Sink {
     late_joins: Counter,
     evictions: Counter,
     degraded: Counter,
+    resyncs: Counter,
+    rate_limited_clients: Counter,
     drops: Vec<Counter>,
+    closed: Vec<Counter>,
+    upstream_errors: Vec<Counter>,
 }
 
 impl Sink {
@@ -163,9 +293,19 @@ impl Sink {
             late_joins: counter!(LATE_JOINS),
             evictions: counter!(DEDUPE_EVICTIONS),
             degraded: counter!(DEGRADED),
+            resyncs: counter!(SEQUENCE_RESYNCS),
+            rate_limited_clients: counter!(RATE_LIMITED_CLIENTS),
             drops: DropReason::ALL
                 .iter()
                 .map(|r| counter!(DROPS, "reason" => r.as_str()))
+                .collect(),
+            closed: CloseReason::ALL
+                .iter()
+                .map(|r| counter!(SESSIONS_CLOSED, "reason" => r.as_str()))
+                .collect(),
+            upstream_errors: UpstreamError::ALL
+                .iter()
+                .map(|r| counter!(UPSTREAM_ERRORS, "reason" => r.as_str()))
                 .collect(),
         }
     }
@@ -189,13 +329,21 @@ impl Sink {
             (&self.late_joins, l.late_joins),
             (&self.evictions, l.evictions),
             (&self.degraded, l.degraded),
+            (&self.resyncs, l.resyncs),
+            (&self.rate_limited_clients, l.rate_limited_clients),
         ];
         for (counter, n) in pairs {
             if n > 0 {
                 counter.increment(n);
             }
         }
-        for (counter, n) in self.drops.iter().zip(l.drops) {
+        let labelled = self
+            .drops
+            .iter()
+            .zip(l.drops)
+            .chain(self.closed.iter().zip(l.closed))
+            .chain(self.upstream_errors.iter().zip(l.upstream_errors));
+        for (counter, n) in labelled {
             if n > 0 {
                 counter.increment(n);
             }

@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::loglimit::LogLimit;
 use crate::server::Shared;
 use crate::session::{
-    AnswerVerdict, ClientVerdict, DropReason, ListenerId, SessionId, SessionTable,
+    AnswerVerdict, ClientVerdict, CloseReason, Closed, DropReason, ListenerId, RateLimited,
+    SessionId, SessionTable,
 };
-use crate::stats;
+use crate::stats::{self, UpstreamError};
 use crate::udp::{self, MAX_UDP_PAYLOAD, RecvBatch, SendBatch, SendOutcome};
 
 const WAKER: Token = Token(0);
@@ -31,6 +33,25 @@ const ANSWER_ARENA: usize = 64;
 const BATCHES_PER_TURN: usize = 8;
 /// Session expiry and metric flush period.
 const TICK: Duration = Duration::from_millis(100);
+/// Lines about single clients or sessions written per event before the rest are summed up.
+const CLIENT_LINES: usize = 10;
+
+/// Test hook: `SPOTABLE_TEST_FAULT=worker-panic-after-ms=N` makes worker 0 panic N ms after
+/// it starts, so tests can watch the process notice a dead worker. Unset in production.
+pub(crate) fn injected_fault() -> Option<Duration> {
+    let spec = std::env::var("SPOTABLE_TEST_FAULT").ok()?;
+    let ms = spec.strip_prefix("worker-panic-after-ms=")?.parse().ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+/// Data-path warnings, each at most one line per interval.
+#[derive(Debug, Default)]
+struct Logs {
+    socket: LogLimit,
+    front_receive: LogLimit,
+    upstream_receive: LogLimit,
+    disconnect: LogLimit,
+}
 
 /// A front socket, shared by the workers through `SO_REUSEPORT`.
 #[derive(Debug)]
@@ -63,7 +84,14 @@ impl Upstream {
     /// Sends `payload` to `targets`: on the connected socket when there is one target,
     /// otherwise one `sendmmsg` to all (disconnecting first, so every replica's answers are
     /// received again).
-    fn send(&mut self, tx: &mut SendBatch, payload: &[u8], targets: &[SocketAddr]) -> SendOutcome {
+    fn send(
+        &mut self,
+        tx: &mut SendBatch,
+        payload: &[u8],
+        targets: &[SocketAddr],
+        logs: &mut Logs,
+        now: Instant,
+    ) -> SendOutcome {
         if let [only] = targets
             && (self.v6 == only.is_ipv6())
         {
@@ -86,8 +114,10 @@ impl Upstream {
             }
         }
         if self.connected.is_some() {
-            if let Err(e) = udp::disconnect(self.socket.as_raw_fd()) {
-                tracing::warn!(error = %e, "cannot disconnect an upstream socket");
+            if let Err(e) = udp::disconnect(self.socket.as_raw_fd())
+                && let Some(held) = logs.disconnect.hit(now)
+            {
+                tracing::warn!(error = %e, held, "cannot disconnect an upstream socket");
             }
             self.connected = None;
         }
@@ -120,7 +150,11 @@ pub(crate) struct Worker {
     local: stats::Local,
     sink: stats::Sink,
     shared: Arc<Shared>,
-    closed: Vec<SessionId>,
+    closed: Vec<Closed>,
+    limited: Vec<RateLimited>,
+    logs: Logs,
+    /// When the injected fault fires (tests only).
+    fault_at: Option<Instant>,
     next_tick: Instant,
 }
 
@@ -131,6 +165,7 @@ impl Worker {
         table: SessionTable,
         max_datagram: usize,
         shared: Arc<Shared>,
+        fault_after: Option<Duration>,
     ) -> io::Result<(Self, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -156,13 +191,16 @@ impl Worker {
             sink: stats::Sink::new(),
             shared,
             closed: Vec::new(),
+            limited: Vec::new(),
+            logs: Logs::default(),
+            fault_at: fault_after.map(|d| Instant::now() + d),
             next_tick: Instant::now() + TICK,
         };
         Ok((worker, waker))
     }
 
-    /// Runs until shutdown is signalled.
-    pub(crate) fn run(mut self) {
+    /// Runs until shutdown is signalled; an error is the event loop failing.
+    pub(crate) fn run(mut self) -> io::Result<()> {
         while !self.shared.shutdown.load(Ordering::Acquire) {
             let timeout = if self.pending.is_empty() {
                 self.next_tick.saturating_duration_since(Instant::now())
@@ -172,8 +210,8 @@ impl Worker {
             if let Err(e) = self.poll.poll(&mut self.events, Some(timeout))
                 && e.kind() != io::ErrorKind::Interrupted
             {
-                tracing::error!(error = %e, "poll failed; worker stops");
-                break;
+                self.sink.flush(&mut self.local);
+                return Err(e);
             }
             let now = Instant::now();
             self.ready.clear();
@@ -200,6 +238,7 @@ impl Worker {
             }
         }
         self.sink.flush(&mut self.local);
+        Ok(())
     }
 
     fn on_wake(&mut self, now: Instant) {
@@ -207,7 +246,9 @@ impl Worker {
         if snapshot.version == self.table.snapshot().version {
             return;
         }
-        let report = self.table.apply(snapshot, now);
+        self.closed.clear();
+        let report = self.table.apply(snapshot, now, &mut self.closed);
+        self.close_sockets();
         self.local.failovers += report.failovers;
         self.local.late_joins += report.late_joins;
         self.local.degraded += report.degraded;
@@ -229,7 +270,9 @@ impl Worker {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) => {
-                    tracing::warn!(error = %e, "receive from clients failed");
+                    if let Some(held) = self.logs.front_receive.hit(now) {
+                        tracing::warn!(error = %e, held, "receive from clients failed");
+                    }
                     return true;
                 }
             };
@@ -278,7 +321,12 @@ impl Worker {
                     tracing::debug!(%client, session = id, "session opened");
                 }
                 Err(e) => {
-                    tracing::warn!(%client, error = %e, "cannot open upstream socket");
+                    if let Some(held) = self.logs.socket.hit(now) {
+                        tracing::warn!(
+                            %client, error = %e, held,
+                            "cannot open upstream socket; datagram dropped"
+                        );
+                    }
                     self.table.close(id);
                     self.local.drop(DropReason::SocketError, 1);
                     return;
@@ -289,7 +337,7 @@ impl Worker {
             self.local.drop(DropReason::SocketError, 1);
             return;
         };
-        let out = up.send(&mut self.tx, d.payload, targets);
+        let out = up.send(&mut self.tx, d.payload, targets, &mut self.logs, now);
         self.local.upstream_packets += out.sent;
         self.local.upstream_bytes += out.bytes;
         self.local.drop(DropReason::SendFailed, out.failed);
@@ -308,11 +356,18 @@ impl Worker {
             let n = match self.answers.recv(up.socket.as_raw_fd(), start) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                // A connected socket reports the replica's ICMP port-unreachable here, once;
-                // answers may still be queued behind it (edge-triggered: read on).
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                 Err(e) => {
-                    tracing::debug!(session = id, error = %e, "receive from replicas failed");
+                    // A connected socket reports a replica's or the network's ICMP errors here,
+                    // once each; answers may still be queued behind them (edge-triggered: read
+                    // on). Anything else ends this turn.
+                    let kind = UpstreamError::of(&e);
+                    self.local.upstream_error(kind);
+                    if kind.is_report() {
+                        continue;
+                    }
+                    if let Some(held) = self.logs.upstream_receive.hit(now) {
+                        tracing::warn!(session = id, error = %e, held, "receive from replicas failed");
+                    }
                     return true;
                 }
             };
@@ -375,15 +430,70 @@ impl Worker {
     fn tick(&mut self, now: Instant) {
         self.closed.clear();
         self.table.expire(now, &mut self.closed);
-        for &id in &self.closed {
-            self.local.sessions_expired += 1;
-            if let Some(mut up) = self.upstreams.get_mut(id).and_then(Option::take) {
+        self.close_sockets();
+        self.limited.clear();
+        self.table.rate_limited(now, &mut self.limited);
+        self.local.rate_limited_clients += self.limited.len() as u64;
+        for r in self.limited.iter().take(CLIENT_LINES) {
+            tracing::warn!(client = %r.client, dropped = r.dropped, "client over its packet rate");
+        }
+        if let Some(more) = self
+            .limited
+            .len()
+            .checked_sub(CLIENT_LINES)
+            .filter(|&n| n > 0)
+        {
+            tracing::warn!(clients = more, "more clients over their packet rate");
+        }
+        self.local.evictions += self.table.take_evictions();
+        self.local.resyncs += self.table.take_resyncs();
+        self.sink.flush(&mut self.local);
+        if self.fault_at.is_some_and(|at| now >= at) {
+            panic!("injected fault (SPOTABLE_TEST_FAULT)");
+        }
+    }
+
+    /// Closes the sockets of the sessions in `self.closed`; counts and tells why.
+    fn close_sockets(&mut self) {
+        let mut told = 0;
+        for c in &self.closed {
+            if let Some(mut up) = self.upstreams.get_mut(c.id).and_then(Option::take) {
                 // Dropping the socket closes it; deregistering first keeps epoll tidy.
                 let _ = self.poll.registry().deregister(&mut up.socket);
             }
+            self.local.closed(c.reason);
+            match c.reason {
+                CloseReason::Idle => {
+                    self.local.sessions_expired += 1;
+                    tracing::debug!(client = %c.client, session = c.id, "session expired");
+                }
+                CloseReason::NoReplicas if told < CLIENT_LINES => {
+                    told += 1;
+                    tracing::info!(
+                        client = %c.client,
+                        "session closed: its last replica left; the player's next datagram \
+                         opens a new session"
+                    );
+                }
+                CloseReason::FromReplica if told < CLIENT_LINES => {
+                    told += 1;
+                    tracing::info!(client = %c.client, "session closed: its client is now a replica");
+                }
+                _ => {}
+            }
         }
-        self.local.evictions += self.table.take_evictions();
-        self.sink.flush(&mut self.local);
+        let untold = self
+            .closed
+            .iter()
+            .filter(|c| c.reason != CloseReason::Idle)
+            .count()
+            .saturating_sub(told);
+        if untold > 0 {
+            tracing::info!(
+                sessions = untold,
+                "more sessions closed for the same reasons"
+            );
+        }
     }
 }
 

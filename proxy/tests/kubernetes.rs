@@ -232,6 +232,113 @@ fn discovery_drives_dedupe_draining_removal_and_new_endpoints() {
 }
 
 #[test]
+fn a_rolling_replacement_never_leaves_a_streaming_player_deaf() {
+    // A, B, C, D are replica processes sharing one port on 127.0.0.70..73, like pods.
+    let cluster = Cluster::new();
+    let (pods, port) = pods(4, 70, &[]);
+    let mut pods: Vec<Option<ReplicaProcess>> = pods.into_iter().map(Some).collect();
+    let step = |members: &[(u8, Cond)]| {
+        let eps: Vec<_> = members.iter().map(|&(i, c)| (ip(70 + i), c)).collect();
+        slice("game-1", port, &eps)
+    };
+    let (a, b, c, d) = (0, 1, 2, 3);
+    cluster
+        .api
+        .apply(SLICES, step(&[(a, Cond::Ready), (b, Cond::Ready)]));
+    let proxy = cluster.proxy(&[]);
+    wait_replicas(&proxy, 2.0, 0.0);
+
+    // A player streams at 400 datagrams/s while the Deployment rolls (no --late-join):
+    // A,B -> A,B,C -> A terminating -> B,C -> B,C,D -> B terminating -> C,D. Each removed
+    // endpoint's process is SIGKILLed as it leaves.
+    let player = client(&proxy);
+    let rx = Collector::start(&player);
+    let interval = Duration::from_micros(2500);
+    let mut last_original_left = None;
+    stream(&player, 2000, interval, |seq| {
+        let (members, kill): (&[(u8, Cond)], Option<u8>) = match seq {
+            200 => (
+                &[(a, Cond::Ready), (b, Cond::Ready), (c, Cond::Ready)],
+                None,
+            ),
+            400 => (
+                &[(a, Cond::Draining), (b, Cond::Ready), (c, Cond::Ready)],
+                None,
+            ),
+            600 => (&[(b, Cond::Ready), (c, Cond::Ready)], Some(a)),
+            800 => (
+                &[(b, Cond::Ready), (c, Cond::Ready), (d, Cond::Ready)],
+                None,
+            ),
+            1000 => (
+                &[(b, Cond::Draining), (c, Cond::Ready), (d, Cond::Ready)],
+                None,
+            ),
+            1200 => (&[(c, Cond::Ready), (d, Cond::Ready)], Some(b)),
+            _ => return,
+        };
+        cluster.api.apply(SLICES, step(members));
+        if let Some(gone) = kill {
+            pods[usize::from(gone)]
+                .take()
+                .unwrap()
+                .process
+                .kill()
+                .unwrap();
+        }
+        if seq == 1200 {
+            last_original_left = Some(Instant::now());
+        }
+    });
+    let answers = rx.finish_timed(300 * MS);
+    let left = last_original_left.unwrap();
+
+    let seqs: Vec<u64> = answers
+        .iter()
+        .map(|(_, a)| spotable_bench::wire::seq_of(a).unwrap())
+        .collect();
+    let mut unique = seqs.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), seqs.len(), "duplicates delivered");
+    // Until the last original replica left, nothing was lost.
+    for n in 0..1190 {
+        assert!(
+            unique.binary_search(&n).is_ok(),
+            "answer {n} lost before B left"
+        );
+    }
+    // Answers resume within 1 s of B leaving, on a fresh session on C and D ...
+    let resumed = answers
+        .iter()
+        .find(|(at, a)| *at > left && spotable_bench::wire::seq_of(a).unwrap() >= 1200)
+        .map(|(at, _)| *at - left)
+        .expect("answers never resumed");
+    assert!(
+        resumed <= Duration::from_secs(1),
+        "resumed after {resumed:?}"
+    );
+    // ... and after that second every datagram is answered.
+    let settled = 1200 + (Duration::from_secs(1).as_micros() / interval.as_micros()) as u64;
+    let lost: Vec<_> = (settled..2000)
+        .filter(|n| unique.binary_search(n).is_err())
+        .collect();
+    assert!(lost.is_empty(), "lost after the reconnect: {lost:?}");
+    let closed = wait_metric(
+        &proxy,
+        "spotable_sessions_closed_total",
+        &[("reason", "no_replicas")],
+        |v| v >= 1.0,
+    );
+    assert_eq!(closed, 1.0);
+    assert_eq!(
+        log_count(&proxy, "session closed: its last replica left"),
+        1,
+        "logged once"
+    );
+}
+
+#[test]
 fn not_ready_until_the_first_complete_list() {
     let cluster = Cluster::new();
     cluster.api.stop();

@@ -58,6 +58,7 @@ fn table_ops(data: &[u8], start: Instant) {
                 },
                 window: Duration::from_millis(100),
                 max_entries: 8,
+                resync_after: 2,
             },
             _ => Mode::Primary {
                 failover_after: Duration::from_millis(20),
@@ -86,7 +87,12 @@ fn table_ops(data: &[u8], start: Instant) {
         let [op, a, b, c] = [0, 1, 2, 3].map(|i| chunk.get(i).copied().unwrap_or(0));
         match op % 5 {
             0 => {
-                let client = SocketAddr::from(([10, 0, 0, a % 8], 5000));
+                // Now and then from a replica's address: that must never open a session.
+                let client = if a & 0x80 != 0 {
+                    addr(a % 8)
+                } else {
+                    SocketAddr::from(([10, 0, 0, a % 8], 5000))
+                };
                 let snapshot = table.snapshot().clone();
                 if let ClientVerdict::Forward { targets, .. } =
                     table.on_client(0, client, usize::from(b), now)
@@ -118,7 +124,20 @@ fn table_ops(data: &[u8], start: Instant) {
                         },
                     })
                     .collect();
-                table.apply(Arc::new(Snapshot { version, replicas }), now);
+                let snapshot = Arc::new(Snapshot { version, replicas });
+                closed.clear();
+                table.apply(snapshot.clone(), now, &mut closed);
+                // No session is left deaf, and no replica is anyone's player.
+                for c in &closed {
+                    assert!(table.get(c.id).is_none(), "closed session still present");
+                }
+                for id in 0..8 {
+                    if let Some(s) = table.get(id) {
+                        assert!(!s.members().targets().is_empty(), "deaf session");
+                        assert!(snapshot.state_of(s.client).is_none(), "replica as client");
+                        assert!(!s.members().targets().contains(&s.client));
+                    }
+                }
             }
             3 => now += Duration::from_millis(u64::from(c) * 4),
             _ => {

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 pub use copies::Copies;
 pub use primary::Primary;
 pub use sequence::{
-    Endian, ReplayWindow, Sequence, SequenceSpec, WINDOW as SEQUENCE_WINDOW, Width,
+    Endian, REORDER_TOLERANCE, ReplayWindow, Sequence, SequenceSpec, WINDOW as SEQUENCE_WINDOW,
+    Width,
 };
 
 /// Most replicas one session can fan out to. Per-slot state lives in fixed arrays of this
@@ -60,6 +61,9 @@ pub enum Mode {
         window: Duration,
         /// Cap for the content fallback.
         max_entries: usize,
+        /// Consecutive answers agreeing on a restarted numbering before it is accepted
+        /// (0: never).
+        resync_after: u32,
     },
     /// Only the primary replica's answers are forwarded.
     Primary {
@@ -93,8 +97,8 @@ impl Verdict {
 pub enum Deduper {
     /// See [`Copies`].
     Copies(Copies),
-    /// See [`Sequence`].
-    Sequence(Sequence),
+    /// See [`Sequence`]; boxed, as it is the largest by far (allocated once per session).
+    Sequence(Box<Sequence>),
     /// See [`Primary`].
     Primary(Primary),
 }
@@ -112,10 +116,12 @@ impl Deduper {
                 spec,
                 window,
                 max_entries,
-            } => Deduper::Sequence(Sequence::new(
+                resync_after,
+            } => Deduper::Sequence(Box::new(Sequence::new(
                 spec,
                 Copies::new(window, max_entries, seed, now),
-            )),
+                resync_after,
+            ))),
             Mode::Primary { failover_after } => {
                 Deduper::Primary(Primary::new(failover_after, now, slots))
             }
@@ -152,6 +158,14 @@ impl Deduper {
             Deduper::Copies(c) => c.take_evictions(),
             Deduper::Sequence(s) => s.take_evictions(),
             Deduper::Primary(_) => 0,
+        }
+    }
+
+    /// Restarted numberings accepted since the last call (`sequence` mode).
+    pub fn take_resyncs(&mut self) -> u64 {
+        match self {
+            Deduper::Sequence(s) => s.take_resyncs(),
+            Deduper::Copies(_) | Deduper::Primary(_) => 0,
         }
     }
 

@@ -5,10 +5,16 @@
 //! number itself, so advancing the window clears whole words instead of shifting bits. Numbers
 //! compare in serial-number arithmetic (RFC 1982) modulo 2^(8·width), which makes wrap-around
 //! from the largest value back to zero just another step forward.
+//!
+//! A numbering can also restart: a replica restarts or joins with its own count, or a new
+//! player reuses an address and port whose session is still open. The window would reject the
+//! new numbers until they pass the old highest, so [`Sequence`] resynchronises as receivers of
+//! SMPTE ST 2022-7 streams do: after a few consecutive rejected answers that agree on a new
+//! numbering far behind the current one, the new numbering is accepted.
 
 use std::time::Instant;
 
-use super::{Copies, Slot, Verdict};
+use super::{Copies, MAX_SLOTS, Slot, Verdict};
 
 /// Width of the sequence number in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +145,31 @@ impl ReplayWindow {
         }
     }
 
+    /// How far `seq` lies behind the highest number accepted; `None` when it is ahead of it or
+    /// nothing was accepted yet.
+    pub fn behind(&self, seq: u64) -> Option<u64> {
+        let highest = self.highest?;
+        let seq = seq & self.mask;
+        let ahead = seq.wrapping_sub(highest) & self.mask;
+        if ahead != 0 && ahead <= self.mask >> 1 {
+            return None;
+        }
+        Some(highest.wrapping_sub(seq) & self.mask)
+    }
+
+    /// Forgets everything and starts over with `seq` as the only number seen.
+    pub fn reset(&mut self, seq: u64) {
+        self.highest = None;
+        self.ring = [0; WORDS];
+        self.accept(seq);
+    }
+
+    /// Serial distance by which `a` lies behind `b` (0 when it does not).
+    fn distance_behind(&self, a: u64, b: u64) -> u64 {
+        let back = b.wrapping_sub(a) & self.mask;
+        if back <= self.mask >> 1 { back } else { 0 }
+    }
+
     /// Clears the words that the window slides over when moving from `from` to `to`.
     fn advance(&mut self, from: u64, to: u64) {
         let word_mask = self.mask >> 6;
@@ -169,6 +200,10 @@ impl ReplayWindow {
     }
 }
 
+/// Numbers a replica's own stream may step back (reordering on the path) before the step is
+/// taken for a restart of its numbering.
+pub const REORDER_TOLERANCE: u64 = 16;
+
 /// Per-session state of the `sequence` mode.
 #[derive(Debug)]
 pub struct Sequence {
@@ -177,24 +212,82 @@ pub struct Sequence {
     /// Datagrams too short to carry a number (handshakes, pings) are deduplicated by content
     /// instead of being dropped or forwarded once per replica.
     short: Copies,
+    /// Consecutive rejected answers on a new numbering before it is accepted; 0 never.
+    resync_after: u32,
+    /// Each slot's last number: a restart shows as a slot's own stream stepping back.
+    last: [Option<u64>; MAX_SLOTS],
+    /// Slots whose stream stepped back far behind the current numbering.
+    diverged: u32,
+    /// The run of rejected answers on a new numbering: its length and latest number.
+    run: u32,
+    run_at: u64,
+    resyncs: u64,
 }
 
 impl Sequence {
-    /// State for one session.
-    pub fn new(spec: SequenceSpec, short: Copies) -> Self {
+    /// State for one session; see [`Sequence`] for `resync_after`.
+    pub fn new(spec: SequenceSpec, short: Copies, resync_after: u32) -> Self {
         Self {
             spec,
             window: ReplayWindow::new(spec.width),
             short,
+            resync_after,
+            last: [None; MAX_SLOTS],
+            diverged: 0,
+            run: 0,
+            run_at: 0,
+            resyncs: 0,
         }
     }
 
-    /// Decides the fate of one answer.
+    /// Decides the fate of one answer. Answers rejected because they belong to a restarted
+    /// numbering are [`Verdict::Stale`], not duplicates: they were never delivered.
     pub fn on_answer(&mut self, slot: Slot, payload: &[u8], now: Instant) -> Verdict {
-        match self.spec.read(payload) {
-            Some(seq) => self.window.accept(seq),
-            None => self.short.on_answer(slot, payload, now),
+        let Some(seq) = self.spec.read(payload) else {
+            return self.short.on_answer(slot, payload, now);
+        };
+        let slot = slot.min(MAX_SLOTS - 1);
+        let bit = 1u32 << slot;
+        let previous = self.last[slot].replace(seq);
+        let verdict = self.window.accept(seq);
+        if verdict.forwards() {
+            self.run = 0;
+            self.diverged &= !bit;
+            return verdict;
         }
+        // Rejected. Close behind the highest, it is an ordinary copy or a reordered one.
+        if self
+            .window
+            .behind(seq)
+            .is_none_or(|b| b <= REORDER_TOLERANCE)
+        {
+            self.diverged &= !bit;
+            return verdict;
+        }
+        // Far behind. A replica lagging on the current numbering moves forward on its own
+        // stream; a restarted one stepped back (or, new in this slot, started far behind).
+        let stepped_back =
+            previous.is_none_or(|p| self.window.distance_behind(seq, p) > REORDER_TOLERANCE);
+        if stepped_back {
+            self.diverged |= bit;
+        }
+        if self.diverged & bit == 0 {
+            return verdict;
+        }
+        // Answers agree on a new numbering when each lies near the run's latest number.
+        let agrees = self.run > 0
+            && self.window.distance_behind(seq, self.run_at) <= REORDER_TOLERANCE
+            && self.window.distance_behind(self.run_at, seq) <= REORDER_TOLERANCE;
+        self.run = if agrees { self.run + 1 } else { 1 };
+        self.run_at = seq;
+        if self.resync_after > 0 && self.run >= self.resync_after {
+            self.window.reset(seq);
+            self.run = 0;
+            self.diverged = 0;
+            self.resyncs += 1;
+            return Verdict::Forward;
+        }
+        Verdict::Stale
     }
 
     /// See [`Copies::take_evictions`].
@@ -202,9 +295,17 @@ impl Sequence {
         self.short.take_evictions()
     }
 
-    /// See [`Copies::on_slot_joined`]; sequence numbers need nothing.
+    /// Numberings restarted and accepted since the last call.
+    pub fn take_resyncs(&mut self) -> u64 {
+        std::mem::take(&mut self.resyncs)
+    }
+
+    /// A replica joined (or re-used) `slot`: its stream starts afresh.
     pub fn on_slot_joined(&mut self, slot: Slot) {
         self.short.on_slot_joined(slot);
+        let slot = slot.min(MAX_SLOTS - 1);
+        self.last[slot] = None;
+        self.diverged &= !(1 << slot);
     }
 }
 
@@ -320,10 +421,140 @@ mod tests {
         let mut s = Sequence::new(
             spec,
             Copies::new(std::time::Duration::from_secs(1), 64, 3, now),
+            2,
         );
         assert_eq!(s.on_answer(0, b"hi", now), Forward);
         assert_eq!(s.on_answer(1, b"hi", now), Duplicate);
         assert_eq!(s.on_answer(0, b"hdr\0\0\0\0\x07", now), Forward);
         assert_eq!(s.on_answer(1, b"HDR\0\0\0\0\x07", now), Duplicate);
+    }
+
+    fn stream(resync_after: u32) -> Sequence {
+        let spec = SequenceSpec {
+            offset: 0,
+            width: Width::Four,
+            endian: Endian::Big,
+        };
+        let now = Instant::now();
+        Sequence::new(
+            spec,
+            Copies::new(std::time::Duration::from_secs(1), 64, 3, now),
+            resync_after,
+        )
+    }
+
+    fn answer(s: &mut Sequence, slot: Slot, seq: u32) -> Verdict {
+        s.on_answer(slot, &seq.to_be_bytes(), Instant::now())
+    }
+
+    /// Two replicas answer `range` in lockstep; returns the numbers delivered.
+    fn lockstep(s: &mut Sequence, range: std::ops::Range<u32>) -> Vec<u32> {
+        let mut out = Vec::new();
+        for n in range {
+            for slot in [0, 1] {
+                if answer(s, slot, n).forwards() {
+                    out.push(n);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_player_reusing_an_address_gets_a_new_numbering_after_k_answers() {
+        // Old player reached 500; a new one on the same address and port starts again at 0.
+        let mut s = stream(2);
+        assert_eq!(lockstep(&mut s, 0..500), (0..500).collect::<Vec<_>>());
+        // Both replicas' copies of 0 agree on the new numbering: accepted at the second.
+        assert_eq!(
+            answer(&mut s, 0, 0),
+            Stale,
+            "counted as stale, not duplicate"
+        );
+        assert_eq!(answer(&mut s, 1, 0), Forward);
+        assert_eq!(s.take_resyncs(), 1);
+        assert_eq!(lockstep(&mut s, 1..100), (1..100).collect::<Vec<_>>());
+        assert_eq!(s.take_resyncs(), 0);
+    }
+
+    #[test]
+    fn resync_waits_for_k_agreeing_answers() {
+        let mut s = stream(4);
+        lockstep(&mut s, 0..300);
+        assert_eq!(answer(&mut s, 0, 0), Stale);
+        assert_eq!(answer(&mut s, 1, 0), Stale);
+        assert_eq!(answer(&mut s, 0, 1), Stale);
+        assert_eq!(answer(&mut s, 1, 1), Forward, "the fourth agreeing answer");
+        assert_eq!(answer(&mut s, 0, 2), Forward);
+        // Without resync the new numbering would stay dropped until it passed 299.
+        let mut never = stream(0);
+        lockstep(&mut never, 0..300);
+        let dropped: Vec<_> = (0..50).map(|n| answer(&mut never, 0, n)).collect();
+        assert!(dropped.iter().all(|v| !v.forwards()));
+    }
+
+    #[test]
+    fn a_restarted_replica_beyond_the_window_takes_over_when_alone() {
+        // Replica 0 died at 5000; its replacement (slot 1, late-joined) counts from 7.
+        let mut s = stream(2);
+        for n in 0..5000 {
+            answer(&mut s, 0, n);
+        }
+        assert_eq!(answer(&mut s, 1, 7), Stale);
+        assert_eq!(answer(&mut s, 1, 8), Forward);
+        assert_eq!(answer(&mut s, 1, 9), Forward);
+        assert_eq!(answer(&mut s, 1, 9), Duplicate);
+    }
+
+    #[test]
+    fn a_restarted_replica_does_not_interleave_while_a_peer_answers() {
+        // Slot 1 restarts at 0 while slot 0 keeps the stream going: every answer of slot 0
+        // comes between two of slot 1's, so the run never reaches K.
+        let mut s = stream(2);
+        lockstep(&mut s, 0..400);
+        for n in 400..600u32 {
+            assert_eq!(answer(&mut s, 0, n), Forward);
+            assert_eq!(answer(&mut s, 1, n - 400), Stale, "{n}");
+        }
+        assert_eq!(s.take_resyncs(), 0);
+    }
+
+    #[test]
+    fn a_lagging_replica_is_never_taken_for_a_restart() {
+        // Slot 1 pauses, then flushes 100 answers the other replica already delivered.
+        let mut s = stream(2);
+        lockstep(&mut s, 0..100);
+        for n in 100..300 {
+            assert_eq!(answer(&mut s, 0, n), Forward);
+        }
+        for n in 100..300 {
+            assert_eq!(answer(&mut s, 1, n), Duplicate, "{n}");
+        }
+        // Reordered copies and small steps back are ordinary duplicates too.
+        for n in [299, 290, 295, 285, 299] {
+            assert_eq!(answer(&mut s, 1, n), Duplicate, "{n}");
+        }
+        assert_eq!(s.take_resyncs(), 0);
+    }
+
+    #[test]
+    fn answers_that_disagree_do_not_add_up() {
+        // Far-behind answers scattered over the old range are not one new numbering.
+        let mut s = stream(2);
+        lockstep(&mut s, 0..1000);
+        for n in [10, 300, 600, 50, 900] {
+            assert_eq!(answer(&mut s, 0, n), Stale, "{n}");
+        }
+        assert_eq!(s.take_resyncs(), 0);
+    }
+
+    #[test]
+    fn a_joined_slot_starts_afresh() {
+        let mut s = stream(2);
+        lockstep(&mut s, 0..100);
+        s.on_slot_joined(1);
+        // Its first answer far behind counts as a step back, as for any new stream.
+        assert_eq!(answer(&mut s, 1, 3), Stale);
+        assert_eq!(answer(&mut s, 0, 100), Forward);
     }
 }

@@ -66,7 +66,7 @@ pub async fn run(client: Client, source: Source, replicas: ReplicaSet) {
     while let Some(item) = stream.next().await {
         match item {
             Ok(event) => {
-                replicas.touch();
+                replicas.heard();
                 match event {
                     watcher::Event::InitDone => listed = true,
                     watcher::Event::Apply(_) | watcher::Event::Delete(_) if listed => {}
@@ -92,6 +92,7 @@ pub async fn run(client: Client, source: Source, replicas: ReplicaSet) {
                 }
             }
             Err(e) => {
+                replicas.lost(std::time::Instant::now());
                 errors.increment(1);
                 tracing::warn!(error = %e, "EndpointSlice watch failed; retrying");
             }

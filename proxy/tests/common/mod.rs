@@ -102,10 +102,10 @@ pub fn client(proxy: &ProxyProcess) -> UdpSocket {
     s
 }
 
-/// Collects everything a client socket receives until stopped.
+/// Collects everything a client socket receives until stopped, with arrival times.
 pub struct Collector {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Vec<Vec<u8>>>,
+    thread: JoinHandle<Vec<(Instant, Vec<u8>)>>,
 }
 
 impl Collector {
@@ -118,7 +118,7 @@ impl Collector {
             let mut buf = vec![0u8; 65_536];
             while !flag.load(Ordering::Acquire) {
                 if let Ok(n) = socket.recv(&mut buf) {
-                    got.push(buf[..n].to_vec());
+                    got.push((Instant::now(), buf[..n].to_vec()));
                 }
             }
             got
@@ -128,6 +128,14 @@ impl Collector {
 
     /// Waits `settle` for stragglers, then returns what arrived.
     pub fn finish(self, settle: Duration) -> Vec<Vec<u8>> {
+        self.finish_timed(settle)
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect()
+    }
+
+    /// [`finish`](Self::finish) with each answer's arrival time.
+    pub fn finish_timed(self, settle: Duration) -> Vec<(Instant, Vec<u8>)> {
         std::thread::sleep(settle);
         self.stop.store(true, Ordering::Release);
         self.thread.join().unwrap()
@@ -184,4 +192,28 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .expect("VmRSS")
+}
+
+/// Polls `ok` until it holds or `within` passes; returns whether it held.
+pub fn eventually(within: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if ok() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Lines of the proxy's log that contain `needle`.
+pub fn log_count(proxy: &ProxyProcess, needle: &str) -> usize {
+    proxy
+        .log
+        .lines()
+        .iter()
+        .filter(|l| l.contains(needle))
+        .count()
 }

@@ -121,7 +121,8 @@ pub struct Args {
     /// Data-plane threads [default: number of CPUs].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
-    /// Front socket buffer size in bytes [default: 4194304].
+    /// Front socket buffer size in bytes; smaller drops early under overload instead of
+    /// queueing late (capped by net.core.rmem_max) [default: 1048576].
     #[arg(long, value_name = "BYTES")]
     pub socket_buffer: Option<usize>,
     /// After SIGTERM/SIGINT, keep forwarding this long with /readyz failing, so load balancers
@@ -283,6 +284,15 @@ impl Config {
                         "namespace and port_name need kubernetes_service",
                     ));
                 }
+                if let Some(r) = replicas
+                    .iter()
+                    .find(|r| listen.iter().any(|l| is_self(**r, *l)))
+                {
+                    return Err(invalid(
+                        "replicas",
+                        format!("{r} is the proxy's own listen address: it would send to itself"),
+                    ));
+                }
                 ReplicaSource::Static(replicas)
             }
             (true, Some(service)) => {
@@ -421,7 +431,7 @@ impl Config {
                 listen,
                 workers,
                 max_sessions,
-                socket_buffer: a.socket_buffer.or(f.socket_buffer).unwrap_or(4 << 20),
+                socket_buffer: a.socket_buffer.or(f.socket_buffer).unwrap_or(1 << 20),
                 settings: Settings {
                     mode,
                     session_timeout,
@@ -438,6 +448,13 @@ impl Config {
             log_level: a.log_level.or(f.log_level).unwrap_or_else(|| "info".into()),
         })
     }
+}
+
+/// Whether a datagram sent to `replica` would reach the listener bound to `listen`.
+fn is_self(replica: SocketAddr, listen: SocketAddr) -> bool {
+    replica.port() == listen.port()
+        && (replica.ip() == listen.ip()
+            || (listen.ip().is_unspecified() && replica.ip().is_loopback()))
 }
 
 /// RFC 1123 label, as Kubernetes names of services, namespaces and ports are.
@@ -615,6 +632,20 @@ mod tests {
         assert!(e.starts_with("proxy.toml:1: listen:"), "{e}");
         let e = error(&base, "= broken");
         assert!(e.starts_with("proxy.toml:1:"), "{e}");
+        for own in ["127.0.0.1:7777", "0.0.0.0:7777"] {
+            let e = error(&["--listen", own, "--replica", "127.0.0.1:7777"], "");
+            assert!(
+                e.starts_with("replicas: 127.0.0.1:7777 is the proxy's own"),
+                "{e}"
+            );
+        }
+        assert!(
+            load(
+                &["--listen", "0.0.0.0:7777", "--replica", "10.0.0.5:7777"],
+                ""
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -1,15 +1,22 @@
 //! The agent: poll instance metadata, and for each new notice tell the inventory, cordon the
 //! node and drain it, in that order, before the deadline.
+//!
+//! Handling a notice is a goal pursued until its deadline, not one attempt: an API server that
+//! is unreachable for a few seconds when the notice arrives delays the cordon and the drain,
+//! it does not cancel them.
 
 use std::collections::HashSet;
+use std::fmt::Display;
+use std::future::Future;
 use std::time::{Duration, SystemTime};
 
-use metrics::counter;
+use backon::BackoffBuilder;
+use metrics::{counter, describe_counter};
 
 use crate::drain::{Drainer, PodOutcome};
 use crate::imds::{Identity, Imds, ImdsError};
 use crate::inventory::{Message, Publisher, Status};
-use crate::notice::{self, Action, Notice};
+use crate::notice::{self, Action, Kind, Malformed, Notice};
 
 /// Metric names.
 pub mod names {
@@ -19,7 +26,50 @@ pub mod names {
     pub const ACTIONS: &str = "spotable_agent_actions_total";
     /// Failed metadata polls.
     pub const IMDS_ERRORS: &str = "spotable_agent_imds_errors_total";
+    /// Notice bodies that could not be acted on, by `kind`, once per distinct body.
+    pub const MALFORMED: &str = "spotable_agent_malformed_notices_total";
+    /// Failed attempts at a step that was then tried again, by `action`.
+    pub const RETRIES: &str = "spotable_agent_retries_total";
 }
+
+/// Every label value the agent's series take, so all of them show (at zero) from the start.
+const ACTION_LABELS: [&str; 3] = ["publish", "cordon", "drain"];
+const POD_OUTCOMES: [&str; 5] = ["evicted", "deleted", "gone", "failed", "dry_run"];
+
+/// Registers help texts and every series at zero, so `/metrics` shows them before the first
+/// notice (dashboards and alerts see 0, not "no data").
+pub fn describe_metrics() {
+    use names::*;
+    describe_counter!(NOTICES, "Interruption notices handled, by kind");
+    describe_counter!(ACTIONS, "Actions taken on notices, by action and result");
+    describe_counter!(IMDS_ERRORS, "Instance-metadata polls that failed");
+    describe_counter!(
+        MALFORMED,
+        "Notice bodies that could not be acted on, once per distinct body, by kind"
+    );
+    describe_counter!(
+        RETRIES,
+        "Failed attempts at a step that was tried again before the deadline, by action"
+    );
+    for kind in [Kind::Spot, Kind::Rebalance, Kind::Maintenance] {
+        counter!(NOTICES, "kind" => kind.as_str()).absolute(0);
+        counter!(MALFORMED, "kind" => kind.as_str()).absolute(0);
+    }
+    for action in ACTION_LABELS {
+        for result in ["ok", "error"] {
+            counter!(ACTIONS, "action" => action, "result" => result).absolute(0);
+        }
+        counter!(RETRIES, "action" => action).absolute(0);
+    }
+    for outcome in POD_OUTCOMES {
+        counter!(ACTIONS, "action" => "evict", "result" => outcome).absolute(0);
+    }
+    counter!(IMDS_ERRORS).absolute(0);
+}
+
+/// Distinct malformed bodies remembered, so each is logged once; past this the memory is
+/// cleared (a body that keeps changing is logged again, never without bound).
+const MALFORMED_MEMORY: usize = 256;
 
 /// Agent behaviour.
 #[derive(Debug, Clone)]
@@ -74,6 +124,7 @@ pub struct Agent {
     publisher: Option<Publisher>,
     drainer: Drainer,
     handled: HashSet<String>,
+    malformed: HashSet<String>,
     identity: Option<Identity>,
 }
 
@@ -91,6 +142,7 @@ impl Agent {
             publisher,
             drainer,
             handled: HashSet::new(),
+            malformed: HashSet::new(),
             identity: None,
         }
     }
@@ -99,14 +151,26 @@ impl Agent {
     /// caller logs and counts; the next poll tries again.
     pub async fn poll(&mut self) -> Result<Vec<Notice>, ImdsError> {
         let mut found = Vec::new();
-        if let Some(a) = self.imds.spot_action().await? {
-            found.push(Notice::spot(&a));
+        if let Some(body) = self.imds.get(notice::SPOT_PATH).await? {
+            self.take(Kind::Spot, &body, Notice::parse_spot(&body), &mut found);
         }
-        if let Some(r) = self.imds.rebalance().await? {
-            found.push(Notice::rebalance(&r));
+        if let Some(body) = self.imds.get(notice::REBALANCE_PATH).await? {
+            self.take(
+                Kind::Rebalance,
+                &body,
+                Notice::parse_rebalance(&body),
+                &mut found,
+            );
         }
-        for e in self.imds.scheduled_events().await? {
-            found.push(Notice::maintenance(&e));
+        if let Some(body) = self.imds.get(notice::MAINTENANCE_PATH).await? {
+            match Notice::parse_maintenance(&body) {
+                Ok(events) => {
+                    for e in events {
+                        self.take(Kind::Maintenance, &body, e, &mut found);
+                    }
+                }
+                Err(e) => self.take(Kind::Maintenance, &body, Err(e), &mut found),
+            }
         }
         let now = SystemTime::now();
         Ok(found
@@ -114,6 +178,33 @@ impl Agent {
             .filter(|n| !self.handled.contains(&n.id))
             .filter(|n| notice::due(n, now, self.config.maintenance_lead))
             .collect())
+    }
+
+    /// Keeps a parsed notice; counts and logs a malformed body once, and never acts on it.
+    fn take(
+        &mut self,
+        kind: Kind,
+        body: &str,
+        parsed: Result<Notice, Malformed>,
+        found: &mut Vec<Notice>,
+    ) {
+        match parsed {
+            Ok(n) => found.push(n),
+            Err(why) => {
+                if self.malformed.len() >= MALFORMED_MEMORY {
+                    self.malformed.clear();
+                }
+                if self.malformed.insert(format!("{}:{body}", kind.as_str())) {
+                    counter!(names::MALFORMED, "kind" => kind.as_str()).increment(1);
+                    tracing::warn!(
+                        kind = kind.as_str(),
+                        body = %body.chars().take(256).collect::<String>(),
+                        error = %why,
+                        "malformed interruption notice ignored"
+                    );
+                }
+            }
+        }
     }
 
     /// One poll and the handling of whatever it found.
@@ -134,8 +225,9 @@ impl Agent {
         }
     }
 
-    /// Handles one notice: inventory first, then cordon, then drain. Marked handled first, so
-    /// a notice still served on the next poll is not acted on twice.
+    /// Handles one notice: inventory first, then cordon, then drain, each pursued until it is
+    /// done or the deadline has passed. Marked handled first, so a notice still served on the
+    /// next poll is not acted on twice.
     pub async fn handle(&mut self, notice: Notice) -> Report {
         self.handled.insert(notice.id.clone());
         counter!(names::NOTICES, "kind" => notice.kind.as_str()).increment(1);
@@ -152,22 +244,22 @@ impl Agent {
         let published = self.publish(&notice, deadline).await;
 
         let cordoned = if action >= Action::Cordon {
-            let r = self
-                .drainer
-                .cordon(&notice.reason)
-                .await
-                .map_err(|e| e.to_string());
+            let drainer = &self.drainer;
+            let reason = &notice.reason;
+            let r = until_deadline("cordon", deadline, || drainer.cordon(reason)).await;
             count("cordon", r.is_ok());
             if let Err(e) = &r {
-                tracing::error!(error = e, "cordon failed");
+                tracing::error!(error = e, "cordon not done by the deadline");
             }
             Some(r)
         } else {
             None
         };
         let drained = if action == Action::Drain {
-            match self.drainer.drain(deadline).await {
+            let drainer = &self.drainer;
+            match until_deadline("drain", deadline, || drainer.drain(deadline)).await {
                 Ok(pods) => {
+                    count("drain", true);
                     for (_, outcome) in &pods {
                         counter!(names::ACTIONS, "action" => "evict", "result" => outcome.as_str())
                             .increment(1);
@@ -176,7 +268,7 @@ impl Agent {
                 }
                 Err(e) => {
                     count("drain", false);
-                    tracing::error!(error = %e, "cannot list the node's pods");
+                    tracing::error!(error = %e, "the node's pods could not be listed by the deadline");
                     Vec::new()
                 }
             }
@@ -261,6 +353,44 @@ impl Agent {
             self.tick().await;
             tokio::time::sleep(every).await;
         }
+    }
+}
+
+/// Runs `step` until it succeeds or `deadline` passes, pausing between attempts on a jittered,
+/// capped exponential backoff (never past the deadline). The last error when time ran out.
+pub async fn until_deadline<T, E, F, Fut>(
+    action: &'static str,
+    deadline: SystemTime,
+    mut step: F,
+) -> Result<T, String>
+where
+    E: Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut pauses = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut attempt = 0u32;
+    loop {
+        let e = match step().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        attempt += 1;
+        let left = deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        if left.is_zero() {
+            return Err(e.to_string());
+        }
+        counter!(names::RETRIES, "action" => action).increment(1);
+        let pause = pauses.next().unwrap_or(Duration::from_secs(5)).min(left);
+        tracing::warn!(action, attempt, error = %e, retry_in = ?pause, "failed; retrying until the deadline");
+        tokio::time::sleep(pause).await;
     }
 }
 

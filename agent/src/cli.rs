@@ -92,6 +92,7 @@ pub fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let metrics = spotable_edge::install_metrics()?;
+    crate::agent::describe_metrics();
     let kube_config = kube::Config::infer()
         .await
         .map_err(|e| format!("cannot find Kubernetes settings (in-cluster or KUBECONFIG): {e}"))?;

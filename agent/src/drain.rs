@@ -109,9 +109,14 @@ impl Drainer {
     }
 
     /// Marks the node unschedulable and taints it `NoSchedule`, keeping its other taints.
+    ///
+    /// The patch carries the `resourceVersion` the taints were read at, so a taint that another
+    /// controller (NTH, Karpenter, the node lifecycle controller) adds in between is never
+    /// overwritten: the API answers 409 and the caller reads again and retries.
     pub async fn cordon(&self, reason: &str) -> Result<(), kube::Error> {
         let nodes: Api<Node> = Api::all(self.client.clone());
         let node = nodes.get(&self.node).await?;
+        let version = node.metadata.resource_version.clone();
         let mut taints: Vec<Taint> = node
             .spec
             .and_then(|s| s.taints)
@@ -129,7 +134,10 @@ impl Drainer {
             tracing::info!(node = self.node, reason, "dry run: would cordon and taint");
             return Ok(());
         }
-        let patch = json!({"spec": {"unschedulable": true, "taints": taints}});
+        let patch = json!({
+            "metadata": {"resourceVersion": version},
+            "spec": {"unschedulable": true, "taints": taints},
+        });
         nodes
             .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;

@@ -41,35 +41,78 @@ pub struct Notice {
     pub deadline: Option<SystemTime>,
 }
 
+/// Where each kind of notice is served, under `/latest/`.
+pub const SPOT_PATH: &str = "meta-data/spot/instance-action";
+/// See [`SPOT_PATH`].
+pub const REBALANCE_PATH: &str = "meta-data/events/recommendations/rebalance";
+/// See [`SPOT_PATH`].
+pub const MAINTENANCE_PATH: &str = "meta-data/events/maintenance/scheduled";
+
+/// A notice body that cannot be acted on: bad JSON, an unknown action, a time that does not
+/// parse. Never taken as "now": the real notice that follows must be handled once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub String);
+
+fn json<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, Malformed> {
+    serde_json::from_str(body).map_err(|e| Malformed(format!("not the documented JSON: {e}")))
+}
+
 impl Notice {
-    /// From the spot instance-action document.
-    pub fn spot(a: &SpotAction) -> Self {
-        Self {
+    /// From the body of `spot/instance-action`.
+    pub fn parse_spot(body: &str) -> Result<Self, Malformed> {
+        let a: SpotAction = json(body)?;
+        if !matches!(a.action.as_str(), "terminate" | "stop" | "hibernate") {
+            return Err(Malformed(format!("unknown spot action {:?}", a.action)));
+        }
+        let deadline = humantime::parse_rfc3339_weak(&a.time)
+            .map_err(|_| Malformed(format!("spot time {:?} is not RFC 3339", a.time)))?;
+        Ok(Self {
             kind: Kind::Spot,
             id: format!("spot:{}:{}", a.action, a.time),
             reason: format!("spot-{}", a.action),
-            deadline: humantime::parse_rfc3339_weak(&a.time).ok(),
-        }
+            deadline: Some(deadline),
+        })
     }
 
-    /// From a rebalance recommendation.
-    pub fn rebalance(r: &Rebalance) -> Self {
-        Self {
+    /// From the body of `events/recommendations/rebalance`.
+    pub fn parse_rebalance(body: &str) -> Result<Self, Malformed> {
+        let r: Rebalance = json(body)?;
+        humantime::parse_rfc3339_weak(&r.notice_time).map_err(|_| {
+            Malformed(format!(
+                "rebalance noticeTime {:?} is not RFC 3339",
+                r.notice_time
+            ))
+        })?;
+        Ok(Self {
             kind: Kind::Rebalance,
             id: format!("rebalance:{}", r.notice_time),
             reason: "rebalance".into(),
             deadline: None,
-        }
+        })
     }
 
-    /// From a scheduled maintenance event.
-    pub fn maintenance(e: &ScheduledEvent) -> Self {
-        Self {
-            kind: Kind::Maintenance,
-            id: format!("maintenance:{}", e.event_id),
-            reason: format!("maintenance-{}", e.code),
-            deadline: parse_imds_date(&e.not_before),
-        }
+    /// From the body of `events/maintenance/scheduled`: one result per active event.
+    pub fn parse_maintenance(body: &str) -> Result<Vec<Result<Self, Malformed>>, Malformed> {
+        let all: Vec<ScheduledEvent> = json(body)?;
+        Ok(all
+            .iter()
+            .filter(|e| e.state == "active")
+            .map(|e| {
+                let deadline = parse_imds_date(&e.not_before).ok_or_else(|| {
+                    Malformed(format!(
+                        "maintenance {} NotBefore {:?} is not a date",
+                        e.event_id, e.not_before
+                    ))
+                })?;
+                Ok(Self {
+                    kind: Kind::Maintenance,
+                    id: format!("maintenance:{}", e.event_id),
+                    reason: format!("maintenance-{}", e.code),
+                    deadline: Some(deadline),
+                })
+            })
+            .collect())
     }
 }
 
@@ -104,7 +147,7 @@ pub fn action_for(kind: Kind, rebalance: Action) -> Action {
     }
 }
 
-/// Maintenance is acted on only once it is this close (or its date is unreadable).
+/// Maintenance is acted on only once it is this close.
 pub fn due(notice: &Notice, now: SystemTime, lead: Duration) -> bool {
     match (notice.kind, notice.deadline) {
         (Kind::Maintenance, Some(at)) => at.duration_since(now).unwrap_or(Duration::ZERO) <= lead,
@@ -146,23 +189,47 @@ mod tests {
 
     #[test]
     fn ids_are_stable_and_deadlines_parsed() {
-        let a = SpotAction {
-            action: "terminate".into(),
-            time: "2026-11-24T08:22:00Z".into(),
-        };
-        let n = Notice::spot(&a);
-        assert_eq!(n, Notice::spot(&a.clone()));
+        let body = r#"{"action": "terminate", "time": "2026-11-24T08:22:00Z"}"#;
+        let n = Notice::parse_spot(body).unwrap();
+        assert_eq!(Notice::parse_spot(body), Ok(n.clone()));
         assert_eq!(n.id, "spot:terminate:2026-11-24T08:22:00Z");
         assert_eq!(n.reason, "spot-terminate");
         assert_eq!(
             n.deadline,
             humantime::parse_rfc3339("2026-11-24T08:22:00Z").ok()
         );
-        let r = Notice::rebalance(&Rebalance {
-            notice_time: "2026-11-24T08:20:00Z".into(),
-        });
+        let r = Notice::parse_rebalance(r#"{"noticeTime": "2026-11-24T08:20:00Z"}"#).unwrap();
         assert_eq!(r.id, "rebalance:2026-11-24T08:20:00Z");
         assert_eq!(r.deadline, None);
+        let m = Notice::parse_maintenance(
+            r#"[{"Code": "system-reboot", "EventId": "instance-event-1", "State": "active",
+                 "NotBefore": "21 Jan 2019 09:00:43 GMT"},
+                {"Code": "system-reboot", "EventId": "instance-event-0", "State": "completed",
+                 "NotBefore": "1 Jan 2019 09:00:43 GMT"}]"#,
+        )
+        .unwrap();
+        assert_eq!(m.len(), 1, "only active events");
+        assert_eq!(m[0].as_ref().unwrap().id, "maintenance:instance-event-1");
+    }
+
+    #[test]
+    fn malformed_bodies_are_rejected_never_taken_as_now() {
+        for body in [
+            r#"{"action": "terminate", "time": "soon"}"#,
+            r#"{"action": "explode", "time": "2026-11-24T08:22:00Z"}"#,
+            r#"{"action": "terminate"}"#,
+            "not json",
+            "",
+        ] {
+            assert!(Notice::parse_spot(body).is_err(), "{body}");
+        }
+        assert!(Notice::parse_rebalance(r#"{"noticeTime": "yesterday"}"#).is_err());
+        assert!(Notice::parse_maintenance("{}").is_err());
+        let m = Notice::parse_maintenance(
+            r#"[{"Code": "system-reboot", "EventId": "e", "State": "active", "NotBefore": "tbd"}]"#,
+        )
+        .unwrap();
+        assert!(m[0].is_err(), "an unreadable date is not a date due now");
     }
 
     #[test]

@@ -212,6 +212,102 @@ async fn spot_notice_publishes_then_cordons_then_evicts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_outage_at_the_notice_delays_the_drain_but_does_not_cancel_it() {
+    let w = world().await;
+    let mut agent = agent(&w, false, Action::Cordon);
+    // The API server is unreachable when the notice arrives and comes back 8 s later.
+    w.api.stop();
+    let time = in_secs(120);
+    let deadline = humantime::parse_rfc3339(&time).unwrap();
+    w.imds.set(
+        SPOT,
+        &format!(r#"{{"action": "terminate", "time": "{time}"}}"#),
+    );
+    let (reports, ()) = tokio::join!(agent.tick(), async {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        tokio::task::block_in_place(|| w.api.restart().unwrap());
+    });
+    assert_eq!(reports.len(), 1);
+    assert_eq!(
+        reports[0].cordoned,
+        Some(Ok(())),
+        "cordoned once the API was back"
+    );
+    assert_eq!(
+        reports[0].drained,
+        vec![("games/mc-0".to_string(), PodOutcome::Evicted)]
+    );
+    // In order, before the deadline, and the inventory told exactly once.
+    let actions = w.api.actions();
+    let verbs: Vec<_> = actions.iter().map(|a| a.verb.as_str()).collect();
+    assert_eq!(verbs, ["PATCH", "EVICT"]);
+    assert!(actions.iter().all(|a| a.at < deadline));
+    assert_eq!(
+        w.api.get(NODES, NODE).unwrap()["spec"]["unschedulable"],
+        true
+    );
+    let got = receive_all(&w.sqs, &w.queue, Duration::from_millis(800)).await;
+    assert_eq!(got.len(), 1, "one inventory message");
+    assert!(got[0].sent_at.unwrap() <= actions[0].at);
+    // Handled: the next poll does nothing more.
+    assert!(agent.tick().await.is_empty());
+    assert_eq!(w.api.actions().len(), 2);
+}
+
+/// Log lines written on this thread, for tests on a current-thread runtime.
+#[derive(Clone, Default)]
+struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn containing(&self, needle: &str) -> usize {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).to_string();
+        text.lines().filter(|l| l.contains(needle)).count()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_malformed_notice_is_logged_once_and_never_acted_on() {
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let w = world().await;
+    let mut agent = agent(&w, false, Action::Cordon);
+    w.imds
+        .set(SPOT, r#"{"action": "terminate", "time": "soon"}"#);
+    for _ in 0..3 {
+        assert!(agent.tick().await.is_empty(), "a malformed notice acted on");
+    }
+    assert_eq!(lines.containing("malformed interruption notice ignored"), 1);
+    assert!(w.api.actions().is_empty());
+    // The real notice that follows is handled, once.
+    let time = in_secs(120);
+    w.imds.set(
+        SPOT,
+        &format!(r#"{{"action": "terminate", "time": "{time}"}}"#),
+    );
+    assert_eq!(agent.tick().await.len(), 1);
+    assert!(agent.tick().await.is_empty());
+    let verbs: Vec<_> = w.api.actions().into_iter().map(|a| a.verb).collect();
+    assert_eq!(verbs, ["PATCH", "EVICT"]);
+    let got = receive_all(&w.sqs, &w.queue, Duration::from_millis(800)).await;
+    assert_eq!(got.len(), 1, "one interrupted message");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disruption_budget_near_the_deadline_falls_back_to_delete_with_grace() {
     let w = world().await;
     w.api.protect(PODS, "mc-0", true);
@@ -424,6 +520,27 @@ async fn the_binary_handles_a_spot_notice_end_to_end() {
         early.contains("spotable_agent_imds_errors_total"),
         "{early}"
     );
+    // Before any notice, every series is there (at zero) and has its HELP.
+    for series in [
+        "spotable_agent_notices_total{kind=\"spot\"} 0",
+        "spotable_agent_actions_total{action=\"cordon\",result=\"ok\"} 0",
+        "spotable_agent_malformed_notices_total{kind=\"spot\"} 0",
+        "spotable_agent_retries_total{action=\"drain\"} 0",
+    ] {
+        assert!(early.contains(series), "{series} missing:\n{early}");
+    }
+    for name in [
+        "spotable_agent_notices_total",
+        "spotable_agent_actions_total",
+        "spotable_agent_imds_errors_total",
+        "spotable_agent_malformed_notices_total",
+        "spotable_agent_retries_total",
+    ] {
+        assert!(
+            early.contains(&format!("# HELP {name} ")),
+            "no HELP for {name}"
+        );
+    }
     assert!(
         child.try_wait().unwrap().is_none(),
         "the agent died on metadata errors"

@@ -9,7 +9,8 @@
 //!   `allowWatchBookmarks=true`. A version older than the retained history gets an `ERROR`
 //!   event carrying a 410 `Expired` status, as the real server sends it.
 //! - Objects: `GET`, `PATCH` (JSON merge patch; a strategic merge patch is treated alike, lists
-//!   replaced) and `DELETE` on `<collection>/<name>`, and the Eviction subresource
+//!   replaced; a `metadata.resourceVersion` in the patch is a precondition, 409 when stale)
+//!   and `DELETE` on `<collection>/<name>`, and the Eviction subresource
 //!   `POST <collection>/<name>/eviction`: 201 and the pod is gone, or 429 for pods the test
 //!   marks protected, as a PodDisruptionBudget would answer.
 //! - Every change a client makes is recorded in order with its wall-clock time.
@@ -441,6 +442,17 @@ fn object_request(inner: &Shared, method: &Method, path: &str, body: Value) -> O
     Some(match (method.clone(), eviction) {
         (Method::GET, false) => json_response(StatusCode::OK, current.to_string()),
         (Method::PATCH, false) => {
+            // A patch naming a resourceVersion is a precondition, as on a real API server:
+            // stale means someone else wrote in between (409, read again and retry).
+            let wanted = body["metadata"]["resourceVersion"].as_str();
+            if wanted.is_some_and(|v| Some(v) != current["metadata"]["resourceVersion"].as_str()) {
+                record("PATCH-409");
+                return Some(status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                ));
+            }
             record("PATCH");
             drop(i);
             let mut patched = current;

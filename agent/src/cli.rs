@@ -12,6 +12,8 @@ use crate::drain::{self, Drainer};
 use crate::imds::{Imds, ImdsConfig};
 use crate::inventory::Publisher;
 use crate::notice::Action;
+use crate::queue::{QueueAgent, QueueConfig};
+use crate::respond::{Policy, Responder, Webhook};
 use spotable_edge::LogFormat;
 
 /// `spotable-agent` command line.
@@ -19,16 +21,41 @@ use spotable_edge::LogFormat;
 #[command(
     name = "spotable-agent",
     version,
-    about = "Spot interruption agent: on a notice from instance metadata, tells the inventory \
-             queue, cordons the node and drains its pods before the deadline.",
+    about = "Spot interruption agent: on a notice, tells the inventory queue, cordons the node \
+             and drains its pods before the deadline. Notices come from the node's instance \
+             metadata (a DaemonSet with --node-name) or, for the whole cluster, from an \
+             EventBridge interruption queue (a Deployment with --interruption-queue-url).",
     after_help = "Durations take units: 500ms, 2s, 1m. SQS settings follow the AWS SDK \
                   (AWS_REGION, credentials, AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_SQS); Kubernetes \
                   access is in-cluster or KUBECONFIG."
 )]
 pub struct Args {
-    /// This node's Kubernetes name (from the downward API in a DaemonSet).
-    #[arg(long, env = "NODE_NAME", value_name = "NODE")]
-    pub node_name: String,
+    /// This node's Kubernetes name (from the downward API in a DaemonSet): IMDS mode.
+    #[arg(
+        long,
+        env = "NODE_NAME",
+        value_name = "NODE",
+        required_unless_present = "interruption_queue_url"
+    )]
+    pub node_name: Option<String>,
+    /// Queue mode: read interruption events (EventBridge rules to SQS) for every node of the
+    /// cluster from this queue, instead of polling instance metadata.
+    #[arg(long, value_name = "URL", value_parser = http_url, conflicts_with = "node_name")]
+    pub interruption_queue_url: Option<String>,
+    /// Post a JSON summary of every handled notice to this URL (Slack, PagerDuty…).
+    #[arg(long, value_name = "URL", value_parser = http_url)]
+    pub webhook_url: Option<String>,
+    /// Time a webhook post may take; it never holds up the drain.
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = positive_duration)]
+    pub webhook_timeout: Duration,
+    /// This agent's pod name, reported as the source of Kubernetes Events.
+    #[arg(
+        long,
+        env = "POD_NAME",
+        default_value = "spotable-agent",
+        value_name = "NAME"
+    )]
+    pub pod_name: String,
     /// Instance metadata base URL.
     #[arg(long, default_value = "http://169.254.169.254", value_name = "URL", value_parser = http_url)]
     pub imds_endpoint: String,
@@ -91,16 +118,15 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let metrics = spotable_edge::install_metrics()?;
-    crate::agent::describe_metrics();
+    let metrics = spotable_edge::install_metrics_with_buckets(&[(
+        crate::metrics::names::DRAIN_SECONDS,
+        &crate::metrics::DRAIN_BUCKETS,
+    )])?;
+    crate::metrics::describe();
     let kube_config = kube::Config::infer()
         .await
         .map_err(|e| format!("cannot find Kubernetes settings (in-cluster or KUBECONFIG): {e}"))?;
     let client = drain::client(kube_config)?;
-    let imds = Imds::new(ImdsConfig {
-        endpoint: args.imds_endpoint.clone(),
-        ..ImdsConfig::default()
-    })?;
     let publisher = match &args.queue_url {
         Some(url) => Some(Publisher::from_env(url.clone()).await),
         None => {
@@ -120,28 +146,64 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => None,
     };
-    let agent = Agent::new(
-        AgentConfig {
-            node: args.node_name.clone(),
-            rebalance: args.rebalance,
-            drain_timeout: args.drain_timeout,
-            dry_run: args.dry_run,
-            publish_timeout: Duration::from_secs(2),
-            maintenance_lead: args.maintenance_lead,
-        },
-        imds,
-        publisher,
-        Drainer::new(client, args.node_name.clone(), args.dry_run),
-    );
-    tracing::info!(
-        node = args.node_name,
-        imds = args.imds_endpoint,
-        dry_run = args.dry_run,
-        "watching for interruption notices"
-    );
+    let policy = Policy {
+        rebalance: args.rebalance,
+        drain_timeout: args.drain_timeout,
+        dry_run: args.dry_run,
+        publish_timeout: Duration::from_secs(2),
+    };
+    let mut responder =
+        Responder::new(policy, publisher).with_events(client.clone(), &args.pod_name);
+    if let Some(url) = &args.webhook_url {
+        responder = responder.with_webhook(Webhook::new(url.clone(), args.webhook_timeout)?);
+    }
+    let work: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        match (&args.interruption_queue_url, &args.node_name) {
+            (Some(url), _) => {
+                let queue = QueueAgent::new(
+                    QueueConfig::new(url.clone()),
+                    crate::inventory::sqs_client().await,
+                    crate::queue::autoscaling_client().await,
+                    client,
+                    responder,
+                );
+                tracing::info!(
+                    queue = url,
+                    dry_run = args.dry_run,
+                    "reading the interruption queue"
+                );
+                Box::pin(queue.run())
+            }
+            (None, Some(node)) => {
+                let imds = Imds::new(ImdsConfig {
+                    endpoint: args.imds_endpoint.clone(),
+                    ..ImdsConfig::default()
+                })?;
+                let config = AgentConfig {
+                    node: node.clone(),
+                    rebalance: args.rebalance,
+                    drain_timeout: args.drain_timeout,
+                    dry_run: args.dry_run,
+                    publish_timeout: Duration::from_secs(2),
+                    maintenance_lead: args.maintenance_lead,
+                };
+                let drainer = Drainer::new(client, node.clone(), args.dry_run);
+                let agent = Agent::with_responder(config, imds, responder, drainer);
+                tracing::info!(
+                    node,
+                    imds = args.imds_endpoint,
+                    dry_run = args.dry_run,
+                    "watching for interruption notices"
+                );
+                Box::pin(agent.run(args.poll_interval))
+            }
+            (None, None) => {
+                return Err("--node-name or --interruption-queue-url is required".into());
+            }
+        };
     let mut signals = spotable_edge::Signals::new()?;
     tokio::select! {
-        () = agent.run(args.poll_interval) => {}
+        () = work => {}
         signal = signals.next() => tracing::info!(signal, "stopping"),
     }
     if let Some(task) = admin {

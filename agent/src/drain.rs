@@ -108,6 +108,11 @@ impl Drainer {
         }
     }
 
+    /// The node.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// Marks the node unschedulable and taints it `NoSchedule`, keeping its other taints.
     ///
     /// The patch carries the `resourceVersion` the taints were read at, so a taint that another

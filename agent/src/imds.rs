@@ -143,6 +143,7 @@ pub struct Identity {
 impl Imds {
     /// A client for `config.endpoint`.
     pub fn new(config: ImdsConfig) -> Result<Self, ImdsError> {
+        crate::ensure_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout)

@@ -10,8 +10,25 @@ pub mod agent;
 pub mod cli;
 #[cfg(feature = "kubernetes")]
 pub mod drain;
+pub mod eventbridge;
 pub mod imds;
 pub mod inventory;
+#[cfg(feature = "kubernetes")]
+pub mod metrics;
 pub mod notice;
+#[cfg(feature = "kubernetes")]
+pub mod queue;
+#[cfg(feature = "kubernetes")]
+pub mod respond;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+/// Installs ring as the process's rustls crypto provider, once: the HTTP clients (metadata,
+/// webhook) take the process default, and ring is the workspace's one provider.
+pub fn ensure_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means another provider was installed first; that one serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

@@ -13,8 +13,12 @@ pub enum Kind {
     Spot,
     /// `events/recommendations/rebalance`: elevated risk, no deadline.
     Rebalance,
-    /// `events/maintenance/scheduled`.
+    /// `events/maintenance/scheduled`, or an AWS Health scheduled change.
     Maintenance,
+    /// The instance is stopping or terminating (an EC2 state change).
+    StateChange,
+    /// An Auto Scaling group is terminating the instance (a lifecycle hook holds it).
+    ScaleIn,
 }
 
 impl Kind {
@@ -24,6 +28,8 @@ impl Kind {
             Kind::Spot => "spot",
             Kind::Rebalance => "rebalance",
             Kind::Maintenance => "maintenance",
+            Kind::StateChange => "state_change",
+            Kind::ScaleIn => "scale_in",
         }
     }
 }
@@ -127,6 +133,17 @@ pub enum Action {
     Drain,
 }
 
+impl Action {
+    /// Name, as on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Ignore => "ignore",
+            Action::Cordon => "cordon",
+            Action::Drain => "drain",
+        }
+    }
+}
+
 impl FromStr for Action {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -142,7 +159,7 @@ impl FromStr for Action {
 /// Spot interruptions and maintenance drain; rebalance recommendations follow the policy.
 pub fn action_for(kind: Kind, rebalance: Action) -> Action {
     match kind {
-        Kind::Spot | Kind::Maintenance => Action::Drain,
+        Kind::Spot | Kind::Maintenance | Kind::StateChange | Kind::ScaleIn => Action::Drain,
         Kind::Rebalance => rebalance,
     }
 }

@@ -188,13 +188,31 @@ pub struct Moto {
 
 impl Moto {
     /// Starts moto on a free loopback port (or `port`) and waits until it answers.
+    ///
+    /// Free ports are drawn below the kernel's ephemeral range (32768 and up): a port that a
+    /// test frees to restart moto on it later is then never handed to another test's
+    /// `bind(0)` in between.
     pub fn start(port: Option<u16>) -> std::io::Result<Self> {
-        let port = match port {
-            Some(p) => p,
-            None => std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port(),
-        };
+        match port {
+            Some(p) => Self::start_on(p),
+            None => {
+                let mut last = std::io::Error::other("no free port");
+                for attempt in 0..20u64 {
+                    let p = 20_000 + (salt(attempt) % 12_000) as u16;
+                    if std::net::TcpListener::bind(("127.0.0.1", p)).is_err() {
+                        continue;
+                    }
+                    match Self::start_on(p) {
+                        Ok(m) => return Ok(m),
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+        }
+    }
+
+    fn start_on(port: u16) -> std::io::Result<Self> {
         let child = std::process::Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
@@ -206,9 +224,14 @@ impl Moto {
                     format!("cannot run moto_server ({e}); install it: pip install 'moto[server]'"),
                 )
             })?;
-        let moto = Self { child, port };
+        let mut moto = Self { child, port };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if moto.child.try_wait()?.is_some() {
+                return Err(std::io::Error::other(format!(
+                    "moto_server exited at start (port {port} taken?)"
+                )));
+            }
             if Instant::now() > deadline {
                 return Err(std::io::Error::other(
                     "moto_server did not start within 30 s",
@@ -245,6 +268,12 @@ impl Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A number that differs between calls and processes (for spreading test ports).
+fn salt(attempt: u64) -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one((std::process::id(), attempt))
 }
 
 impl Drop for Moto {
@@ -358,4 +387,115 @@ pub async fn receive_all(
         }
     }
     out
+}
+
+/// A stand-in for the two Auto Scaling calls of a lifecycle hook that the SQS/ASG emulator
+/// (moto) does not implement: `RecordLifecycleActionHeartbeat` and `CompleteLifecycleAction`,
+/// in the AWS Query protocol the SDK speaks (form-encoded POST, XML answer). Every call is
+/// recorded with its parameters.
+#[cfg(feature = "kubernetes")]
+#[derive(Debug, Clone)]
+pub struct FakeAutoscaling {
+    addr: SocketAddr,
+    calls: Calls,
+}
+
+/// Recorded calls: when, and the form parameters.
+#[cfg(feature = "kubernetes")]
+type Calls = Arc<Mutex<Vec<(SystemTime, HashMap<String, String>)>>>;
+
+#[cfg(feature = "kubernetes")]
+impl FakeAutoscaling {
+    /// Starts on an ephemeral port, on the current tokio runtime.
+    pub async fn start() -> std::io::Result<Self> {
+        let calls: Calls = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let app = axum::Router::new()
+            .fallback(autoscaling)
+            .with_state(calls.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, calls })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A client for it with dummy credentials.
+    pub fn client(&self) -> aws_sdk_autoscaling::Client {
+        let config = aws_sdk_autoscaling::Config::builder()
+            .behavior_version(aws_sdk_autoscaling::config::BehaviorVersion::latest())
+            .http_client(crate::inventory::https_client())
+            .endpoint_url(self.endpoint())
+            .region(aws_sdk_autoscaling::config::Region::new("us-west-2"))
+            .credentials_provider(aws_sdk_autoscaling::config::Credentials::new(
+                "testing", "testing", None, None, "fake",
+            ))
+            .build();
+        aws_sdk_autoscaling::Client::from_conf(config)
+    }
+
+    /// The calls so far: when, and the form parameters (`Action`, `LifecycleActionToken`, …).
+    pub fn calls(&self) -> Vec<(SystemTime, HashMap<String, String>)> {
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+#[cfg(feature = "kubernetes")]
+async fn autoscaling(State(calls): State<Calls>, body: String) -> Response {
+    let params: HashMap<String, String> = body
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect();
+    let action = params.get("Action").cloned().unwrap_or_default();
+    calls
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push((SystemTime::now(), params));
+    if !matches!(
+        action.as_str(),
+        "RecordLifecycleActionHeartbeat" | "CompleteLifecycleAction"
+    ) {
+        return (StatusCode::BAD_REQUEST, "unsupported").into_response();
+    }
+    let xml = format!(
+        "<{action}Response xmlns=\"http://autoscaling.amazonaws.com/doc/2011-01-01/\">\
+         <{action}Result/><ResponseMetadata><RequestId>fake</RequestId></ResponseMetadata>\
+         </{action}Response>"
+    );
+    ([("content-type", "text/xml")], xml).into_response()
+}
+
+/// `application/x-www-form-urlencoded` decoding.
+#[cfg(feature = "kubernetes")]
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -254,6 +254,17 @@ async fn an_api_outage_at_the_notice_delays_the_drain_but_does_not_cancel_it() {
     assert_eq!(w.api.actions().len(), 2);
 }
 
+/// SIGKILLs a process when dropped (a test that panics must not leave it running).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}
+
 /// Log lines written on this thread, for tests on a current-thread runtime.
 #[derive(Clone, Default)]
 struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
@@ -485,6 +496,7 @@ async fn the_binary_handles_a_spot_notice_end_to_end() {
         .local_addr()
         .unwrap()
         .port();
+    spotable_agent::ensure_crypto_provider();
     // Metadata is failing when the agent starts: it must survive, count and carry on.
     w.imds.fail_next(12);
     let mut child = std::process::Command::new(agent_exe())
@@ -506,6 +518,8 @@ async fn the_binary_handles_a_spot_notice_end_to_end() {
         .env_remove("RUST_LOG")
         .spawn()
         .unwrap();
+    // Killed however the test ends: a stray agent would keep the test's output open.
+    let guard = KillOnDrop(child.id());
     let mut early = String::new();
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -522,7 +536,8 @@ async fn the_binary_handles_a_spot_notice_end_to_end() {
     );
     // Before any notice, every series is there (at zero) and has its HELP.
     for series in [
-        "spotable_agent_notices_total{kind=\"spot\"} 0",
+        "spotable_agent_notices_total{kind=\"spot\",source=\"imds\"} 0",
+        "spotable_agent_queue_messages_total{outcome=\"acted\"} 0",
         "spotable_agent_actions_total{action=\"cordon\",result=\"ok\"} 0",
         "spotable_agent_malformed_notices_total{kind=\"spot\"} 0",
         "spotable_agent_retries_total{action=\"drain\"} 0",
@@ -535,6 +550,8 @@ async fn the_binary_handles_a_spot_notice_end_to_end() {
         "spotable_agent_imds_errors_total",
         "spotable_agent_malformed_notices_total",
         "spotable_agent_retries_total",
+        "spotable_agent_queue_messages_total",
+        "spotable_agent_drain_seconds",
     ] {
         assert!(
             early.contains(&format!("# HELP {name} ")),
@@ -549,12 +566,36 @@ async fn the_binary_handles_a_spot_notice_end_to_end() {
         SPOT,
         &format!(r#"{{"action": "terminate", "time": "{}"}}"#, in_secs(120)),
     );
+    // Changes to the node and pods, in order; Kubernetes Events are recorded beside them.
+    let changes = |api: &FakeApi| -> Vec<String> {
+        api.actions()
+            .into_iter()
+            .filter(|a| a.verb != "CREATE")
+            .map(|a| a.verb)
+            .collect()
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while w.api.actions().len() < 2 && std::time::Instant::now() < deadline {
+    while changes(&w.api).len() < 2 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let verbs: Vec<_> = w.api.actions().into_iter().map(|a| a.verb).collect();
-    assert_eq!(verbs, vec!["PATCH", "EVICT"]);
+    assert_eq!(changes(&w.api), vec!["PATCH", "EVICT"]);
+    let events = |api: &FakeApi| -> Vec<String> {
+        api.actions()
+            .into_iter()
+            .filter(|a| a.verb == "CREATE" && a.path.contains("/events/"))
+            .map(|a| a.body["reason"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    while events(&w.api).len() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reasons = events(&w.api);
+    for want in ["InterruptionNotice", "Cordoned", "Evicted"] {
+        assert!(
+            reasons.iter().any(|r| r == want),
+            "{want} not in {reasons:?}"
+        );
+    }
     let got = receive_all(&w.sqs, &w.queue, Duration::from_millis(800)).await;
     assert_eq!(got.len(), 1);
     let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
@@ -564,8 +605,12 @@ async fn the_binary_handles_a_spot_notice_end_to_end() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("spotable_agent_notices_total{kind=\"spot\"} 1"),
+        metrics.contains("spotable_agent_notices_total{kind=\"spot\",source=\"imds\"} 1"),
         "{metrics}"
+    );
+    assert!(
+        metrics.contains("spotable_agent_drain_seconds_bucket{le=\"120\"} 1"),
+        "time to drained is a histogram: {metrics}"
     );
     let health = reqwest::get(format!("http://127.0.0.1:{admin_port}/healthz"))
         .await
@@ -577,6 +622,7 @@ async fn the_binary_handles_a_spot_notice_end_to_end() {
         .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
+    std::mem::forget(guard);
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()

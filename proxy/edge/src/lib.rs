@@ -52,7 +52,22 @@ pub fn init_logging(format: LogFormat, level: &str) -> Result<(), EdgeError> {
 
 /// Installs the Prometheus recorder; its handle renders `/metrics`.
 pub fn install_metrics() -> Result<PrometheusHandle, EdgeError> {
-    PrometheusBuilder::new()
+    install_metrics_with_buckets(&[])
+}
+
+/// [`install_metrics`], rendering the named histograms with these bucket bounds (the others
+/// as summaries).
+pub fn install_metrics_with_buckets(
+    buckets: &[(&str, &[f64])],
+) -> Result<PrometheusHandle, EdgeError> {
+    use metrics_exporter_prometheus::Matcher;
+    let mut builder = PrometheusBuilder::new();
+    for (name, bounds) in buckets {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full((*name).to_string()), bounds)
+            .map_err(|e| EdgeError::Metrics(e.to_string()))?;
+    }
+    builder
         .install_recorder()
         .map_err(|e| EdgeError::Metrics(e.to_string()))
 }

@@ -13,6 +13,7 @@
 //!   and `DELETE` on `<collection>/<name>`, and the Eviction subresource
 //!   `POST <collection>/<name>/eviction`: 201 and the pod is gone, or 429 for pods the test
 //!   marks protected, as a PodDisruptionBudget would answer.
+//! - `POST <collection>` creates (Kubernetes Events, say), recorded as `CREATE`.
 //! - Every change a client makes is recorded in order with its wall-clock time.
 //! - Tests can compact history, cut watches abruptly, and stop and restart the server on the
 //!   same port (each incarnation has its own runtime, so pooled connections die with it).
@@ -396,6 +397,9 @@ async fn handle(
         uri.path_and_query().map_or("", |p| p.as_str())
     ));
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if method == Method::POST && !path.ends_with("/eviction") {
+        return create(&inner, &path, body);
+    }
     if let Some(response) = object_request(&inner, &method, &path, body) {
         return response;
     }
@@ -407,6 +411,47 @@ async fn handle(
         );
     }
     collection_request(&inner, path, &query)
+}
+
+/// `POST <collection>`: creates the object (named by `metadata.name`, or `generateName` and a
+/// counter), recorded as `CREATE`; 409 when the name is taken.
+fn create(inner: &Shared, collection: &str, mut object: Value) -> Response {
+    let name = {
+        let i = lock(inner);
+        match object["metadata"]["name"].as_str() {
+            Some(n) if !n.is_empty() => n.to_string(),
+            _ => format!(
+                "{}{}",
+                object["metadata"]["generateName"]
+                    .as_str()
+                    .unwrap_or("object-"),
+                i.rv + 1
+            ),
+        }
+    };
+    object["metadata"]["name"] = json!(name);
+    {
+        let mut i = lock(inner);
+        if i.objects
+            .get(collection)
+            .is_some_and(|c| c.contains_key(&name))
+        {
+            return status(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                &format!("{name} already exists"),
+            );
+        }
+        i.actions.push(Action {
+            verb: "CREATE".into(),
+            path: format!("{collection}/{name}"),
+            body: object.clone(),
+            at: SystemTime::now(),
+        });
+    }
+    let rv = apply_inner(inner, collection, object.clone());
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    json_response(StatusCode::CREATED, object.to_string())
 }
 
 /// GET / PATCH / DELETE of one object, and evictions; `None` when `path` is not an object.

@@ -14,8 +14,9 @@ use spotable_deploy::{
 fn rendered() -> BTreeMap<String, Vec<Value>> {
     let names = overlays();
     assert!(
-        names.len() >= 4,
-        "expected the standard, init-container, host-network and agones overlays: {names:?}"
+        names.len() >= 5,
+        "expected the standard, init-container, host-network, agones and queue-mode overlays: \
+         {names:?}"
     );
     names
         .into_iter()
@@ -238,6 +239,18 @@ fn rbac_has_no_wildcard_and_grants_exactly_what_is_used() {
                     "/pods:list",
                     "/pods:delete",
                     "/pods/eviction:create",
+                    "events.k8s.io/events:create",
+                    "events.k8s.io/events:patch",
+                ]),
+                ("ClusterRole", "spotable-agent-queue") => set(&[
+                    "/nodes:get",
+                    "/nodes:list",
+                    "/nodes:patch",
+                    "/pods:list",
+                    "/pods:delete",
+                    "/pods/eviction:create",
+                    "events.k8s.io/events:create",
+                    "events.k8s.io/events:patch",
                 ]),
                 _ => panic!("{overlay}: unexpected role {}", id(o)),
             };
@@ -545,6 +558,31 @@ fn references_resolve_within_the_render() {
 #[test]
 fn the_agent_runs_on_every_spot_node_with_metadata_access() {
     for (overlay, objects) in rendered() {
+        let queue = objects.iter().find(|o| {
+            str_at(o, "/kind") == "Deployment" && id(o).ends_with("/spotable-agent-queue")
+        });
+        if let Some(queue) = queue {
+            // Queue mode: one agent for the cluster, off the capacity it watches, reading the
+            // interruption queue instead of a node's metadata.
+            assert!(
+                !objects.iter().any(|o| str_at(o, "/kind") == "DaemonSet"),
+                "{overlay}: queue mode and a DaemonSet would both drain"
+            );
+            assert_eq!(queue["spec"]["replicas"], 1, "{overlay}: one processor");
+            let pod = pod_specs(queue)[0];
+            assert_eq!(
+                str_at(pod, "/nodeSelector/lifecycle"),
+                "ondemand",
+                "{overlay}"
+            );
+            let argv = container_argv(containers(pod)[0]);
+            assert!(
+                argv.iter()
+                    .any(|a| a.starts_with("--interruption-queue-url=")),
+                "{overlay}: {argv:?}"
+            );
+            continue;
+        }
         let agent = objects
             .iter()
             .find(|o| str_at(o, "/kind") == "DaemonSet" && id(o).ends_with("/spotable-agent"))
@@ -716,4 +754,55 @@ fn the_queue_url_in_the_manifests_is_the_queue_the_policies_name() {
             );
         }
     }
+}
+
+#[test]
+fn queue_mode_hears_every_event_it_reads_and_may_call_only_what_it_calls() {
+    let read = |f: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(deploy_dir().join(f)).unwrap())
+            .unwrap_or_else(|e| panic!("{f} does not parse: {e}"))
+    };
+    let queue = read("aws/interruption-queue.json");
+    let name = str_at(&queue, "/QueueName");
+    let rules = read("aws/eventbridge-rules.json");
+    assert!(str_at(&rules, "/Target").ends_with(&format!(":{name}")));
+    // Each event the agent's parser acts on has a rule that sends it, and nothing else does.
+    let mut heard = BTreeSet::new();
+    for rule in rules["Rules"].as_array().unwrap() {
+        let p = &rule["EventPattern"];
+        for source in strings(p.get("source")) {
+            for kind in strings(p.get("detail-type")) {
+                heard.insert(format!("{source}: {kind}"));
+            }
+        }
+    }
+    assert_eq!(
+        heard,
+        set(&[
+            "aws.ec2: EC2 Spot Instance Interruption Warning",
+            "aws.ec2: EC2 Instance Rebalance Recommendation",
+            "aws.ec2: EC2 Instance State-change Notification",
+            "aws.health: AWS Health Event",
+            "aws.autoscaling: EC2 Instance-terminate Lifecycle Action",
+        ])
+    );
+    let policy = read("aws/iam/agent-queue-policy.json");
+    let mut actions = BTreeSet::new();
+    for s in policy["Statement"].as_array().unwrap() {
+        assert_eq!(str_at(s, "/Effect"), "Allow");
+        actions.extend(strings(s.get("Action")));
+        let resource = str_at(s, "/Resource");
+        assert!(!resource.contains("*:*"), "{resource}: too wide");
+    }
+    assert_eq!(
+        actions,
+        set(&[
+            "sqs:ReceiveMessage",
+            "sqs:DeleteMessage",
+            "sqs:SendMessage",
+            "sqs:GetQueueUrl",
+            "autoscaling:RecordLifecycleActionHeartbeat",
+            "autoscaling:CompleteLifecycleAction",
+        ])
+    );
 }

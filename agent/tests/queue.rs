@@ -384,3 +384,54 @@ async fn an_unreachable_queue_is_retried_and_work_resumes_when_it_is_back() {
     assert!(!running.is_finished(), "the processor stopped");
     running.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_handled_notice_is_posted_to_the_webhook() {
+    let w = world().await;
+    let posted: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+    let sink = posted.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let sink = sink.clone();
+            async move {
+                sink.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&body).unwrap());
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let client =
+        spotable_agent::drain::client(kube::Config::new(w.api.url().parse().unwrap())).unwrap();
+    let policy = Policy {
+        rebalance: Action::Cordon,
+        drain_timeout: Duration::from_secs(60),
+        dry_run: false,
+        publish_timeout: Duration::from_secs(2),
+    };
+    let webhook = spotable_agent::respond::Webhook::new(url, Duration::from_secs(2)).unwrap();
+    let responder = Responder::new(policy, None).with_webhook(webhook);
+    let mut config = QueueConfig::new(w.interruptions.clone());
+    config.wait = Duration::from_secs(1);
+    let agent = QueueAgent::new(config, w.sqs.clone(), w.asg.client(), client, responder);
+    send(&w, &spot("e-hook", "i-0abc")).await;
+    agent.tick().await.unwrap();
+    assert!(
+        wait_for(|| !posted.lock().unwrap().is_empty()).await,
+        "nothing posted"
+    );
+    let summary = posted.lock().unwrap()[0].clone();
+    assert_eq!(summary["node"], "n1");
+    assert_eq!(summary["kind"], "spot");
+    assert_eq!(summary["source"], "queue");
+    assert_eq!(summary["event_id"], "spot:i-0abc:e-hook");
+    assert_eq!(
+        summary["pods"],
+        serde_json::json!([{"pod": "games/g-1", "outcome": "evicted"}])
+    );
+}

@@ -588,7 +588,23 @@ fn the_agent_runs_on_every_spot_node_with_metadata_access() {
             .find(|o| str_at(o, "/kind") == "DaemonSet" && id(o).ends_with("/spotable-agent"))
             .unwrap_or_else(|| panic!("{overlay}: no agent DaemonSet"));
         let pod = pod_specs(agent)[0];
-        assert_eq!(str_at(pod, "/nodeSelector/lifecycle"), "spot", "{overlay}");
+        let terms: BTreeSet<String> = items(
+            pod,
+            "/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms",
+        )
+        .iter()
+        .flat_map(|t| items(t, "/matchExpressions"))
+        .map(|e| format!("{}={}", str_at(e, "/key"), strings(e.get("values")).into_iter().collect::<Vec<_>>().join(",")))
+        .collect();
+        assert_eq!(
+            terms,
+            set(&[
+                "lifecycle=spot",
+                "eks.amazonaws.com/capacityType=SPOT",
+                "karpenter.sh/capacity-type=spot",
+            ]),
+            "{overlay}: spot nodes by every common label"
+        );
         assert_eq!(
             pod.get("hostNetwork"),
             Some(&Value::Bool(true)),

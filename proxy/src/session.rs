@@ -721,6 +721,20 @@ mod tests {
         }
     }
 
+    /// `sequence` mode with the number at offset 0, resynchronising after two answers.
+    fn sequence(width: crate::dedupe::Width, endian: crate::dedupe::Endian) -> Mode {
+        Mode::Sequence {
+            spec: crate::dedupe::SequenceSpec {
+                offset: 0,
+                width,
+                endian,
+            },
+            window: Duration::from_secs(1),
+            max_entries: 64,
+            resync_after: 2,
+        }
+    }
+
     fn snapshot(version: u64, replicas: &[(u16, ReplicaState)]) -> Arc<Snapshot> {
         Arc::new(crate::replicas::test_snapshot(version, replicas))
     }
@@ -1125,16 +1139,7 @@ mod tests {
     #[test]
     fn sequence_mode_through_the_table() {
         let now = Instant::now();
-        let mode = Mode::Sequence {
-            spec: crate::dedupe::SequenceSpec {
-                offset: 0,
-                width: crate::dedupe::Width::Two,
-                endian: crate::dedupe::Endian::Little,
-            },
-            window: Duration::from_secs(1),
-            max_entries: 64,
-            resync_after: 2,
-        };
+        let mode = sequence(crate::dedupe::Width::Two, crate::dedupe::Endian::Little);
         let mut t = table(settings(mode), 10, &[7001, 7002]);
         let id = open(&mut t, 1, now);
         // Payloads differ between replicas (timestamps, say); only the number matters.
@@ -1384,16 +1389,7 @@ mod tests {
     #[test]
     fn sequence_resync_through_the_table_counts_stale_and_resyncs() {
         let now = Instant::now();
-        let mode = Mode::Sequence {
-            spec: crate::dedupe::SequenceSpec {
-                offset: 0,
-                width: crate::dedupe::Width::Four,
-                endian: crate::dedupe::Endian::Big,
-            },
-            window: Duration::from_secs(1),
-            max_entries: 64,
-            resync_after: 2,
-        };
+        let mode = sequence(crate::dedupe::Width::Four, crate::dedupe::Endian::Big);
         let mut t = table(settings(mode), 10, &[7001, 7002]);
         let id = open(&mut t, 1, now);
         for n in 0u32..100 {

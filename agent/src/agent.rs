@@ -14,7 +14,7 @@ use crate::drain::Drainer;
 use crate::imds::{Identity, Imds, ImdsError};
 use crate::inventory::Publisher;
 use crate::metrics::names;
-use crate::notice::{self, Action, Kind, Malformed, Notice};
+use crate::notice::{self, Kind, Malformed, Notice};
 use crate::respond::{Policy, Responder, Source};
 pub use crate::respond::{Published, Report};
 
@@ -27,28 +27,10 @@ const MALFORMED_MEMORY: usize = 256;
 pub struct AgentConfig {
     /// This node's Kubernetes name.
     pub node: String,
-    /// What a rebalance recommendation leads to.
-    pub rebalance: Action,
-    /// Longest a drain may take when the notice has no deadline of its own.
-    pub drain_timeout: Duration,
-    /// Log what would be done; change nothing, send nothing.
-    pub dry_run: bool,
-    /// How long the first send to the inventory may hold up the drain.
-    pub publish_timeout: Duration,
+    /// How notices are answered.
+    pub policy: Policy,
     /// How close scheduled maintenance must be before it is acted on.
     pub maintenance_lead: Duration,
-}
-
-impl AgentConfig {
-    /// The part of the configuration that says how notices are answered.
-    pub fn policy(&self) -> Policy {
-        Policy {
-            rebalance: self.rebalance,
-            drain_timeout: self.drain_timeout,
-            dry_run: self.dry_run,
-            publish_timeout: self.publish_timeout,
-        }
-    }
 }
 
 /// The agent's state.
@@ -71,11 +53,12 @@ impl Agent {
         publisher: Option<Publisher>,
         drainer: Drainer,
     ) -> Self {
-        let responder = Responder::new(config.policy(), publisher);
+        let responder = Responder::new(config.policy.clone(), publisher);
         Self::with_responder(config, imds, responder, drainer)
     }
 
-    /// An agent answering through `responder` (with Events or a webhook).
+    /// An agent answering through `responder` (with Events or a webhook), whose policy is the
+    /// one in force.
     pub fn with_responder(
         config: AgentConfig,
         imds: Imds,
@@ -176,7 +159,7 @@ impl Agent {
     /// next poll is not acted on twice.
     pub async fn handle(&mut self, notice: Notice) -> Report {
         self.handled.insert(notice.id.clone());
-        if self.identity.is_none() && !self.config.dry_run {
+        if self.identity.is_none() && !self.responder.policy().dry_run {
             match self.imds.identity().await {
                 Ok(id) => self.identity = Some(id),
                 Err(e) => tracing::warn!(error = %e, "instance identity unavailable"),

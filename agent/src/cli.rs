@@ -181,10 +181,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 })?;
                 let config = AgentConfig {
                     node: node.clone(),
-                    rebalance: args.rebalance,
-                    drain_timeout: args.drain_timeout,
-                    dry_run: args.dry_run,
-                    publish_timeout: Duration::from_secs(2),
+                    policy: responder.policy().clone(),
                     maintenance_lead: args.maintenance_lead,
                 };
                 let drainer = Drainer::new(client, node.clone(), args.dry_run);

@@ -38,7 +38,14 @@ pub const ACTION_LABELS: [&str; 9] = [
 /// `result` values of `action="evict"`.
 pub const POD_OUTCOMES: [&str; 5] = ["evicted", "deleted", "gone", "failed", "dry_run"];
 /// `outcome` values of [`names::QUEUE_MESSAGES`].
-pub const QUEUE_OUTCOMES: [&str; 5] = ["acted", "not_ours", "other", "malformed", "duplicate"];
+pub const QUEUE_OUTCOMES: [&str; 6] = [
+    "acted",
+    "not_ours",
+    "other",
+    "malformed",
+    "duplicate",
+    "failed",
+];
 /// Kinds of notice.
 pub const KINDS: [Kind; 5] = [
     Kind::Spot,

@@ -66,6 +66,9 @@ pub enum Outcome {
     Malformed(String),
     /// Already handled or being handled; deleted (or left to the handler under way).
     Duplicate,
+    /// Could not be acted on (the API stayed unreachable): left in the queue, to be
+    /// redelivered after its visibility timeout.
+    Failed(String),
 }
 
 impl Outcome {
@@ -76,6 +79,7 @@ impl Outcome {
             Outcome::Other(_) => "other",
             Outcome::Malformed(_) => "malformed",
             Outcome::Duplicate => "duplicate",
+            Outcome::Failed(_) => "failed",
         }
     }
 }
@@ -173,6 +177,10 @@ impl QueueAgent {
             }
             Outcome::Other(what) => tracing::debug!(what, "not an interruption; deleted"),
             Outcome::NotOurs => tracing::debug!("no node of this cluster; deleted"),
+            Outcome::Failed(why) => {
+                tracing::error!(error = why, "event not acted on; left for redelivery");
+                return outcome;
+            }
             Outcome::Acted(_) | Outcome::Duplicate => {}
         }
         if let Some(receipt) = &m.receipt_handle {
@@ -204,7 +212,7 @@ impl QueueAgent {
             return Outcome::Duplicate;
         }
         let outcome = self.act(&id, time, &event).await;
-        self.finish(&id);
+        self.finish(&id, !matches!(outcome, Outcome::Failed(_)));
         outcome
     }
 
@@ -212,7 +220,7 @@ impl QueueAgent {
         let deadline = SystemTime::now() + self.responder.policy().drain_timeout;
         let nodes = match until_deadline("list_nodes", deadline, || self.nodes()).await {
             Ok(n) => n,
-            Err(e) => return Outcome::Malformed(format!("cannot list nodes: {e}")),
+            Err(e) => return Outcome::Failed(format!("cannot list nodes: {e}")),
         };
         let ours: Vec<(&str, &str)> = event
             .instances()
@@ -336,9 +344,14 @@ impl QueueAgent {
         !seen.done.iter().any(|d| d == id) && seen.in_flight.insert(id.to_string())
     }
 
-    fn finish(&self, id: &str) {
+    /// Ends the handling of `id`; a `done` one is remembered so its redelivery is not acted
+    /// on again.
+    fn finish(&self, id: &str, done: bool) {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         seen.in_flight.remove(id);
+        if !done {
+            return;
+        }
         if seen.done.len() >= REMEMBERED {
             seen.done.pop_front();
         }

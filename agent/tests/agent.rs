@@ -12,6 +12,7 @@ use spotable_agent::drain::{Drainer, PodOutcome, TAINT_KEY};
 use spotable_agent::imds::{Imds, ImdsConfig};
 use spotable_agent::inventory::{Message, Publisher, Status};
 use spotable_agent::notice::Action;
+use spotable_agent::respond::Policy;
 use spotable_agent::testing::{FakeImds, Moto, create_queue, moto_with_queue, receive_all};
 use spotable_kube_fake::FakeApi;
 
@@ -119,10 +120,12 @@ fn agent(w: &World, dry_run: bool, rebalance: Action) -> Agent {
     Agent::new(
         AgentConfig {
             node: NODE.into(),
-            rebalance,
-            drain_timeout: Duration::from_secs(110),
-            dry_run,
-            publish_timeout: Duration::from_secs(2),
+            policy: Policy {
+                rebalance,
+                drain_timeout: Duration::from_secs(110),
+                dry_run,
+                publish_timeout: Duration::from_secs(2),
+            },
             maintenance_lead: Duration::from_secs(600),
         },
         imds,

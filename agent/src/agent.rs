@@ -11,12 +11,12 @@ use std::time::{Duration, SystemTime};
 use metrics::counter;
 
 use crate::drain::Drainer;
-use crate::imds::{Identity, Imds, ImdsError};
-use crate::inventory::Publisher;
 use crate::metrics::names;
-use crate::notice::{self, Kind, Malformed, Notice};
 use crate::respond::{Policy, Responder, Source};
 pub use crate::respond::{Published, Report};
+use spotable_fleet::imds::{Identity, Imds, ImdsError};
+use spotable_fleet::inventory::Publisher;
+use spotable_fleet::notice::{self, Kind, Malformed, Notice};
 
 /// Distinct malformed bodies remembered, so each is logged once; past this the memory is
 /// cleared (a body that keeps changing is logged again, never without bound).

@@ -9,12 +9,12 @@ use clap::Parser;
 
 use crate::agent::{Agent, AgentConfig};
 use crate::drain::{self, Drainer};
-use crate::imds::{Imds, ImdsConfig};
-use crate::inventory::Publisher;
-use crate::notice::Action;
 use crate::queue::{QueueAgent, QueueConfig};
 use crate::respond::{Policy, Responder, Webhook};
 use spotable_edge::LogFormat;
+use spotable_fleet::imds::{Imds, ImdsConfig};
+use spotable_fleet::inventory::Publisher;
+use spotable_fleet::notice::Action;
 
 /// `spotable-agent` command line.
 #[derive(Debug, Parser)]
@@ -162,7 +162,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             (Some(url), _) => {
                 let queue = QueueAgent::new(
                     QueueConfig::new(url.clone()),
-                    crate::inventory::sqs_client().await,
+                    spotable_fleet::inventory::sqs_client().await,
                     crate::queue::autoscaling_client().await,
                     client,
                     responder,

@@ -3,7 +3,7 @@
 
 use metrics::{counter, describe_counter, describe_histogram, histogram};
 
-use crate::notice::Kind;
+use spotable_fleet::notice::Kind;
 
 /// Metric names.
 pub mod names {

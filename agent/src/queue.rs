@@ -11,18 +11,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_sqs::types::Message as SqsMessage;
-use backon::BackoffBuilder;
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::api::ListParams;
 use metrics::counter;
 
 use crate::drain::Drainer;
-use crate::eventbridge::{self, Event, Parsed, SPOT_WARNING};
-use crate::imds::Identity;
 use crate::metrics::names;
-use crate::notice::{Kind, Notice};
 use crate::respond::{self, Report, Responder, Source, until_deadline};
+use spotable_fleet::eventbridge::{self, Event, Parsed, SPOT_WARNING};
+use spotable_fleet::imds::Identity;
+use spotable_fleet::notice::{Kind, Notice};
 
 /// Event ids remembered after they were handled, so a redelivered message is not acted on
 /// twice (a delete that failed, a visibility timeout that ran out).
@@ -359,13 +358,9 @@ impl QueueAgent {
     }
 }
 
-fn backoff() -> backon::ExponentialBackoff {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times()
-        .build()
+/// Pauses between failed receives: 0.5 s doubling to 30 s.
+fn backoff() -> impl Iterator<Item = Duration> {
+    spotable_fleet::backoff::pauses(Duration::from_millis(500), Duration::from_secs(30))
 }
 
 /// The notice an event is, for one of its instances.
@@ -397,7 +392,7 @@ pub fn notice_for(id: &str, time: SystemTime, event: &Event, instance: &str) -> 
 /// `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_AUTO_SCALING`), on the workspace's HTTPS client.
 pub async fn autoscaling_client() -> aws_sdk_autoscaling::Client {
     let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .http_client(crate::inventory::https_client())
+        .http_client(spotable_fleet::inventory::https_client())
         .load()
         .await;
     aws_sdk_autoscaling::Client::new(&config)

@@ -7,17 +7,16 @@ use std::fmt::Display;
 use std::future::Future;
 use std::time::{Duration, Instant, SystemTime};
 
-use backon::BackoffBuilder;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use metrics::{counter, histogram};
 use serde::Serialize;
 
 use crate::drain::{Drainer, PodOutcome};
-use crate::imds::Identity;
-use crate::inventory::{Message, Publisher, Status};
 use crate::metrics::names;
-use crate::notice::{self, Action, Notice};
+use spotable_fleet::imds::Identity;
+use spotable_fleet::inventory::{Message, Publisher, Status};
+use spotable_fleet::notice::{self, Action, Notice};
 
 /// Where a notice came from; labels `spotable_agent_notices_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +91,7 @@ pub struct Webhook {
 impl Webhook {
     /// A webhook at `url`; each post gives up after `timeout`.
     pub fn new(url: impl Into<String>, timeout: Duration) -> Result<Self, reqwest::Error> {
-        crate::ensure_crypto_provider();
+        spotable_fleet::ensure_crypto_provider();
         Ok(Self {
             url: url.into(),
             http: reqwest::Client::builder().timeout(timeout).build()?,
@@ -454,12 +453,8 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut pauses = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut pauses =
+        spotable_fleet::backoff::pauses(Duration::from_millis(200), Duration::from_secs(5));
     let mut attempt = 0u32;
     loop {
         let e = match step().await {

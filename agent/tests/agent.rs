@@ -9,12 +9,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use serde_json::Value;
 use spotable_agent::agent::{Agent, AgentConfig, Published};
 use spotable_agent::drain::{Drainer, PodOutcome, TAINT_KEY};
-use spotable_agent::imds::{Imds, ImdsConfig};
-use spotable_agent::inventory::{Message, Publisher, Status};
-use spotable_agent::notice::Action;
 use spotable_agent::respond::Policy;
-use spotable_agent::testing::{FakeImds, Moto, create_queue, moto_with_queue, receive_all};
-use spotable_kube_fake::FakeApi;
+use spotable_fixtures::aws::{Moto, create_queue, moto_with_queue, receive_all};
+use spotable_fixtures::imds::FakeImds;
+use spotable_fixtures::kube::FakeApi;
+use spotable_fleet::imds::{Imds, ImdsConfig};
+use spotable_fleet::inventory::{Message, Publisher, Status};
+use spotable_fleet::notice::Action;
 
 const NODE: &str = "ip-10-0-1-23";
 const NODES: &str = "/api/v1/nodes";
@@ -160,7 +161,7 @@ async fn spot_notice_publishes_then_cordons_then_evicts() {
     let got = receive_all(&w.sqs, &w.queue, Duration::from_millis(800)).await;
     assert_eq!(got.len(), 1);
     let raw: Value = serde_json::from_str(&got[0].body).unwrap();
-    for key in spotable_agent::inventory::KEYS {
+    for key in spotable_fleet::inventory::KEYS {
         assert!(raw.get(key).is_some(), "{key} missing");
     }
     let m: Message = serde_json::from_value(raw).unwrap();
@@ -499,7 +500,7 @@ async fn the_binary_handles_a_spot_notice_end_to_end() {
         .local_addr()
         .unwrap()
         .port();
-    spotable_agent::ensure_crypto_provider();
+    spotable_fleet::ensure_crypto_provider();
     // Metadata is failing when the agent starts: it must survive, count and carry on.
     w.imds.fail_next(12);
     let mut child = std::process::Command::new(agent_exe())

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use spotable_agent::imds::{Imds, ImdsConfig, ImdsError, SpotAction, Version};
-use spotable_agent::testing::FakeImds;
+use spotable_fixtures::imds::FakeImds;
+use spotable_fleet::imds::{Imds, ImdsConfig, ImdsError, SpotAction, Version};
 
 fn client(fake: &FakeImds, ttl: Duration) -> Imds {
     Imds::new(ImdsConfig {

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use spotable_agent::inventory::{Message, PodRef, Port, Proto, Publisher, Status};
-use spotable_agent::testing::{Moto, create_queue, moto_with_queue, receive_all, sqs_client_for};
+use spotable_fixtures::aws::{Moto, create_queue, moto_with_queue, receive_all, sqs_client_for};
+use spotable_fleet::inventory::{Message, PodRef, Port, Proto, Publisher, Status};
 
 fn message(id: &str) -> Message {
     let mut m = Message::new(id, Status::Ready);

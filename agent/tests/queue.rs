@@ -8,14 +8,14 @@ use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec, PodStatus, Taint}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use serde_json::Value;
 use spotable_agent::drain::{PodOutcome, TAINT_KEY};
-use spotable_agent::inventory::Publisher;
-use spotable_agent::notice::Action;
 use spotable_agent::queue::{Outcome, QueueAgent, QueueConfig};
 use spotable_agent::respond::{Policy, Responder};
-use spotable_agent::testing::{
+use spotable_fixtures::aws::{
     FakeAutoscaling, Moto, create_queue, moto_with_queue, receive_all, sqs_client_for,
 };
-use spotable_kube_fake::{Action as ApiAction, FakeApi};
+use spotable_fixtures::kube::{Action as ApiAction, FakeApi};
+use spotable_fleet::inventory::Publisher;
+use spotable_fleet::notice::Action;
 
 const NODES: &str = "/api/v1/nodes";
 const PODS: &str = "/api/v1/namespaces/games/pods";

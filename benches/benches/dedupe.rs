@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use spotable_proxy::dedupe::{Deduper, Endian, Mode, SequenceSpec, SlotState, Width};
-use spotable_proxy::replicas::{Replica, Snapshot};
-use spotable_proxy::session::{Admission, ClientVerdict, SessionTable, Settings};
+use spotable_core::dedupe::{Deduper, Endian, Mode, SequenceSpec, SlotState, Width};
+use spotable_core::replicas::{Replica, Snapshot};
+use spotable_core::session::{Admission, ClientVerdict, SessionTable, Settings};
 
 const REPLICAS: usize = 3;
 

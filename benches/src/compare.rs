@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::loadgen::Report;
 use crate::netns::Netns;
 use crate::peers::{self, PeerPaths};
-use crate::process::{self, ReplicaProcess};
 use crate::results;
+use spotable_fixtures::process::{self, ReplicaProcess};
 
 /// `spotable-bench compare` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -178,7 +178,7 @@ impl Env {
 
     fn replicas(&self, n: usize) -> anyhow::Result<Vec<ReplicaProcess>> {
         (0..n)
-            .map(|_| process::spawn_replica(&self.exe, &["--listen", "0.0.0.0:0"]))
+            .map(|_| process::spawn_replica(&self.exe, &["replica", "--listen", "0.0.0.0:0"]))
             .collect()
     }
 }

@@ -10,9 +10,11 @@ use anyhow::{Context, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::metrics_text;
-use crate::process::{ReplicaProcess, http_get, loopback_proxy_args, spawn_proxy, spawn_replica};
-use crate::wire;
+use spotable_fixtures::metrics_text;
+use spotable_fixtures::process::{
+    ReplicaProcess, http_get, loopback_proxy_args, spawn_proxy, spawn_replica,
+};
+use spotable_fixtures::wire;
 
 /// `spotable-bench demo` flags.
 #[derive(Debug, Clone, Args)]
@@ -110,7 +112,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<Summary> {
     );
 
     let mut replicas: Vec<ReplicaProcess> = (0..args.replicas)
-        .map(|_| spawn_replica(&exe, &[]))
+        .map(|_| spawn_replica(&exe, &["replica"]))
         .collect::<anyhow::Result<_>>()?;
     for (i, r) in replicas.iter().enumerate() {
         println!(

@@ -18,7 +18,7 @@ use mio::net::UdpSocket as MioSocket;
 use mio::{Events, Interest, Poll, Token};
 use serde::{Deserialize, Serialize};
 
-use crate::wire;
+use spotable_fixtures::wire;
 
 /// How one answer was counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use spotable_bench::{compare, demo, loadgen, replica};
+use spotable_bench::{compare, demo, loadgen};
+use spotable_fixtures::replica;
 
 #[derive(Debug, Parser)]
 #[command(

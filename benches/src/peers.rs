@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::process::Guard;
+use spotable_fixtures::process::Guard;
 
 /// Where the peers are looked for.
 #[derive(Debug, Clone)]
@@ -155,7 +155,7 @@ pub fn wait_echo(source: Ipv4Addr, target: SocketAddr, timeout: Duration) -> any
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 2048];
     let mut probe = Vec::new();
-    crate::wire::stamp(&mut probe, u64::MAX, 16);
+    spotable_fixtures::wire::stamp(&mut probe, u64::MAX, 16);
     while Instant::now() < deadline {
         let _ = s.send_to(&probe, target);
         if let Ok((n, _)) = s.recv_from(&mut buf)

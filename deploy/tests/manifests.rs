@@ -1,6 +1,6 @@
 //! Checks over every rendered overlay and the AWS files: least privilege, pod hardening, the
 //! game server's spread, and that every flag in a manifest is one the binary accepts (parsed
-//! with the binaries' own clap definitions). Needs `kubectl` on PATH (`.ci/run` installs it).
+//! with the binaries' own clap definitions). kubectl comes from the fixtures' Python environment.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,6 +11,10 @@ use spotable_deploy::{
     render, str_at,
 };
 
+fn kubectl() -> std::path::PathBuf {
+    spotable_fixtures::tools::path("kubectl").unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn rendered() -> BTreeMap<String, Vec<Value>> {
     let names = overlays();
     assert!(
@@ -18,10 +22,11 @@ fn rendered() -> BTreeMap<String, Vec<Value>> {
         "expected the standard, init-container, host-network, agones and queue-mode overlays: \
          {names:?}"
     );
+    let kubectl = kubectl();
     names
         .into_iter()
         .map(|n| {
-            let objects = render(&n).unwrap_or_else(|e| panic!("{e}"));
+            let objects = render(&kubectl, &n).unwrap_or_else(|e| panic!("{e}"));
             assert!(!objects.is_empty(), "{n} renders nothing");
             (n, objects)
         })
@@ -90,7 +95,9 @@ fn check_argv(argv: &[String]) -> Result<(), String> {
         }
         "spotable-bench" => {
             let cmd = clap::Command::new("spotable-bench").subcommand(
-                spotable_bench::replica::ReplicaArgs::augment_args(clap::Command::new("replica")),
+                spotable_fixtures::replica::ReplicaArgs::augment_args(clap::Command::new(
+                    "replica",
+                )),
             );
             match cmd.try_get_matches_from(argv) {
                 Ok(m) if m.subcommand_name() == Some("replica") => Ok(()),
@@ -621,7 +628,7 @@ fn the_agent_runs_on_every_spot_node_with_metadata_access() {
 
 #[test]
 fn agones_objects_have_their_required_fields() {
-    let objects = render("agones").unwrap_or_else(|e| panic!("{e}"));
+    let objects = render(&kubectl(), "agones").unwrap_or_else(|e| panic!("{e}"));
     let fleets: Vec<&Value> = objects
         .iter()
         .filter(|o| str_at(o, "/apiVersion").starts_with("agones.dev/"))

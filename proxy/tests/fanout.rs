@@ -8,7 +8,7 @@ use std::net::UdpSocket;
 use std::time::Duration;
 
 use common::*;
-use spotable_bench::process::http_get;
+use spotable_fixtures::process::http_get;
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -224,7 +224,7 @@ fn admin_endpoints_and_graceful_sigterm() {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
     assert_eq!(
-        spotable_bench::metrics_text::value(&text, "spotable_replicas", &[("state", "ready")]),
+        spotable_fixtures::metrics_text::value(&text, "spotable_replicas", &[("state", "ready")]),
         Some(1.0)
     );
     s.proxy.process.signal(libc::SIGTERM).unwrap();

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use spotable_bench::process::{ProxyProcess, ReplicaProcess, http_get, spawn_proxy_env};
-use spotable_kube_fake::FakeApi;
+use spotable_fixtures::kube::FakeApi;
+use spotable_fixtures::process::{ProxyProcess, ReplicaProcess, http_get, spawn_proxy_env};
 
 const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/games/endpointslices";
 const MS: Duration = Duration::from_millis(1);
@@ -295,7 +295,7 @@ fn a_rolling_replacement_never_leaves_a_streaming_player_deaf() {
 
     let seqs: Vec<u64> = answers
         .iter()
-        .map(|(_, a)| spotable_bench::wire::seq_of(a).unwrap())
+        .map(|(_, a)| spotable_fixtures::wire::seq_of(a).unwrap())
         .collect();
     let mut unique = seqs.clone();
     unique.sort_unstable();
@@ -311,7 +311,7 @@ fn a_rolling_replacement_never_leaves_a_streaming_player_deaf() {
     // Answers resume within 1 s of B leaving, on a fresh session on C and D ...
     let resumed = answers
         .iter()
-        .find(|(at, a)| *at > left && spotable_bench::wire::seq_of(a).unwrap() >= 1200)
+        .find(|(at, a)| *at > left && spotable_fixtures::wire::seq_of(a).unwrap() >= 1200)
         .map(|(at, _)| *at - left)
         .expect("answers never resumed");
     assert!(

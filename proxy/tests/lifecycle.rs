@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use spotable_bench::process::{http_get, loopback_proxy_args, spawn_proxy_env};
+use spotable_fixtures::process::{http_get, loopback_proxy_args, spawn_proxy_env};
 
 const MS: Duration = Duration::from_millis(1);
 

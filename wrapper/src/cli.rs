@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use spotable_agent::imds::{Identity, Imds, ImdsConfig};
-use spotable_agent::inventory::{Message, PodRef, Publisher, Status};
 use spotable_edge::LogFormat;
+use spotable_fleet::imds::{Identity, Imds, ImdsConfig};
+use spotable_fleet::inventory::{Message, PodRef, Publisher, Status};
 use tokio::sync::mpsc;
 
 use crate::expand;
@@ -148,7 +148,7 @@ async fn read_fleet(
     watch: bool,
     state: &std::path::Path,
 ) -> Result<i32, BoxError> {
-    let client = spotable_agent::inventory::sqs_client().await;
+    let client = spotable_fleet::inventory::sqs_client().await;
     let mut fleet = crate::fleet::Fleet::load(state)?;
     loop {
         let mut read = 0;
@@ -387,7 +387,7 @@ impl ServerInfo {
         let name = serde_status(status);
         m.event_id = format!("{}:{name}", self.id);
         m.status = status;
-        m.ts = spotable_agent::inventory::now_rfc3339();
+        m.ts = spotable_fleet::inventory::now_rfc3339();
         m
     }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use spotable_agent::inventory::{Message, Status};
+use spotable_fleet::inventory::{Message, Status};
 
 /// What is known of one game server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,7 +158,7 @@ fn format_age(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spotable_agent::inventory::{PodRef, Port, Proto};
+    use spotable_fleet::inventory::{PodRef, Port, Proto};
 
     fn msg(pod: &str, status: Status, ts: &str) -> Message {
         let mut m = Message::new(format!("{pod}:{status:?}"), status);

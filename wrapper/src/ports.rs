@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use spotable_agent::inventory::{Port, Proto};
+use spotable_fleet::inventory::{Port, Proto};
 
 /// `name/udp`, `name/tcp` or `name/udp+tcp`.
 #[derive(Debug, Clone, PartialEq, Eq)]

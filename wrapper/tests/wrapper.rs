@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use spotable_agent::inventory::{Message, Status};
-use spotable_agent::testing::{moto_with_queue, receive_all};
+use spotable_fixtures::aws::{moto_with_queue, receive_all};
+use spotable_fleet::inventory::{Message, Status};
 
 fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_spotable-wrapper")
@@ -416,7 +416,7 @@ async fn init_container_mode_writes_the_env_file_and_publishes_init() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inventory_prints_the_live_fleet_and_remembers_it() {
-    use spotable_agent::inventory::{PodRef, Port, Proto, Publisher};
+    use spotable_fleet::inventory::{PodRef, Port, Proto, Publisher};
     let dir = tempdir("inventory");
     let (moto, sqs, queue) = moto_with_queue("inventory.fifo").await;
     let publisher = Publisher::with_client(sqs.clone(), queue.clone());
@@ -499,7 +499,7 @@ async fn inventory_prints_the_live_fleet_and_remembers_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_address_comes_from_instance_metadata() {
     let dir = tempdir("imds-ok");
-    let imds = spotable_agent::testing::FakeImds::start().await.unwrap();
+    let imds = spotable_fixtures::imds::FakeImds::start().await.unwrap();
     imds.set_identity(
         "i-0feed",
         "ap-south-1",

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use spotable_proxy::dedupe::{Copies, MAX_SLOTS, Mode, Verdict};
-use spotable_proxy::replicas::{Replica, ReplicaState, Snapshot};
-use spotable_proxy::session::{
+use spotable_core::dedupe::{Copies, MAX_SLOTS, Mode, Verdict};
+use spotable_core::replicas::{Replica, ReplicaState, Snapshot};
+use spotable_core::session::{
     Admission, AnswerVerdict, ClientVerdict, SessionTable, Settings,
 };
 
@@ -51,10 +51,10 @@ fn table_ops(data: &[u8], start: Instant) {
                 max_entries: 8,
             },
             Some(1) => Mode::Sequence {
-                spec: spotable_proxy::dedupe::SequenceSpec {
+                spec: spotable_core::dedupe::SequenceSpec {
                     offset: 1,
-                    width: spotable_proxy::dedupe::Width::Two,
-                    endian: spotable_proxy::dedupe::Endian::Little,
+                    width: spotable_core::dedupe::Width::Two,
+                    endian: spotable_core::dedupe::Endian::Little,
                 },
                 window: Duration::from_millis(100),
                 max_entries: 8,

@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use spotable_agent::eventbridge::{self, Parsed};
-use spotable_agent::notice::Notice;
+use spotable_fleet::eventbridge::{self, Parsed};
+use spotable_fleet::notice::Notice;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

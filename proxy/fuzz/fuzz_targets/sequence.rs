@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 
 use libfuzzer_sys::fuzz_target;
-use spotable_proxy::dedupe::{
+use spotable_core::dedupe::{
     Endian, ReplayWindow, SEQUENCE_WINDOW, SequenceSpec, Verdict, Width,
 };
 

@@ -5,47 +5,23 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use spotable_bench::metrics_text;
-use spotable_bench::process::{
+use spotable_fixtures::metrics_text;
+use spotable_fixtures::process::{
     ProxyProcess, ReplicaProcess, http_get, loopback_proxy_args, spawn_proxy, spawn_replica,
 };
-use spotable_bench::wire;
+use spotable_fixtures::wire;
 
 pub fn proxy_exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_spotable-proxy"))
 }
 
-/// The replica program ships in spotable-bench. `cargo test --workspace` builds it next to the
-/// proxy binary (spotable-bench has integration tests of its own); when only this package is
-/// tested, it is built here, once.
-pub fn bench_exe() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let p = proxy_exe().with_file_name("spotable-bench");
-            if !p.exists() {
-                let mut cargo = Command::new(env!("CARGO"));
-                cargo.args(["build", "-p", "spotable-bench", "--bin", "spotable-bench"]);
-                if proxy_exe().parent().is_some_and(|d| d.ends_with("release")) {
-                    cargo.arg("--release");
-                }
-                let status = cargo.status().expect("run cargo");
-                assert!(status.success(), "cannot build spotable-bench");
-            }
-            assert!(p.exists(), "{} is missing", p.display());
-            p
-        })
-        .clone()
-}
-
 pub fn replica(args: &[&str]) -> ReplicaProcess {
-    spawn_replica(&bench_exe(), args).expect("replica starts")
+    spawn_replica(&spotable_fixtures::replica::exe(), args).expect("replica starts")
 }
 
 pub struct Setup {

@@ -1,52 +1,11 @@
-//! The replica program and the demo, as the processes users and tests run.
+//! The demo, as the process users run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::UdpSocket;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
-
-use spotable_bench::process::spawn_replica;
 
 fn exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_spotable-bench"))
-}
-
-fn ask(replica: std::net::SocketAddr, payload: &[u8], expect: usize) -> Vec<Vec<u8>> {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    s.send_to(payload, replica).unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 2048];
-    while let Ok(n) = s.recv(&mut buf) {
-        got.push(buf[..n].to_vec());
-        if got.len() > expect {
-            break;
-        }
-    }
-    got
-}
-
-#[test]
-fn replica_echoes_deterministically() {
-    let a = spawn_replica(exe(), &[]).unwrap();
-    let b = spawn_replica(exe(), &[]).unwrap();
-    assert_eq!(ask(a.addr, b"tick 1", 1), vec![b"tick 1".to_vec()]);
-    assert_eq!(ask(a.addr, b"tick 1", 1), ask(b.addr, b"tick 1", 1));
-}
-
-#[test]
-fn replica_repeats_and_tags_on_request() {
-    let r = spawn_replica(exe(), &["--copies", "3", "--tag", "/r7"]).unwrap();
-    assert_eq!(ask(r.addr, b"x", 3), vec![b"x/r7".to_vec(); 3]);
-}
-
-#[test]
-fn replica_dies_on_sigkill() {
-    let mut r = spawn_replica(exe(), &[]).unwrap();
-    r.process.kill().unwrap();
-    assert!(ask(r.addr, b"anyone?", 1).is_empty());
 }
 
 #[test]

@@ -125,7 +125,7 @@ mod tests {
 
     #[test]
     fn only_primary_is_forwarded() {
-        let t = Instant::now();
+        let t = crate::epoch();
         let slots = [Ready, Ready, Ready];
         let mut p = Primary::new(50 * MS, t, &slots);
         assert_eq!(p.primary(), Some(0));
@@ -136,7 +136,7 @@ mod tests {
 
     #[test]
     fn silent_primary_fails_over_to_a_speaking_replica() {
-        let t = Instant::now();
+        let t = crate::epoch();
         let slots = [Ready, Ready];
         let mut p = Primary::new(50 * MS, t, &slots);
         assert_eq!(p.on_answer(0, t, &slots), Forward);
@@ -149,7 +149,7 @@ mod tests {
 
     #[test]
     fn primary_that_never_speaks_is_replaced() {
-        let t = Instant::now();
+        let t = crate::epoch();
         let slots = [Ready, Ready];
         let mut p = Primary::new(50 * MS, t, &slots);
         assert_eq!(p.on_answer(1, t + 60 * MS, &slots), ForwardAfterFailover);
@@ -157,7 +157,7 @@ mod tests {
 
     #[test]
     fn removed_primary_moves_at_once() {
-        let t = Instant::now();
+        let t = crate::epoch();
         let mut slots = [Ready, Ready, Ready];
         let mut p = Primary::new(50 * MS, t, &slots);
         p.on_answer(2, t, &slots);
@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn draining_replica_is_never_chosen_while_a_ready_one_exists() {
-        let t = Instant::now();
+        let t = crate::epoch();
         let mut slots = [Ready, Draining, Ready];
         let mut p = Primary::new(50 * MS, t, &slots);
         assert_eq!(p.primary(), Some(0));
@@ -188,7 +188,7 @@ mod tests {
 
     #[test]
     fn no_live_replica_then_first_speaker_wins() {
-        let t = Instant::now();
+        let t = crate::epoch();
         let slots = [Gone, Gone];
         let mut p = Primary::new(50 * MS, t, &slots);
         assert_eq!(p.primary(), None);

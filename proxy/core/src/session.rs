@@ -766,7 +766,7 @@ mod tests {
 
     #[test]
     fn first_datagram_opens_a_session_and_fans_out() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut t = table(settings(copies()), 10, &[7001, 7002, 7003]);
         let ClientVerdict::Forward {
             id: 0,
@@ -800,7 +800,7 @@ mod tests {
 
     #[test]
     fn answers_are_deduplicated_and_only_from_replicas() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut t = table(settings(copies()), 10, &[7001, 7002]);
         let id = open(&mut t, 5000, now);
         let deliver = AnswerVerdict::Deliver {
@@ -825,7 +825,7 @@ mod tests {
 
     #[test]
     fn empty_and_oversized_datagrams_are_dropped() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut t = table(settings(copies()), 10, &[7001]);
         assert_eq!(
             t.on_client(0, addr(1), 0, now),
@@ -840,7 +840,7 @@ mod tests {
 
     #[test]
     fn session_limit_holds_across_tables_and_frees_on_close() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let s = Arc::new(settings(copies()));
         let admission = Admission::new(3);
         let snap = snapshot(1, &[(7001, ReplicaState::Ready)]);
@@ -862,7 +862,7 @@ mod tests {
 
     #[test]
     fn idle_sessions_expire_active_ones_stay() {
-        let t0 = Instant::now();
+        let t0 = crate::epoch();
         let mut s = settings(copies());
         s.session_timeout = Duration::from_secs(60);
         let mut t = table(s, 10, &[7001]);
@@ -892,7 +892,7 @@ mod tests {
 
     #[test]
     fn rate_limit_per_client() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut s = settings(copies());
         s.rate = Some(Rate {
             per_second: 10,
@@ -920,7 +920,7 @@ mod tests {
 
     #[test]
     fn no_replicas_no_session() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut t = table(settings(copies()), 10, &[]);
         assert_eq!(
             t.on_client(0, addr(1), 10, now),
@@ -931,7 +931,7 @@ mod tests {
 
     #[test]
     fn removed_replica_leaves_running_sessions_new_one_joins_new_sessions_only() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut t = table(settings(copies()), 10, &[7001, 7002]);
         let old = open(&mut t, 1, now);
         let report = apply(
@@ -964,7 +964,7 @@ mod tests {
 
     #[test]
     fn late_join_tops_up_running_sessions() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut s = settings(copies());
         s.late_join = true;
         s.fanout = 2;
@@ -1006,7 +1006,7 @@ mod tests {
 
     #[test]
     fn late_join_tops_up_from_the_clients_own_ranking() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut s = settings(copies());
         s.late_join = true;
         s.fanout = 2;
@@ -1045,7 +1045,7 @@ mod tests {
 
     #[test]
     fn losing_a_replica_without_late_join_is_degraded_once() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut t = table(settings(copies()), 10, &[7001, 7002, 7003]);
         open(&mut t, 1, now);
         let r = apply(
@@ -1063,7 +1063,7 @@ mod tests {
 
     #[test]
     fn draining_replica_keeps_traffic_and_loses_primary() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mode = Mode::Primary {
             failover_after: 50 * MS,
         };
@@ -1104,7 +1104,7 @@ mod tests {
     fn copies_mode_survives_replica_loss_without_loss_or_duplicates() {
         // Three replicas answer a stream; one vanishes mid-stream (removed from the set
         // or just silent). The client must see every answer exactly once.
-        let t0 = Instant::now();
+        let t0 = crate::epoch();
         let mut t = table(settings(copies()), 10, &[7001, 7002, 7003]);
         let id = open(&mut t, 1, t0);
         let mut delivered = Vec::new();
@@ -1138,7 +1138,7 @@ mod tests {
 
     #[test]
     fn sequence_mode_through_the_table() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mode = sequence(crate::dedupe::Width::Two, crate::dedupe::Endian::Little);
         let mut t = table(settings(mode), 10, &[7001, 7002]);
         let id = open(&mut t, 1, now);
@@ -1176,7 +1176,7 @@ mod tests {
     #[test]
     fn a_rolling_replacement_closes_the_session_and_the_next_datagram_reconnects() {
         // A,B -> A,B,C -> A draining -> B,C -> B,C,D -> B draining -> C,D; no late join.
-        let now = Instant::now();
+        let now = crate::epoch();
         let (a, b, c, d) = (7001, 7002, 7003, 7004);
         let mut t = table(settings(copies()), 10, &[a, b]);
         let id = open(&mut t, 1, now);
@@ -1227,7 +1227,7 @@ mod tests {
 
     #[test]
     fn all_replicas_flapping_away_closes_and_their_return_readmits() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut t = table(settings(copies()), 10, &[7001, 7002]);
         let id = open(&mut t, 1, now);
         let closed = apply_closing(&mut t, snapshot(2, &[]), now);
@@ -1245,7 +1245,7 @@ mod tests {
 
     #[test]
     fn a_replica_returning_at_its_address_takes_its_slot_back() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mode = Mode::Primary {
             failover_after: 50 * MS,
         };
@@ -1284,7 +1284,7 @@ mod tests {
 
     #[test]
     fn a_returning_replica_does_not_exceed_the_fanout() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut s = settings(copies());
         s.late_join = true;
         s.fanout = 2;
@@ -1306,7 +1306,7 @@ mod tests {
 
     #[test]
     fn a_replica_address_never_opens_a_session() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut t = table(settings(copies()), 10, &[7001, 7002]);
         assert_eq!(
             t.on_client(0, addr(7001), 10, now),
@@ -1336,7 +1336,7 @@ mod tests {
 
     #[test]
     fn rate_limited_clients_are_reported_once_per_interval() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut s = settings(copies());
         s.rate = Some(Rate {
             per_second: 1,
@@ -1388,7 +1388,7 @@ mod tests {
 
     #[test]
     fn sequence_resync_through_the_table_counts_stale_and_resyncs() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mode = sequence(crate::dedupe::Width::Four, crate::dedupe::Endian::Big);
         let mut t = table(settings(mode), 10, &[7001, 7002]);
         let id = open(&mut t, 1, now);

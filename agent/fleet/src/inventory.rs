@@ -230,14 +230,14 @@ impl Publisher {
             })
     }
 
-    /// Retries with backoff (200 ms doubling to 5 s) until sent or `within` has passed.
+    /// Retries with jittered backoff (200 ms doubling to 5 s) until sent or `within` has passed.
     pub async fn send_with_retry(
         &self,
         message: &Message,
         within: Duration,
     ) -> Result<u32, PublishError> {
         let deadline = Instant::now() + within;
-        let mut delay = Duration::from_millis(200);
+        let mut pauses = crate::backoff::pauses(Duration::from_millis(200), Duration::from_secs(5));
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -264,8 +264,8 @@ impl Publisher {
                         });
                     }
                     tracing::warn!(error = %e, attempts, "inventory send failed; retrying");
-                    tokio::time::sleep(delay.min(left)).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    let pause = pauses.next().unwrap_or(Duration::from_secs(5));
+                    tokio::time::sleep(pause.min(left)).await;
                 }
             }
         }

@@ -311,7 +311,7 @@ mod tests {
     #[test]
     fn sync_age_grows_only_while_the_source_fails() {
         let set = ReplicaSet::new();
-        let t0 = Instant::now();
+        let t0 = crate::epoch();
         let s = std::time::Duration::from_secs(1);
         assert_eq!(set.sync_age(t0), None, "nothing listed yet");
         set.publish(vec![Replica::ready(addr(1))]);

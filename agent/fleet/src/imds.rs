@@ -6,7 +6,7 @@
 //! jittered retries: metadata is local, and an agent stuck on it would miss its deadline.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
@@ -188,7 +188,8 @@ impl Imds {
         }
         let ttl = self.config.token_ttl.as_secs().clamp(1, 21_600);
         let url = self.url("api/token");
-        for attempt in 0..self.config.attempts.max(1) {
+        let mut pauses = retry_pauses();
+        for _ in 0..self.config.attempts.max(1) {
             let sent = self
                 .http
                 .put(&url)
@@ -214,7 +215,7 @@ impl Imds {
                 Ok(_) => return None,
                 Err(_) => {}
             }
-            pause(attempt).await;
+            pause(&mut pauses).await;
         }
         None
     }
@@ -226,6 +227,7 @@ impl Imds {
         let mut renewed = false;
         let mut last = String::new();
         let mut attempt = 0;
+        let mut pauses = retry_pauses();
         while attempt < self.config.attempts.max(1) {
             let mut req = self.http.get(&url);
             if let Some(t) = &token {
@@ -261,7 +263,7 @@ impl Imds {
                 }
                 Err(e) => last = e.to_string(),
             }
-            pause(attempt).await;
+            pause(&mut pauses).await;
             attempt += 1;
         }
         Err(ImdsError::Unreachable { url, reason: last })
@@ -314,13 +316,11 @@ impl Imds {
     }
 }
 
-/// 100 ms, 200 ms, 400 ms… plus up to 50 % jitter.
-async fn pause(attempt: u32) {
-    use std::hash::BuildHasher;
-    let base = Duration::from_millis(100) * 2u32.saturating_pow(attempt.min(5));
-    let salt = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let jitter = std::collections::hash_map::RandomState::new().hash_one(salt) % 500;
-    tokio::time::sleep(base + base * u32::try_from(jitter).unwrap_or(0) / 1000).await;
+/// 100 ms, 200 ms, 400 ms… (jittered, at most 3.2 s) between attempts at the metadata service.
+fn retry_pauses() -> impl Iterator<Item = Duration> {
+    crate::backoff::pauses(Duration::from_millis(100), Duration::from_millis(3200))
+}
+
+async fn pause(pauses: &mut impl Iterator<Item = Duration>) {
+    tokio::time::sleep(pauses.next().unwrap_or(Duration::from_millis(100))).await;
 }

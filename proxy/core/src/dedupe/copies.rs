@@ -157,7 +157,7 @@ mod tests {
     use crate::dedupe::Verdict::{Duplicate, Forward};
 
     fn copies() -> (Copies, Instant) {
-        let now = Instant::now();
+        let now = crate::epoch();
         (Copies::new(Duration::from_secs(1), 1024, 7, now), now)
     }
 
@@ -230,7 +230,7 @@ mod tests {
 
     #[test]
     fn cap_evicts_in_insertion_order_after_expiry() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut c = Copies::new(Duration::from_secs(1), 2, 1, now);
         c.on_answer(0, b"a", now);
         // "a" expires and is inserted again, after "b": "b" is now the oldest.
@@ -246,7 +246,7 @@ mod tests {
 
     #[test]
     fn cap_bounds_memory_and_evicts_oldest() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let mut c = Copies::new(Duration::from_secs(60), 4, 1, now);
         for i in 0..10u8 {
             c.on_answer(0, &[i], now + Duration::from_millis(u64::from(i)));

@@ -412,7 +412,7 @@ mod tests {
 
     #[test]
     fn short_datagrams_fall_back_to_content() {
-        let now = Instant::now();
+        let now = crate::epoch();
         let spec = SequenceSpec {
             offset: 4,
             width: Width::Four,
@@ -435,7 +435,7 @@ mod tests {
             width: Width::Four,
             endian: Endian::Big,
         };
-        let now = Instant::now();
+        let now = crate::epoch();
         Sequence::new(
             spec,
             Copies::new(std::time::Duration::from_secs(1), 64, 3, now),
@@ -444,7 +444,7 @@ mod tests {
     }
 
     fn answer(s: &mut Sequence, slot: Slot, seq: u32) -> Verdict {
-        s.on_answer(slot, &seq.to_be_bytes(), Instant::now())
+        s.on_answer(slot, &seq.to_be_bytes(), crate::epoch())
     }
 
     /// Two replicas answer `range` in lockstep; returns the numbers delivered.

@@ -375,8 +375,7 @@ fn bind_group(
 
 /// Per-worker secret for content hashes, so clients cannot aim for collisions.
 fn seed() -> u64 {
-    use std::hash::BuildHasher;
-    std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
+    fastrand::u64(..)
 }
 
 #[cfg(test)]

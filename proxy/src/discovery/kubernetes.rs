@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::ExponentialBackoff;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 
@@ -54,7 +55,7 @@ pub async fn run(client: Client, source: Source, replicas: ReplicaSet) {
     let selector = format!("kubernetes.io/service-name={}", source.service);
     let config = watcher::Config::default().labels(&selector);
     let (store, writer) = reflector::store::<EndpointSlice>();
-    let stream = watcher(api, config).backoff(Backoff::new()).reflect(writer);
+    let stream = watcher(api, config).backoff(backoff()).reflect(writer);
     let mut stream = std::pin::pin!(stream);
     let errors = metrics::counter!(names::WATCH_ERRORS);
     let mut listed = false;
@@ -100,45 +101,19 @@ pub async fn run(client: Client, source: Source, replicas: ReplicaSet) {
     }
 }
 
-/// Capped exponential backoff with jitter: quick to come back after a short API outage,
-/// gentle on an API server that stays down.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-    salt: u64,
+/// 250 ms doubling to 10 s, jittered (backon, the workspace's one backoff): quick to come
+/// back after a short API outage, gentle on an API server that stays down, and proxies that
+/// lost the API together do not return together.
+fn backoff() -> ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(BACKOFF_MAX)
+        .with_jitter()
+        .without_max_times()
+        .into()
 }
 
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(250);
-    const MAX: Duration = Duration::from_secs(10);
-
-    fn new() -> Self {
-        Self {
-            next: Self::FIRST,
-            salt: 0,
-        }
-    }
-}
-
-impl Iterator for Backoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        use std::hash::BuildHasher;
-        let base = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        self.salt = self.salt.wrapping_add(1);
-        // Up to +50 %, so proxies that lost the API together do not return together.
-        let jitter = std::collections::hash_map::RandomState::new().hash_one(self.salt) % 500;
-        Some(base + base * u32::try_from(jitter).unwrap_or(0) / 1000)
-    }
-}
-
-impl kube::runtime::utils::Backoff for Backoff {
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-}
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
@@ -147,12 +122,12 @@ mod tests {
     #[test]
     fn backoff_grows_caps_and_resets() {
         use kube::runtime::utils::Backoff as _;
-        let mut b = Backoff::new();
+        let mut b = backoff();
         let d: Vec<_> = b.by_ref().take(8).collect();
-        assert!(d[0] >= Duration::from_millis(250) && d[0] < Duration::from_millis(375));
+        assert!(d[0] >= Duration::from_millis(250) && d[0] <= Duration::from_millis(500));
         assert!(d[1] >= Duration::from_millis(500));
-        assert!(d[7] >= Backoff::MAX && d[7] <= Backoff::MAX * 3 / 2);
+        assert!(d[7] >= BACKOFF_MAX && d[7] <= BACKOFF_MAX * 2);
         b.reset();
-        assert!(b.next().unwrap() < Duration::from_millis(375));
+        assert!(b.next().unwrap() <= Duration::from_millis(500));
     }
 }

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
 use crate::replicas::{Notify, ReplicaSet};
 use crate::session::{Admission, SessionTable, Settings};
-use crate::worker::{Front, Worker};
+use crate::worker::{Front, Sockets, Worker};
 
 /// What the data plane needs to run.
 #[derive(Debug, Clone)]
@@ -62,6 +63,18 @@ pub(crate) struct Shared {
     pub(crate) replicas: ReplicaSet,
     pub(crate) shutdown: AtomicBool,
     pub(crate) health: Arc<Health>,
+}
+
+#[cfg(test)]
+impl Shared {
+    /// What a worker under test reads: a replica set the test publishes to.
+    pub(crate) fn for_tests() -> Arc<Self> {
+        Arc::new(Self {
+            replicas: ReplicaSet::new(),
+            shutdown: AtomicBool::new(false),
+            health: Arc::new(Health::new()),
+        })
+    }
 }
 
 /// Whether the data plane is whole. A worker that stops for any reason but shutdown (its
@@ -205,8 +218,18 @@ impl Proxy {
                             shared.replicas.snapshot(),
                             seed,
                         );
-                        let fault = fault.filter(|_| index == 0);
-                        Worker::new(fronts, table, settings.max_datagram, shared.clone(), fault)
+                        let (net, waker) = Sockets::new(fronts)?;
+                        let now = Instant::now();
+                        let fault_at = fault.filter(|_| index == 0).map(|d| now + d);
+                        let worker = Worker::new(
+                            net,
+                            table,
+                            settings.max_datagram,
+                            shared.clone(),
+                            fault_at,
+                            now,
+                        );
+                        Ok((worker, waker))
                     })();
                     match built {
                         Ok((worker, waker)) => {
@@ -299,7 +322,7 @@ impl Drop for Proxy {
 /// Runs one worker to its end and reports an end that was not asked for. A panic is caught
 /// here (the default hook has already printed it) so that it becomes a failure of the proxy
 /// rather than a thread that quietly vanished.
-fn run_worker(index: usize, worker: Worker, shared: &Shared) {
+fn run_worker(index: usize, worker: Worker<Sockets>, shared: &Shared) {
     shared.health.workers_up.fetch_add(1, Ordering::AcqRel);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
     shared.health.workers_up.fetch_sub(1, Ordering::AcqRel);

@@ -237,6 +237,11 @@ impl Local {
         self.drops[reason as usize] += n;
     }
 
+    /// Datagrams dropped for `reason` since the last flush.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+
     /// Counts one closed session.
     pub fn closed(&mut self, reason: CloseReason) {
         self.closed[reason as usize] += 1;

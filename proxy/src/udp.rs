@@ -143,6 +143,24 @@ impl RecvBatch {
         }
     }
 
+    /// Puts a datagram in slot `i` as `recv` would have (truncated to the slot size): the
+    /// in-memory network of the worker's tests.
+    #[cfg(test)]
+    pub(crate) fn fill(&mut self, i: usize, from: SocketAddr, payload: &[u8]) {
+        let len = payload.len().min(self.slot_size);
+        let start = i * self.slot_size;
+        self.bufs[start..start + len].copy_from_slice(&payload[..len]);
+        let namelen = encode(from, false, &mut self.headers.addrs[i]);
+        let hdr = &mut self.headers.hdrs[i];
+        hdr.msg_len = u32::try_from(len).unwrap_or(u32::MAX);
+        hdr.msg_hdr.msg_namelen = namelen;
+        hdr.msg_hdr.msg_flags = if payload.len() > self.slot_size {
+            libc::MSG_TRUNC
+        } else {
+            0
+        };
+    }
+
     /// The datagram in slot `i` (as filled by the last [`recv`](Self::recv) covering it).
     pub fn get(&self, i: usize) -> Datagram<'_> {
         let hdr = &self.headers.hdrs[i];

@@ -2,16 +2,27 @@
 //!
 //! `SO_REUSEPORT` hashes each client's 4-tuple to one socket of the group, so a client always
 //! lands on the same worker. Sessions are therefore worker-local and the hot path takes no lock.
+//!
+//! The worker's logic (batching, pending sockets, connect switching, delivery, ticks) is generic
+//! over [`Net`]: the kernel's sockets in production ([`Sockets`]), an in-memory network driven
+//! with simulated time in this module's unit tests.
+
+mod sockets;
+
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use mio::net::UdpSocket;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::Token;
+
+pub(crate) use sockets::{Front, Sockets};
 
 use crate::loglimit::LogLimit;
 use crate::server::Shared;
@@ -20,7 +31,7 @@ use crate::session::{
     SessionId, SessionTable,
 };
 use crate::stats::{self, UpstreamError};
-use crate::udp::{self, MAX_UDP_PAYLOAD, RecvBatch, SendBatch, SendOutcome};
+use crate::udp::{MAX_UDP_PAYLOAD, RecvBatch, SendOutcome};
 
 const WAKER: Token = Token(0);
 const FRONT_BASE: usize = 1;
@@ -36,12 +47,70 @@ const TICK: Duration = Duration::from_millis(100);
 /// Lines about single clients or sessions written per event before the rest are summed up.
 const CLIENT_LINES: usize = 10;
 
+/// The token of front socket `listener`.
+fn front_token(listener: usize) -> Token {
+    Token(FRONT_BASE + listener)
+}
+
+/// The token of session `id`'s upstream socket.
+fn session_token(id: SessionId) -> Token {
+    Token(SESSION_BASE + id)
+}
+
 /// Test hook: `SPOTABLE_TEST_FAULT=worker-panic-after-ms=N` makes worker 0 panic N ms after
 /// it starts, so tests can watch the process notice a dead worker. Unset in production.
 pub(crate) fn injected_fault() -> Option<Duration> {
     let spec = std::env::var("SPOTABLE_TEST_FAULT").ok()?;
     let ms = spec.strip_prefix("worker-panic-after-ms=")?.parse().ok()?;
     Some(Duration::from_millis(ms))
+}
+
+/// What the worker's logic asks of the network. Every call is non-blocking; readiness comes
+/// back to [`Worker::turn`] as tokens ([`front_token`], [`session_token`], `WAKER`).
+pub(crate) trait Net {
+    /// A session's own upstream socket.
+    type Upstream: std::fmt::Debug;
+
+    /// How many front sockets (listeners) this worker reads.
+    fn listeners(&self) -> usize;
+    /// Reads client datagrams from front `listener` into slots `start..` of `batch`.
+    fn recv_front(
+        &mut self,
+        listener: usize,
+        batch: &mut RecvBatch,
+        start: usize,
+    ) -> io::Result<usize>;
+    /// Sends `(answer, client)` pairs from front `listener`.
+    fn send_front<'a>(
+        &mut self,
+        listener: usize,
+        items: impl IntoIterator<Item = (&'a [u8], SocketAddr)>,
+    ) -> SendOutcome;
+    /// A socket of its own for session `id`, on an ephemeral port (IPv6 dual-stack when
+    /// `v6`); its readiness is reported as `session_token(id)`.
+    fn open(&mut self, id: SessionId, v6: bool) -> io::Result<Self::Upstream>;
+    /// Closes a session's socket.
+    fn close(&mut self, socket: Self::Upstream);
+    /// Reads replica answers into slots `start..` of `batch`.
+    fn recv(
+        &mut self,
+        socket: &Self::Upstream,
+        batch: &mut RecvBatch,
+        start: usize,
+    ) -> io::Result<usize>;
+    /// Associates the socket with one replica (it then hears only that one).
+    fn connect(&mut self, socket: &Self::Upstream, to: SocketAddr) -> io::Result<()>;
+    /// Dissolves the association; the port stays.
+    fn disconnect(&mut self, socket: &Self::Upstream) -> io::Result<()>;
+    /// Sends on a connected socket.
+    fn send(&mut self, socket: &Self::Upstream, payload: &[u8]) -> io::Result<usize>;
+    /// Sends one payload to every target.
+    fn fan_out(
+        &mut self,
+        socket: &Self::Upstream,
+        payload: &[u8],
+        targets: &[SocketAddr],
+    ) -> SendOutcome;
 }
 
 /// Data-path warnings, each at most one line per interval.
@@ -53,26 +122,9 @@ struct Logs {
     disconnect: LogLimit,
 }
 
-/// A front socket, shared by the workers through `SO_REUSEPORT`.
 #[derive(Debug)]
-pub(crate) struct Front {
-    socket: UdpSocket,
-    v6: bool,
-}
-
-impl Front {
-    pub(crate) fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
-        let v6 = socket.local_addr()?.is_ipv6();
-        Ok(Self {
-            socket: UdpSocket::from_std(socket),
-            v6,
-        })
-    }
-}
-
-#[derive(Debug)]
-struct Upstream {
-    socket: UdpSocket,
+struct Upstream<S> {
+    socket: S,
     v6: bool,
     /// The one replica the socket is connected to, while the session has exactly one. A
     /// connected socket sends on a cached route with no address to copy in: the common
@@ -80,49 +132,46 @@ struct Upstream {
     connected: Option<SocketAddr>,
 }
 
-impl Upstream {
-    /// Sends `payload` to `targets`: on the connected socket when there is one target,
-    /// otherwise one `sendmmsg` to all (disconnecting first, so every replica's answers are
-    /// received again).
-    fn send(
-        &mut self,
-        tx: &mut SendBatch,
-        payload: &[u8],
-        targets: &[SocketAddr],
-        logs: &mut Logs,
-        now: Instant,
-    ) -> SendOutcome {
-        if let [only] = targets
-            && (self.v6 == only.is_ipv6())
-        {
-            if self.connected != Some(*only) && self.socket.connect(*only).is_ok() {
-                self.connected = Some(*only);
-            }
-            if self.connected == Some(*only) {
-                return match self.socket.send(payload) {
-                    Ok(n) => SendOutcome {
-                        sent: 1,
-                        bytes: n as u64,
-                        failed: 0,
-                    },
-                    Err(_) => SendOutcome {
-                        sent: 0,
-                        bytes: 0,
-                        failed: 1,
-                    },
-                };
-            }
+/// Sends `payload` to `targets`: on the connected socket when there is one target, otherwise
+/// one batch to all (disconnecting first, so every replica's answers are received again).
+fn send_upstream<N: Net>(
+    net: &mut N,
+    up: &mut Upstream<N::Upstream>,
+    payload: &[u8],
+    targets: &[SocketAddr],
+    logs: &mut Logs,
+    now: Instant,
+) -> SendOutcome {
+    if let [only] = targets
+        && (up.v6 == only.is_ipv6())
+    {
+        if up.connected != Some(*only) && net.connect(&up.socket, *only).is_ok() {
+            up.connected = Some(*only);
         }
-        if self.connected.is_some() {
-            if let Err(e) = udp::disconnect(self.socket.as_raw_fd())
-                && let Some(held) = logs.disconnect.hit(now)
-            {
-                tracing::warn!(error = %e, held, "cannot disconnect an upstream socket");
-            }
-            self.connected = None;
+        if up.connected == Some(*only) {
+            return match net.send(&up.socket, payload) {
+                Ok(n) => SendOutcome {
+                    sent: 1,
+                    bytes: n as u64,
+                    failed: 0,
+                },
+                Err(_) => SendOutcome {
+                    sent: 0,
+                    bytes: 0,
+                    failed: 1,
+                },
+            };
         }
-        tx.fan_out(self.socket.as_raw_fd(), payload, targets, self.v6)
     }
+    if up.connected.is_some() {
+        if let Err(e) = net.disconnect(&up.socket)
+            && let Some(held) = logs.disconnect.hit(now)
+        {
+            tracing::warn!(error = %e, held, "cannot disconnect an upstream socket");
+        }
+        up.connected = None;
+    }
+    net.fan_out(&up.socket, payload, targets)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -132,21 +181,18 @@ struct Delivery {
     slot: usize,
 }
 
-/// A worker before it runs: built on its own thread.
+/// One worker's state and logic, over its network `N`.
 #[derive(Debug)]
-pub(crate) struct Worker {
-    poll: Poll,
-    events: Events,
+pub(crate) struct Worker<N: Net> {
+    net: N,
     ready: Vec<Token>,
     pending: Vec<Token>,
-    fronts: Vec<Front>,
-    upstreams: Vec<Option<Upstream>>,
+    upstreams: Vec<Option<Upstream<N::Upstream>>>,
     table: SessionTable,
     front_rx: RecvBatch,
     answers: RecvBatch,
     answers_used: usize,
     deliveries: Vec<Delivery>,
-    tx: SendBatch,
     local: stats::Local,
     sink: stats::Sink,
     shared: Arc<Shared>,
@@ -158,27 +204,20 @@ pub(crate) struct Worker {
     next_tick: Instant,
 }
 
-impl Worker {
-    /// Registers the front sockets; returns the worker and the waker that interrupts its poll.
+impl<N: Net> Worker<N> {
+    /// A worker over `net`, started at `now`.
     pub(crate) fn new(
-        mut fronts: Vec<Front>,
+        net: N,
         table: SessionTable,
         max_datagram: usize,
         shared: Arc<Shared>,
-        fault_after: Option<Duration>,
-    ) -> io::Result<(Self, Arc<Waker>)> {
-        let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        for (i, f) in fronts.iter_mut().enumerate() {
-            poll.registry()
-                .register(&mut f.socket, Token(FRONT_BASE + i), Interest::READABLE)?;
-        }
-        let worker = Self {
-            poll,
-            events: Events::with_capacity(1024),
+        fault_at: Option<Instant>,
+        now: Instant,
+    ) -> Self {
+        Self {
+            net,
             ready: Vec::with_capacity(1024),
             pending: Vec::new(),
-            fronts,
             upstreams: Vec::new(),
             table,
             // One byte more than accepted, so an oversized datagram shows as such.
@@ -186,59 +225,48 @@ impl Worker {
             answers: RecvBatch::new(ANSWER_ARENA, MAX_UDP_PAYLOAD + 1),
             answers_used: 0,
             deliveries: Vec::with_capacity(ANSWER_ARENA),
-            tx: SendBatch::new(ANSWER_ARENA.max(crate::dedupe::MAX_SLOTS)),
             local: stats::Local::default(),
             sink: stats::Sink::new(),
             shared,
             closed: Vec::new(),
             limited: Vec::new(),
             logs: Logs::default(),
-            fault_at: fault_after.map(|d| Instant::now() + d),
-            next_tick: Instant::now() + TICK,
-        };
-        Ok((worker, waker))
+            fault_at,
+            next_tick: now + TICK,
+        }
     }
 
-    /// Runs until shutdown is signalled; an error is the event loop failing.
-    pub(crate) fn run(mut self) -> io::Result<()> {
-        while !self.shared.shutdown.load(Ordering::Acquire) {
-            let timeout = if self.pending.is_empty() {
-                self.next_tick.saturating_duration_since(Instant::now())
-            } else {
-                Duration::ZERO
-            };
-            if let Err(e) = self.poll.poll(&mut self.events, Some(timeout))
-                && e.kind() != io::ErrorKind::Interrupted
-            {
-                self.sink.flush(&mut self.local);
-                return Err(e);
-            }
-            let now = Instant::now();
-            self.ready.clear();
-            self.ready.extend(self.events.iter().map(|e| e.token()));
-            self.ready.append(&mut self.pending);
-            for i in 0..self.ready.len() {
-                let token = self.ready[i];
-                let drained = match token.0 {
-                    0 => {
-                        self.on_wake(now);
-                        true
-                    }
-                    t if t >= SESSION_BASE => self.on_upstream(t - SESSION_BASE, now),
-                    t => self.on_front(t - FRONT_BASE, now),
-                };
-                if !drained && !self.pending.contains(&token) {
-                    self.pending.push(token);
+    /// When the worker must run again if nothing becomes ready: at the next tick, or `None`
+    /// (at once) while sockets are left pending with data not yet read.
+    pub(crate) fn wake_at(&self) -> Option<Instant> {
+        self.pending.is_empty().then_some(self.next_tick)
+    }
+
+    /// One pass: handles the sockets in `ready` and those left pending by the last pass,
+    /// delivers the answers read, and ticks when a tick is due.
+    pub(crate) fn turn(&mut self, ready: &[Token], now: Instant) {
+        self.ready.clear();
+        self.ready.extend_from_slice(ready);
+        self.ready.append(&mut self.pending);
+        for i in 0..self.ready.len() {
+            let token = self.ready[i];
+            let drained = match token {
+                WAKER => {
+                    self.on_wake(now);
+                    true
                 }
-            }
-            self.flush_deliveries();
-            if now >= self.next_tick {
-                self.tick(now);
-                self.next_tick = now + TICK;
+                Token(t) if t >= SESSION_BASE => self.on_upstream(t - SESSION_BASE, now),
+                Token(t) => self.on_front(t - FRONT_BASE, now),
+            };
+            if !drained && !self.pending.contains(&token) {
+                self.pending.push(token);
             }
         }
-        self.sink.flush(&mut self.local);
-        Ok(())
+        self.flush_deliveries();
+        if now >= self.next_tick {
+            self.tick(now);
+            self.next_tick = now + TICK;
+        }
     }
 
     fn on_wake(&mut self, now: Instant) {
@@ -262,11 +290,11 @@ impl Worker {
 
     /// Reads client datagrams; false when the socket still had data after our turn.
     fn on_front(&mut self, listener: usize, now: Instant) -> bool {
-        let Some(fd) = self.fronts.get(listener).map(|f| f.socket.as_raw_fd()) else {
+        if listener >= self.net.listeners() {
             return true;
-        };
+        }
         for _ in 0..BATCHES_PER_TURN {
-            let n = match self.front_rx.recv(fd, 0) {
+            let n = match self.net.recv_front(listener, &mut self.front_rx, 0) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) => {
@@ -311,12 +339,16 @@ impl Worker {
         };
         if opened {
             let v6 = targets.iter().any(SocketAddr::is_ipv6);
-            match open_upstream(&self.poll, id, v6) {
-                Ok(up) => {
+            match self.net.open(id, v6) {
+                Ok(socket) => {
                     if self.upstreams.len() <= id {
                         self.upstreams.resize_with(id + 1, || None);
                     }
-                    self.upstreams[id] = Some(up);
+                    self.upstreams[id] = Some(Upstream {
+                        socket,
+                        v6,
+                        connected: None,
+                    });
                     self.local.sessions_opened += 1;
                     tracing::debug!(%client, session = id, "session opened");
                 }
@@ -337,7 +369,7 @@ impl Worker {
             self.local.drop(DropReason::SocketError, 1);
             return;
         };
-        let out = up.send(&mut self.tx, d.payload, targets, &mut self.logs, now);
+        let out = send_upstream(&mut self.net, up, d.payload, targets, &mut self.logs, now);
         self.local.upstream_packets += out.sent;
         self.local.upstream_bytes += out.bytes;
         self.local.drop(DropReason::SendFailed, out.failed);
@@ -353,7 +385,7 @@ impl Worker {
                 return true;
             };
             let start = self.answers_used;
-            let n = match self.answers.recv(up.socket.as_raw_fd(), start) {
+            let n = match self.net.recv(&up.socket, &mut self.answers, start) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) => {
@@ -407,17 +439,17 @@ impl Worker {
         false
     }
 
-    /// Sends buffered answers to their clients, one `sendmmsg` per listener.
+    /// Sends buffered answers to their clients, one batch per listener.
     fn flush_deliveries(&mut self) {
         if !self.deliveries.is_empty() {
-            for (l, front) in self.fronts.iter().enumerate() {
+            for l in 0..self.net.listeners() {
                 let answers = &self.answers;
                 let items = self
                     .deliveries
                     .iter()
                     .filter(|d| usize::from(d.listener) == l)
                     .map(|d| (answers.get(d.slot).payload, d.client));
-                let out = self.tx.send_all(front.socket.as_raw_fd(), items, front.v6);
+                let out = self.net.send_front(l, items);
                 self.local.delivered_packets += out.sent;
                 self.local.delivered_bytes += out.bytes;
                 self.local.drop(DropReason::SendFailed, out.failed);
@@ -457,9 +489,8 @@ impl Worker {
     fn close_sockets(&mut self) {
         let mut told = 0;
         for c in &self.closed {
-            if let Some(mut up) = self.upstreams.get_mut(c.id).and_then(Option::take) {
-                // Dropping the socket closes it; deregistering first keeps epoll tidy.
-                let _ = self.poll.registry().deregister(&mut up.socket);
+            if let Some(up) = self.upstreams.get_mut(c.id).and_then(Option::take) {
+                self.net.close(up.socket);
             }
             self.local.closed(c.reason);
             match c.reason {
@@ -497,21 +528,21 @@ impl Worker {
     }
 }
 
-/// A session's own socket: an ephemeral port, so each replica sees each player as a distinct
-/// source. IPv6 (dual-stack) when any replica is IPv6.
-fn open_upstream(poll: &Poll, id: SessionId, v6: bool) -> io::Result<Upstream> {
-    let any = if v6 {
-        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-    } else {
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-    };
-    let socket = udp::bind_ephemeral(any)?;
-    let mut socket = UdpSocket::from_std(socket.into());
-    poll.registry()
-        .register(&mut socket, Token(SESSION_BASE + id), Interest::READABLE)?;
-    Ok(Upstream {
-        socket,
-        v6,
-        connected: None,
-    })
+impl Worker<Sockets> {
+    /// Runs until shutdown is signalled; an error is the event loop failing.
+    pub(crate) fn run(mut self) -> io::Result<()> {
+        let mut ready = Vec::with_capacity(1024);
+        while !self.shared.shutdown.load(Ordering::Acquire) {
+            let timeout = self.wake_at().map_or(Duration::ZERO, |t| {
+                t.saturating_duration_since(Instant::now())
+            });
+            if let Err(e) = self.net.wait(timeout, &mut ready) {
+                self.sink.flush(&mut self.local);
+                return Err(e);
+            }
+            self.turn(&ready, Instant::now());
+        }
+        self.sink.flush(&mut self.local);
+        Ok(())
+    }
 }

@@ -1,0 +1,151 @@
+//! The worker's network in production: the kernel's UDP sockets, polled with mio, read and
+//! written in batches (`recvmmsg`, `sendmmsg`).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::{ANSWER_ARENA, Net, WAKER, front_token, session_token};
+use crate::dedupe::MAX_SLOTS;
+use crate::session::SessionId;
+use crate::udp::{self, RecvBatch, SendBatch, SendOutcome};
+
+/// A front socket, shared by the workers through `SO_REUSEPORT`.
+#[derive(Debug)]
+pub(crate) struct Front {
+    socket: UdpSocket,
+    v6: bool,
+}
+
+impl Front {
+    pub(crate) fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
+        let v6 = socket.local_addr()?.is_ipv6();
+        Ok(Self {
+            socket: UdpSocket::from_std(socket),
+            v6,
+        })
+    }
+}
+
+/// A session's socket: its own ephemeral port, so each replica sees each player as a distinct
+/// source.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    socket: UdpSocket,
+    v6: bool,
+}
+
+/// One worker's sockets and its poll.
+#[derive(Debug)]
+pub(crate) struct Sockets {
+    poll: Poll,
+    events: Events,
+    fronts: Vec<Front>,
+    tx: SendBatch,
+}
+
+impl Sockets {
+    /// Registers the front sockets; returns them and the waker that interrupts the poll.
+    pub(crate) fn new(mut fronts: Vec<Front>) -> io::Result<(Self, Arc<Waker>)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        for (i, f) in fronts.iter_mut().enumerate() {
+            poll.registry()
+                .register(&mut f.socket, front_token(i), Interest::READABLE)?;
+        }
+        let sockets = Self {
+            poll,
+            events: Events::with_capacity(1024),
+            fronts,
+            tx: SendBatch::new(ANSWER_ARENA.max(MAX_SLOTS)),
+        };
+        Ok((sockets, waker))
+    }
+
+    /// Waits up to `timeout` for readiness; the ready tokens replace `ready`'s contents.
+    pub(crate) fn wait(&mut self, timeout: Duration, ready: &mut Vec<Token>) -> io::Result<()> {
+        ready.clear();
+        match self.poll.poll(&mut self.events, Some(timeout)) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+            _ => {}
+        }
+        ready.extend(self.events.iter().map(|e| e.token()));
+        Ok(())
+    }
+}
+
+impl Net for Sockets {
+    type Upstream = Upstream;
+
+    fn listeners(&self) -> usize {
+        self.fronts.len()
+    }
+
+    fn recv_front(
+        &mut self,
+        listener: usize,
+        batch: &mut RecvBatch,
+        start: usize,
+    ) -> io::Result<usize> {
+        match self.fronts.get(listener) {
+            Some(f) => batch.recv(f.socket.as_raw_fd(), start),
+            None => Ok(0),
+        }
+    }
+
+    fn send_front<'a>(
+        &mut self,
+        listener: usize,
+        items: impl IntoIterator<Item = (&'a [u8], SocketAddr)>,
+    ) -> SendOutcome {
+        match self.fronts.get(listener) {
+            Some(f) => self.tx.send_all(f.socket.as_raw_fd(), items, f.v6),
+            None => SendOutcome::default(),
+        }
+    }
+
+    /// Bound by number ([`udp::bind_ephemeral`]), so the port survives a disconnect.
+    fn open(&mut self, id: SessionId, v6: bool) -> io::Result<Upstream> {
+        let any = if v6 {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        };
+        let mut socket = UdpSocket::from_std(udp::bind_ephemeral(any)?.into());
+        self.poll
+            .registry()
+            .register(&mut socket, session_token(id), Interest::READABLE)?;
+        Ok(Upstream { socket, v6 })
+    }
+
+    fn close(&mut self, mut up: Upstream) {
+        // Dropping the socket closes it; deregistering first keeps epoll tidy.
+        let _ = self.poll.registry().deregister(&mut up.socket);
+    }
+
+    fn recv(&mut self, up: &Upstream, batch: &mut RecvBatch, start: usize) -> io::Result<usize> {
+        batch.recv(up.socket.as_raw_fd(), start)
+    }
+
+    fn connect(&mut self, up: &Upstream, to: SocketAddr) -> io::Result<()> {
+        up.socket.connect(to)
+    }
+
+    fn disconnect(&mut self, up: &Upstream) -> io::Result<()> {
+        udp::disconnect(up.socket.as_raw_fd())
+    }
+
+    fn send(&mut self, up: &Upstream, payload: &[u8]) -> io::Result<usize> {
+        up.socket.send(payload)
+    }
+
+    fn fan_out(&mut self, up: &Upstream, payload: &[u8], targets: &[SocketAddr]) -> SendOutcome {
+        self.tx
+            .fan_out(up.socket.as_raw_fd(), payload, targets, up.v6)
+    }
+}

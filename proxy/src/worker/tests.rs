@@ -1,0 +1,395 @@
+//! The worker's logic over the in-memory network, in simulated time: every instant is an
+//! epoch plus a duration the test chooses, and nothing waits.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::sim::{From, Sent, SimNet};
+use super::{ANSWER_ARENA, BATCHES_PER_TURN, FRONT_BATCH, TICK, Worker};
+use crate::dedupe::Mode;
+use crate::replicas::Replica;
+use crate::server::Shared;
+use crate::session::{Admission, DropReason, SessionTable, Settings};
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, 1], port))
+}
+
+const CLIENT: u16 = 5000;
+const A: u16 = 7001;
+const B: u16 = 7002;
+const C: u16 = 7003;
+
+/// A worker with one listener over a [`SimNet`], and the clock the test moves.
+struct Rig {
+    w: Worker<SimNet>,
+    shared: Arc<Shared>,
+    now: Instant,
+}
+
+impl Rig {
+    fn new(replicas: &[u16]) -> Self {
+        Self::with(replicas, |_| {})
+    }
+
+    fn with(replicas: &[u16], change: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = Settings {
+            mode: Mode::Copies {
+                window: Duration::from_secs(2),
+                max_entries: 1024,
+            },
+            session_timeout: Duration::from_secs(30),
+            rate: None,
+            max_datagram: 1500,
+            fanout: 3,
+            late_join: true,
+        };
+        change(&mut settings);
+        let shared = Shared::for_tests();
+        shared
+            .replicas
+            .publish(replicas.iter().map(|&p| Replica::ready(addr(p))).collect());
+        let table = SessionTable::new(
+            Arc::new(settings.clone()),
+            Admission::new(1000),
+            shared.replicas.snapshot(),
+            7,
+        );
+        let now = Instant::now();
+        let w = Worker::new(
+            SimNet::new(1),
+            table,
+            settings.max_datagram,
+            shared.clone(),
+            None,
+            now,
+        );
+        Self { w, shared, now }
+    }
+
+    fn net(&mut self) -> &mut SimNet {
+        &mut self.w.net
+    }
+
+    /// One pass over what became ready since the last one, at the current simulated time.
+    fn turn(&mut self) {
+        let ready = self.w.net.poll();
+        self.w.turn(&ready, self.now);
+    }
+
+    /// Passes until nothing is ready and nothing is pending (bounded, so a loop fails).
+    fn settle(&mut self) {
+        for _ in 0..100 {
+            self.turn();
+            if self.w.pending.is_empty() && self.w.net.poll_is_empty() {
+                return;
+            }
+        }
+        panic!("the worker never settled");
+    }
+
+    /// The discovery side publishes a new replica set and wakes the worker.
+    fn publish(&mut self, replicas: &[u16]) {
+        self.shared
+            .replicas
+            .publish(replicas.iter().map(|&p| Replica::ready(addr(p))).collect());
+        self.net().wake();
+    }
+
+    fn client_sends(&mut self, payload: &[u8]) {
+        self.net().client_datagram(0, addr(CLIENT), payload);
+    }
+
+    /// What went to replicas since the last call: (from port, to port, payload).
+    fn upstream(sent: &[Sent]) -> Vec<(u16, u16, Vec<u8>)> {
+        sent.iter()
+            .filter_map(|s| match s.from {
+                From::Port(p) => Some((p, s.to.port(), s.payload.clone())),
+                From::Front(_) => None,
+            })
+            .collect()
+    }
+
+    /// What went to clients: (client port, payload).
+    fn delivered(sent: &[Sent]) -> Vec<(u16, Vec<u8>)> {
+        sent.iter()
+            .filter_map(|s| match s.from {
+                From::Front(_) => Some((s.to.port(), s.payload.clone())),
+                From::Port(_) => None,
+            })
+            .collect()
+    }
+
+    /// The one session's port, as the replicas see it.
+    fn session_port(&self) -> u16 {
+        let ports = self.w.net.open_ports();
+        assert_eq!(ports.len(), 1, "one session socket open: {ports:?}");
+        ports[0]
+    }
+}
+
+fn numbered(i: u32) -> Vec<u8> {
+    i.to_be_bytes().to_vec()
+}
+
+#[test]
+fn a_burst_longer_than_one_turn_is_read_over_the_next_turns_without_new_readiness() {
+    let mut r = Rig::new(&[A]);
+    let per_turn = FRONT_BATCH * BATCHES_PER_TURN;
+    let total = per_turn + 44;
+    for i in 0..total {
+        r.client_sends(&numbered(i as u32));
+    }
+    r.turn();
+    let first = Rig::upstream(&r.net().take_sent());
+    assert_eq!(first.len(), per_turn, "one turn reads at most its share");
+    assert_eq!(r.net().queued(0), 44);
+    assert_eq!(r.w.wake_at(), None, "data left: poll again at once");
+
+    // Edge-triggered readiness: nothing new arrives, so only the pending list brings the
+    // socket back.
+    r.turn();
+    let second = Rig::upstream(&r.net().take_sent());
+    assert_eq!(second.len(), 44);
+    assert_eq!(r.net().queued(0), 0);
+    assert!(r.w.wake_at().is_some(), "drained: sleep until the tick");
+
+    let order: Vec<Vec<u8>> = first.iter().chain(&second).map(|s| s.2.clone()).collect();
+    let want: Vec<Vec<u8>> = (0..total as u32).map(numbered).collect();
+    assert_eq!(order, want, "in arrival order");
+    assert!(first.iter().chain(&second).all(|s| s.1 == A));
+}
+
+#[test]
+fn one_replica_is_served_on_a_connected_socket_with_one_send_per_datagram() {
+    let mut r = Rig::new(&[A]);
+    for i in 0..5 {
+        r.client_sends(&numbered(i));
+    }
+    r.settle();
+    let sent = Rig::upstream(&r.net().take_sent());
+    assert_eq!(sent.len(), 5);
+    assert_eq!(r.net().connects, 1, "connected once, not per datagram");
+    assert_eq!(r.net().disconnects, 0);
+    assert_eq!(r.net().send_calls, 5);
+}
+
+#[test]
+fn fan_out_is_one_batch_from_one_port_and_the_answers_reach_the_client_once() {
+    let mut r = Rig::new(&[A, B, C]);
+    r.client_sends(b"move");
+    r.settle();
+    let sent = Rig::upstream(&r.net().take_sent());
+    let port = r.session_port();
+    let mut to: Vec<u16> = sent.iter().map(|s| s.1).collect();
+    to.sort_unstable();
+    assert_eq!(to, [A, B, C]);
+    assert!(
+        sent.iter().all(|s| s.0 == port),
+        "one source port: the player's identity"
+    );
+    assert_eq!(r.net().send_calls, 1, "one sendmmsg for three replicas");
+    assert_eq!(r.net().connects, 0);
+
+    for rep in [A, B, C] {
+        r.net().answer_at(port, addr(rep), b"state 1");
+    }
+    r.settle();
+    let got = Rig::delivered(&r.net().take_sent());
+    assert_eq!(got, vec![(CLIENT, b"state 1".to_vec())]);
+    assert_eq!(r.w.local.duplicates, 2);
+}
+
+#[test]
+fn connect_switching_follows_the_replica_set_and_keeps_the_port() {
+    let mut r = Rig::new(&[A]);
+    r.client_sends(b"1");
+    r.settle();
+    let port = r.session_port();
+    assert_eq!(r.net().connects, 1);
+    r.net().take_sent();
+
+    // B joins: the socket must hear both, so it is disconnected and fans out.
+    r.publish(&[A, B]);
+    r.client_sends(b"2");
+    r.settle();
+    let sent = Rig::upstream(&r.net().take_sent());
+    assert_eq!(r.net().disconnects, 1);
+    let mut to: Vec<u16> = sent.iter().map(|s| s.1).collect();
+    to.sort_unstable();
+    assert_eq!(to, [A, B]);
+    r.net().answer_at(port, addr(B), b"from b");
+    r.net().answer_at(port, addr(A), b"from a");
+    r.settle();
+    assert_eq!(
+        r.net().filtered,
+        0,
+        "a disconnected socket hears every replica"
+    );
+    let got = Rig::delivered(&r.net().take_sent());
+    assert_eq!(got.len(), 2, "distinct answers both delivered: {got:?}");
+
+    // A leaves: back to one replica, connected to B; the port never changes.
+    r.publish(&[B]);
+    r.client_sends(b"3");
+    r.settle();
+    let sent = Rig::upstream(&r.net().take_sent());
+    assert_eq!(sent, vec![(port, B, b"3".to_vec())]);
+    assert_eq!(r.net().connects, 2);
+    assert_eq!(r.session_port(), port);
+    r.net().answer_at(port, addr(A), b"late from a");
+    assert_eq!(
+        r.net().filtered,
+        1,
+        "the connected socket no longer hears A"
+    );
+}
+
+#[test]
+fn more_answers_than_the_arena_holds_are_delivered_in_arrival_order() {
+    let mut r = Rig::new(&[A]);
+    r.client_sends(b"go");
+    r.net().client_datagram(0, addr(CLIENT + 1), b"go");
+    r.settle();
+    r.net().take_sent();
+    let ports = r.net().open_ports();
+    assert_eq!(ports.len(), 2);
+    // Interleave two sessions' answers: 2 × 100 is three arenas' worth.
+    for i in 0..100u32 {
+        r.net().answer_at(ports[0], addr(A), &numbered(i));
+        r.net().answer_at(ports[1], addr(A), &numbered(1000 + i));
+    }
+    let calls_before = r.net().send_calls;
+    // One pass: a full arena is delivered and reused mid-read, not left for later passes.
+    r.turn();
+    let got = Rig::delivered(&r.net().take_sent());
+    assert_eq!(got.len(), 200, "all read and delivered in one pass");
+    assert!(r.w.pending.is_empty());
+    let mut by_client: [Vec<Vec<u8>>; 2] = [vec![], vec![]];
+    for (client, payload) in got {
+        by_client[usize::from(client - CLIENT)].push(payload);
+    }
+    assert_eq!(by_client[0], (0..100).map(numbered).collect::<Vec<_>>());
+    assert_eq!(by_client[1], (1000..1100).map(numbered).collect::<Vec<_>>());
+    let batches = r.net().send_calls - calls_before;
+    assert!(
+        batches >= 200usize.div_ceil(ANSWER_ARENA),
+        "delivered in arena-sized batches ({batches})"
+    );
+}
+
+#[test]
+fn a_full_send_buffer_fails_only_what_did_not_fit_and_the_worker_carries_on() {
+    let mut r = Rig::new(&[A, B, C]);
+    r.net().send_room = Some(2);
+    r.client_sends(b"tick");
+    r.settle();
+    assert_eq!(Rig::upstream(&r.net().take_sent()).len(), 2);
+    assert_eq!(r.w.local.drops(DropReason::SendFailed), 1);
+
+    r.net().send_room = None;
+    r.client_sends(b"tock");
+    r.settle();
+    assert_eq!(
+        Rig::upstream(&r.net().take_sent()).len(),
+        3,
+        "room again: all three"
+    );
+
+    // Answers when the front socket's buffer is full: dropped and counted, later ones pass.
+    let port = r.session_port();
+    r.net().send_room = Some(0);
+    r.net().answer_at(port, addr(A), b"lost to a full buffer");
+    r.settle();
+    assert!(Rig::delivered(&r.net().take_sent()).is_empty());
+    assert_eq!(r.w.local.drops(DropReason::SendFailed), 2);
+    r.net().send_room = None;
+    r.net().answer_at(port, addr(B), b"next");
+    r.settle();
+    assert_eq!(
+        Rig::delivered(&r.net().take_sent()),
+        vec![(CLIENT, b"next".to_vec())]
+    );
+}
+
+#[test]
+fn a_session_whose_replicas_all_left_is_closed_and_the_next_datagram_opens_another() {
+    let mut r = Rig::new(&[A]);
+    r.client_sends(b"1");
+    r.settle();
+    let first = r.session_port();
+    r.publish(&[]);
+    r.settle();
+    assert!(
+        r.net().open_ports().is_empty(),
+        "socket closed with its session"
+    );
+    r.net().answer_at(first, addr(A), b"ghost");
+    r.settle();
+    assert!(Rig::delivered(&r.net().take_sent()).is_empty());
+
+    r.publish(&[B]);
+    r.client_sends(b"2");
+    r.settle();
+    let second = r.session_port();
+    assert_ne!(second, first, "a new session, a new port");
+    let sent = Rig::upstream(&r.net().take_sent());
+    assert_eq!(sent.last(), Some(&(second, B, b"2".to_vec())));
+}
+
+#[test]
+fn an_idle_session_expires_on_the_tick_in_simulated_time() {
+    let mut r = Rig::with(&[A], |s| s.session_timeout = Duration::from_secs(30));
+    r.client_sends(b"hello");
+    r.settle();
+    let port = r.session_port();
+    // Answers do not keep a session alive; only its client does.
+    r.now += Duration::from_secs(29);
+    r.net().answer_at(port, addr(A), b"still here");
+    r.settle();
+    assert_eq!(r.net().open_ports(), vec![port]);
+    r.now += Duration::from_secs(1) + TICK;
+    r.settle();
+    assert!(
+        r.net().open_ports().is_empty(),
+        "expired after 30 s of client silence"
+    );
+}
+
+#[test]
+fn a_socket_that_cannot_be_opened_drops_one_datagram_and_the_next_one_retries() {
+    let mut r = Rig::new(&[A]);
+    r.net().fail_open = true;
+    r.client_sends(b"1");
+    r.settle();
+    assert!(r.net().open_ports().is_empty());
+    assert_eq!(r.w.local.drops(DropReason::SocketError), 1);
+    r.client_sends(b"2");
+    r.settle();
+    let port = r.session_port();
+    assert_eq!(
+        Rig::upstream(&r.net().take_sent()),
+        vec![(port, A, b"2".to_vec())]
+    );
+}
+
+#[test]
+fn answers_from_strangers_and_truncated_answers_never_reach_the_client() {
+    let mut r = Rig::with(&[A], |s| s.max_datagram = 100);
+    r.client_sends(b"q");
+    r.settle();
+    r.publish(&[A, B]);
+    r.client_sends(b"q2");
+    r.settle();
+    r.net().take_sent();
+    let port = r.session_port();
+    r.net().answer_at(port, addr(9999), b"spoofed");
+    r.net()
+        .answer_at(port, addr(A), &vec![7u8; crate::udp::MAX_UDP_PAYLOAD + 10]);
+    r.settle();
+    assert!(Rig::delivered(&r.net().take_sent()).is_empty());
+    assert_eq!(r.w.local.drops(DropReason::NotReplica), 1);
+    assert_eq!(r.w.local.drops(DropReason::Oversized), 1);
+}

@@ -2,9 +2,11 @@
 //! fallback, retries, unreachable metadata, and the documented notice bodies.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spotable_fixtures::imds::FakeImds;
+use spotable_fleet::clock::Clock;
 use spotable_fleet::imds::{Imds, ImdsConfig, ImdsError, SpotAction, Version};
 
 fn client(fake: &FakeImds, ttl: Duration) -> Imds {
@@ -40,15 +42,26 @@ async fn refreshes_the_token_before_it_expires() {
     let fake = FakeImds::start().await.unwrap();
     fake.set("meta-data/instance-id", "i-0123");
     fake.set_v2_required(true);
-    let imds = client(&fake, Duration::from_secs(2));
+    // Six hours of token life in simulated time: the client's clock is the test's.
+    let t0 = Instant::now();
+    let elapsed = Arc::new(Mutex::new(Duration::ZERO));
+    let clock = Clock::from_fn({
+        let elapsed = elapsed.clone();
+        move || t0 + *elapsed.lock().unwrap()
+    });
+    let imds = client(&fake, Duration::from_secs(21_600)).with_clock(clock);
     imds.get("meta-data/instance-id").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    // Refresh when a minute of the lifetime is left (a quarter, at most a minute early).
+    *elapsed.lock().unwrap() = Duration::from_secs(21_600 - 61);
     imds.get("meta-data/instance-id").await.unwrap();
     assert_eq!(
         fake.token_requests(),
-        2,
-        "renewed with a quarter of its life left"
+        1,
+        "still fresh a minute and a second before"
     );
+    *elapsed.lock().unwrap() = Duration::from_secs(21_600 - 59);
+    imds.get("meta-data/instance-id").await.unwrap();
+    assert_eq!(fake.token_requests(), 2, "renewed within the last minute");
     assert_eq!(fake.unauthorized(), 0, "never used an expired token");
 }
 

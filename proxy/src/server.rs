@@ -3,7 +3,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -155,6 +155,8 @@ pub struct Proxy {
     session_limit: usize,
     front_inodes: Vec<u64>,
     wakers: Vec<Arc<mio::Waker>>,
+    /// Each worker's applied replica-set version.
+    applied: Vec<Arc<AtomicU64>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -196,6 +198,7 @@ impl Proxy {
             session_limit,
             front_inodes,
             wakers: Vec::new(),
+            applied: Vec::new(),
             threads: Vec::new(),
         };
         for (index, sockets) in per_worker.into_iter().enumerate() {
@@ -204,6 +207,8 @@ impl Proxy {
             let settings = settings.clone();
             let admission = admission.clone();
             let seed = seed();
+            let applied = Arc::new(AtomicU64::new(0));
+            proxy.applied.push(applied.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("spotable-w{index}"))
                 .spawn(move || {
@@ -226,6 +231,7 @@ impl Proxy {
                             table,
                             settings.max_datagram,
                             shared.clone(),
+                            applied,
                             fault_at,
                             now,
                         );
@@ -266,6 +272,16 @@ impl Proxy {
     /// The replica set the proxy follows.
     pub fn replicas(&self) -> &ReplicaSet {
         &self.shared.replicas
+    }
+
+    /// The replica-set version every worker has applied (the oldest of them): a change
+    /// published as version N has reached the whole data path once this is N or more.
+    pub fn replicas_applied(&self) -> u64 {
+        self.applied
+            .iter()
+            .map(|a| a.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(0)
     }
 
     /// Sessions open across all workers.

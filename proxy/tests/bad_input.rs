@@ -6,7 +6,7 @@ mod common;
 
 use std::net::UdpSocket;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -88,10 +88,22 @@ fn flood_from_many_source_ports_is_bounded_by_the_session_limit() {
         }
         std::thread::sleep(20 * MS);
     }
-    let received = wait_metric(&s.proxy, "spotable_client_packets_total", &[], |v| {
-        v >= 2001.0
-    });
-    assert_eq!(received, 2001.0, "the kernel delivered the whole flood");
+    // 2001 datagrams were sent: each is read by the proxy or dropped by the kernel at its
+    // front socket (counted too), however fast the flood came.
+    let accounted = || {
+        metric(&s.proxy, "spotable_client_packets_total", &[])
+            + metric(&s.proxy, "spotable_front_kernel_drops_total", &[])
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while accounted() < 2001.0 && Instant::now() < deadline {
+        std::thread::sleep(20 * MS);
+    }
+    assert_eq!(
+        accounted(),
+        2001.0,
+        "every datagram read or counted as a kernel drop"
+    );
+    let received = metric(&s.proxy, "spotable_client_packets_total", &[]);
     // Freed ports get reused, so a few flood datagrams hit admitted sessions: count exactly
     // by invariant rather than by port.
     let drops = metric(
@@ -105,7 +117,9 @@ fn flood_from_many_source_ports_is_bounded_by_the_session_limit() {
         received,
         "every datagram forwarded or refused"
     );
-    assert!(drops >= 1800.0, "{drops} refused");
+    // At most one datagram per admitted session plus port reuse is forwarded; the rest of
+    // what was read is refused.
+    assert!(drops >= received - 200.0, "{drops} refused of {received}");
     assert_eq!(
         metric(&s.proxy, "spotable_sessions_opened_total", &[]),
         100.0

@@ -46,7 +46,8 @@ fn received(replica: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
         .map(|(n, from)| (buf[..n].to_vec(), from))
 }
 
-fn publish(set: &ReplicaSet, replicas: &[(&UdpSocket, ReplicaState)]) {
+/// Publishes `replicas`; with a running `proxy`, returns once every worker applied them.
+fn publish(set: &ReplicaSet, replicas: &[(&UdpSocket, ReplicaState)], proxy: Option<&Proxy>) {
     set.publish(
         replicas
             .iter()
@@ -56,8 +57,16 @@ fn publish(set: &ReplicaSet, replicas: &[(&UdpSocket, ReplicaState)]) {
             })
             .collect(),
     );
-    // Workers apply snapshots between batches; give them a moment.
-    std::thread::sleep(Duration::from_millis(100));
+    let Some(proxy) = proxy else { return };
+    let version = set.snapshot().version;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.replicas_applied() < version {
+        assert!(
+            Instant::now() < deadline,
+            "workers never applied version {version}"
+        );
+        std::thread::yield_now();
+    }
 }
 
 #[test]
@@ -67,6 +76,7 @@ fn removed_replica_leaves_running_sessions_and_new_one_joins_new_sessions() {
     publish(
         &set,
         &[(&r1, ReplicaState::Ready), (&r2, ReplicaState::Ready)],
+        None,
     );
     let proxy = start(&set, false, &["127.0.0.1:0"]);
     let player = socket();
@@ -80,6 +90,7 @@ fn removed_replica_leaves_running_sessions_and_new_one_joins_new_sessions() {
     publish(
         &set,
         &[(&r2, ReplicaState::Ready), (&r3, ReplicaState::Ready)],
+        Some(&proxy),
     );
     player.send(b"two").unwrap();
     assert_eq!(received(&r2).map(|r| r.0), Some(b"two".to_vec()));
@@ -111,7 +122,7 @@ fn removed_replica_leaves_running_sessions_and_new_one_joins_new_sessions() {
 fn late_join_adds_new_replicas_to_running_sessions() {
     let (r1, r2) = (socket(), socket());
     let set = ReplicaSet::new();
-    publish(&set, &[(&r1, ReplicaState::Ready)]);
+    publish(&set, &[(&r1, ReplicaState::Ready)], None);
     let proxy = start(&set, true, &["127.0.0.1:0"]);
     let player = socket();
     player.connect(proxy.local_addrs()[0]).unwrap();
@@ -120,6 +131,7 @@ fn late_join_adds_new_replicas_to_running_sessions() {
     publish(
         &set,
         &[(&r1, ReplicaState::Ready), (&r2, ReplicaState::Ready)],
+        Some(&proxy),
     );
     player.send(b"two").unwrap();
     let (payload, upstream) = received(&r2).unwrap();
@@ -133,7 +145,7 @@ fn late_join_adds_new_replicas_to_running_sessions() {
     let n = player.recv(&mut buf).expect("the late joiner's answer");
     assert_eq!(&buf[..n], b"two from r2");
     // Its answers count for the session: r1 dies, r2 alone carries the stream.
-    publish(&set, &[(&r2, ReplicaState::Ready)]);
+    publish(&set, &[(&r2, ReplicaState::Ready)], Some(&proxy));
     player.send(b"three").unwrap();
     let (payload, upstream) = received(&r2).unwrap();
     r2.send_to(&payload, upstream).unwrap();
@@ -149,6 +161,7 @@ fn draining_replica_keeps_receiving_fan_out() {
     publish(
         &set,
         &[(&r1, ReplicaState::Ready), (&r2, ReplicaState::Ready)],
+        None,
     );
     let proxy = start(&set, false, &["127.0.0.1:0"]);
     let player = socket();
@@ -158,6 +171,7 @@ fn draining_replica_keeps_receiving_fan_out() {
     publish(
         &set,
         &[(&r1, ReplicaState::Draining), (&r2, ReplicaState::Ready)],
+        Some(&proxy),
     );
     player.send(b"two").unwrap();
     let (_, upstream) = received(&r1).expect("draining replica still gets fan-out");
@@ -183,7 +197,7 @@ fn draining_replica_keeps_receiving_fan_out() {
 fn several_listeners_are_separate_sessions() {
     let r1 = socket();
     let set = ReplicaSet::new();
-    publish(&set, &[(&r1, ReplicaState::Ready)]);
+    publish(&set, &[(&r1, ReplicaState::Ready)], None);
     let proxy = start(&set, false, &["127.0.0.1:0", "127.0.0.1:0"]);
     let [a, b] = [proxy.local_addrs()[0], proxy.local_addrs()[1]];
     assert_ne!(a, b);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use spotable_fixtures::aws::{moto_with_queue, receive_all};
+use spotable_fixtures::aws::{moto_with_queue, receive_all, receive_until};
 use spotable_fleet::inventory::{Message, Status};
 
 fn exe() -> &'static str {
@@ -207,7 +207,11 @@ fn an_orphaned_grandchild_is_reaped() {
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
     assert_eq!(ppid, c.id(), "the orphan was reparented to the wrapper");
-    std::thread::sleep(Duration::from_millis(1200));
+    // The orphan exits after 0.5 s; the wrapper, as PID 1 would, must reap it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{orphan}")).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         !Path::new(&format!("/proc/{orphan}")).exists(),
         "the orphan is a zombie: {}",
@@ -298,8 +302,8 @@ async fn sigterm_reaches_the_game_and_the_inventory_hears_every_step_in_order() 
     tokio::task::spawn_blocking(move || wait_for_file(&up))
         .await
         .unwrap();
-    // Give the readiness check a moment to see the bound port.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The readiness check has seen the bound port once `ready` is on the queue.
+    let mut got = receive_until(&sqs, &queue, "\"ready\"", Duration::from_secs(10)).await;
     signal(&child, "-TERM");
     let status = tokio::task::spawn_blocking(move || wait(&mut child, Duration::from_secs(20)))
         .await
@@ -309,7 +313,7 @@ async fn sigterm_reaches_the_game_and_the_inventory_hears_every_step_in_order() 
         std::fs::read_to_string(dir.join("got-term")).unwrap(),
         "TERM\n"
     );
-    let got = receive_all(&sqs, &queue, Duration::from_millis(1000)).await;
+    got.extend(receive_all(&sqs, &queue, Duration::from_millis(1000)).await);
     let messages: Vec<Message> = got
         .iter()
         .map(|r| serde_json::from_str(&r.body).unwrap())

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use crate::clock::Clock;
+
 /// Header carrying the token.
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 /// Header asking for a token lifetime.
@@ -90,6 +92,7 @@ pub struct Imds {
     http: reqwest::Client,
     token: Mutex<Option<Token>>,
     last_version: Mutex<Option<Version>>,
+    clock: Clock,
 }
 
 /// `spot/instance-action`: the two-minute warning.
@@ -158,7 +161,14 @@ impl Imds {
             http,
             token: Mutex::new(None),
             last_version: Mutex::new(None),
+            clock: Clock::system(),
         })
+    }
+
+    /// Reads token lifetimes off `clock` instead of the system's (tests).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The protocol the last successful request used.
@@ -182,7 +192,7 @@ impl Imds {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .as_ref()
-            && Instant::now() < t.refresh_at
+            && self.clock.now() < t.refresh_at
         {
             return Some(t.value.clone());
         }
@@ -203,7 +213,7 @@ impl Imds {
                     let margin = Duration::from_secs(ttl)
                         .div_f64(4.0)
                         .min(Duration::from_secs(60));
-                    let refresh_at = Instant::now() + Duration::from_secs(ttl) - margin;
+                    let refresh_at = self.clock.now() + Duration::from_secs(ttl) - margin;
                     *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(Token {
                         value: value.clone(),
                         refresh_at,

@@ -1,9 +1,11 @@
 //! The library the spot agent and the game-server wrapper share, without a Kubernetes client:
 //! the EC2 instance-metadata client ([`imds`]), the spot notices it and EventBridge carry
 //! ([`notice`], [`eventbridge`]: pure parsers, fuzzed), the inventory message schema and its
-//! SQS publisher ([`inventory`]), and the one retry backoff ([`backoff`]).
+//! SQS publisher ([`inventory`]), the one retry backoff ([`backoff`]) and an injectable
+//! [`clock`].
 
 pub mod backoff;
+pub mod clock;
 pub mod eventbridge;
 pub mod imds;
 pub mod inventory;

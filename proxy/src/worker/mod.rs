@@ -17,7 +17,7 @@ mod tests;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::Token;
@@ -196,6 +196,8 @@ pub(crate) struct Worker<N: Net> {
     local: stats::Local,
     sink: stats::Sink,
     shared: Arc<Shared>,
+    /// The replica-set version this worker's sessions follow, for [`crate::Proxy`] to report.
+    applied: Arc<AtomicU64>,
     closed: Vec<Closed>,
     limited: Vec<RateLimited>,
     logs: Logs,
@@ -211,9 +213,11 @@ impl<N: Net> Worker<N> {
         table: SessionTable,
         max_datagram: usize,
         shared: Arc<Shared>,
+        applied: Arc<AtomicU64>,
         fault_at: Option<Instant>,
         now: Instant,
     ) -> Self {
+        applied.store(table.snapshot().version, Ordering::Release);
         Self {
             net,
             ready: Vec::with_capacity(1024),
@@ -228,6 +232,7 @@ impl<N: Net> Worker<N> {
             local: stats::Local::default(),
             sink: stats::Sink::new(),
             shared,
+            applied,
             closed: Vec::new(),
             limited: Vec::new(),
             logs: Logs::default(),
@@ -271,12 +276,14 @@ impl<N: Net> Worker<N> {
 
     fn on_wake(&mut self, now: Instant) {
         let snapshot = self.shared.replicas.snapshot();
-        if snapshot.version == self.table.snapshot().version {
+        let version = snapshot.version;
+        if version == self.table.snapshot().version {
             return;
         }
         self.closed.clear();
         let report = self.table.apply(snapshot, now, &mut self.closed);
         self.close_sockets();
+        self.applied.store(version, Ordering::Release);
         self.local.failovers += report.failovers;
         self.local.late_joins += report.late_joins;
         self.local.degraded += report.degraded;

@@ -63,6 +63,7 @@ impl Rig {
             table,
             settings.max_datagram,
             shared.clone(),
+            Arc::default(),
             None,
             now,
         );

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -78,43 +78,61 @@ pub fn client(proxy: &ProxyProcess) -> UdpSocket {
     s
 }
 
+/// Answers with their arrival times.
+type Arrivals = Arc<Mutex<Vec<(Instant, Vec<u8>)>>>;
+
 /// Collects everything a client socket receives until stopped, with arrival times.
 pub struct Collector {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Vec<(Instant, Vec<u8>)>>,
+    got: Arrivals,
+    thread: JoinHandle<()>,
 }
 
 impl Collector {
     pub fn start(socket: &UdpSocket) -> Self {
         let socket = socket.try_clone().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let got: Arrivals = Arc::default();
+        let (flag, sink) = (stop.clone(), got.clone());
         let thread = std::thread::spawn(move || {
-            let mut got = Vec::new();
             let mut buf = vec![0u8; 65_536];
             while !flag.load(Ordering::Acquire) {
                 if let Ok(n) = socket.recv(&mut buf) {
-                    got.push((Instant::now(), buf[..n].to_vec()));
+                    sink.lock()
+                        .unwrap()
+                        .push((Instant::now(), buf[..n].to_vec()));
                 }
             }
-            got
         });
-        Self { stop, thread }
+        Self { stop, got, thread }
     }
 
-    /// Waits `settle` for stragglers, then returns what arrived.
-    pub fn finish(self, settle: Duration) -> Vec<Vec<u8>> {
-        self.finish_timed(settle)
+    /// Waits until `expected` answers arrived (10 s at most), then returns them all.
+    pub fn finish(self, expected: usize) -> Vec<Vec<u8>> {
+        self.finish_when(|got| got.len() >= expected)
             .into_iter()
             .map(|(_, a)| a)
             .collect()
     }
 
-    /// [`finish`](Self::finish) with each answer's arrival time.
-    pub fn finish_timed(self, settle: Duration) -> Vec<(Instant, Vec<u8>)> {
-        std::thread::sleep(settle);
+    /// Waits until the answer to stamped datagram `seq` arrived (10 s at most): the last of a
+    /// stream, when answers may go missing before it.
+    pub fn finish_at_seq(self, seq: u64) -> Vec<(Instant, Vec<u8>)> {
+        self.finish_when(|got| got.iter().any(|(_, a)| wire::seq_of(a) == Some(seq)))
+    }
+
+    /// Waits until `done` holds for what arrived (10 s at most), then returns it.
+    pub fn finish_when(
+        self,
+        done: impl Fn(&[(Instant, Vec<u8>)]) -> bool,
+    ) -> Vec<(Instant, Vec<u8>)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(&self.got.lock().unwrap()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         self.stop.store(true, Ordering::Release);
-        self.thread.join().unwrap()
+        self.thread.join().unwrap();
+        std::mem::take(&mut *self.got.lock().unwrap())
     }
 }
 

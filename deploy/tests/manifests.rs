@@ -62,11 +62,10 @@ fn check_argv(argv: &[String]) -> Result<(), String> {
         .unwrap_or_default();
     match program {
         "spotable-proxy" => {
+            use spotable_proxy::config::{Args, Config};
             let args =
-                spotable_proxy::config::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
-            spotable_proxy::config::Config::load(args)
-                .map(drop)
-                .map_err(|e| e.to_string())
+                Args::parse_layers(argv.iter().map(Into::into)).map_err(|e| e.to_string())?;
+            Config::resolve(args).map(drop).map_err(|e| e.to_string())
         }
         "spotable-agent" => spotable_agent::cli::Args::try_parse_from(argv)
             .map(drop)

@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use clap::Parser;
 
 use crate::admin::{self, AdminState};
-use crate::config::{Args, Config, ReplicaSource};
+use crate::config::{Args, Config, LoadError, ReplicaSource};
 use crate::discovery::kubernetes;
 use crate::replicas::{Replica, ReplicaSet};
 use crate::server::Proxy;
@@ -25,11 +24,17 @@ pub fn main() -> ExitCode {
 /// [`main`] with explicit arguments (the first is the program name), so other binaries, such
 /// as the demo, can run the very same proxy.
 pub fn main_from(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    let args = match Args::try_parse_from(argv) {
+    let args = match Args::parse_layers(argv) {
         Ok(a) => a,
-        Err(e) => return ExitCode::from(spotable_edge::clap_exit("spotable-proxy", &e)),
+        Err(LoadError::Flags(e)) => {
+            return ExitCode::from(spotable_edge::clap_exit("spotable-proxy", &e));
+        }
+        Err(LoadError::Config(e)) => {
+            eprintln!("spotable-proxy: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
     };
-    let config = match Config::load(args) {
+    let config = match Config::resolve(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("spotable-proxy: {e}");

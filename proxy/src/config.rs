@@ -39,8 +39,43 @@ pub enum EndianName {
     Le,
 }
 
-/// `spotable-proxy` command line.
-#[derive(Debug, Parser, Default)]
+/// Defaults, each declared once: resolution reads them here, and a test checks that every
+/// `[default: …]` in `--help` says the same.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// `--dedupe-window`.
+    pub const DEDUPE_WINDOW: Duration = Duration::from_secs(2);
+    /// `--dedupe-max-entries`.
+    pub const DEDUPE_MAX_ENTRIES: usize = 4096;
+    /// `--sequence-width`.
+    pub const SEQUENCE_WIDTH: u64 = 4;
+    /// `--sequence-resync-after`.
+    pub const SEQUENCE_RESYNC_AFTER: u32 = 2;
+    /// `--failover-after`.
+    pub const FAILOVER_AFTER: Duration = Duration::from_millis(50);
+    /// `--session-timeout`.
+    pub const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `--max-sessions`.
+    pub const MAX_SESSIONS: usize = 10_000;
+    /// `--rate-limit`.
+    pub const RATE_LIMIT: u32 = 1000;
+    /// `--max-datagram`.
+    pub const MAX_DATAGRAM: usize = crate::udp::MAX_UDP_PAYLOAD;
+    /// `--socket-buffer`.
+    pub const SOCKET_BUFFER: usize = 1 << 20;
+    /// `--drain-delay`.
+    pub const DRAIN_DELAY: Duration = Duration::ZERO;
+    /// `--log-level`.
+    pub const LOG_LEVEL: &str = "info";
+}
+
+/// Every setting of `spotable-proxy`, declared once: clap reads it from flags
+/// (`--kebab-case`), serde from the `--config` TOML file (`snake_case`), and flags given on the
+/// command line replace the file's values ([`Args::parse_layers`]). Fields are unset unless
+/// given; defaults are applied in [`Config`] from [`defaults`].
+#[derive(Debug, Default, Parser, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[command(
     name = "spotable-proxy",
     version,
@@ -53,13 +88,16 @@ pub enum EndianName {
 pub struct Args {
     /// TOML file with any of the settings below.
     #[arg(long, value_name = "FILE", env = "SPOTABLE_PROXY_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// UDP address players send to (repeatable).
     #[arg(long, value_name = "ADDR")]
+    #[serde(default)]
     pub listen: Vec<SocketAddr>,
     /// Static replica address (repeatable).
-    #[arg(long, value_name = "ADDR")]
-    pub replica: Vec<SocketAddr>,
+    #[arg(long = "replica", value_name = "ADDR")]
+    #[serde(default)]
+    pub replicas: Vec<SocketAddr>,
     /// Discover replicas from this Kubernetes Service's EndpointSlices instead.
     #[arg(long, value_name = "SERVICE")]
     pub kubernetes_service: Option<String>,
@@ -80,8 +118,8 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub sequence_offset: Option<usize>,
     /// `sequence` mode: width of the sequence number in bytes [default: 4].
-    #[arg(long, value_name = "2|4|8", value_parser = ["2", "4", "8"])]
-    pub sequence_width: Option<String>,
+    #[arg(long, value_name = "2|4|8", value_parser = parse_width)]
+    pub sequence_width: Option<u64>,
     /// `sequence` mode: byte order of the sequence number [default: be].
     #[arg(long, value_enum)]
     pub sequence_endian: Option<EndianName>,
@@ -92,15 +130,18 @@ pub struct Args {
     /// `primary` mode: primary silence (while another replica answers) before failover
     /// [default: 50ms].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
     pub failover_after: Option<Duration>,
     /// `copies` mode: how long a payload is remembered after its last copy [default: 2s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
     pub dedupe_window: Option<Duration>,
     /// `copies` mode: most payloads remembered per session [default: 4096].
     #[arg(long, value_name = "N")]
     pub dedupe_max_entries: Option<usize>,
-    /// Close a session after this long without a client datagram [default: 60s].
+    /// Close a session after this long without a client datagram [default: 1m].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
     pub session_timeout: Option<Duration>,
     /// Most sessions (clients) at once; further clients are dropped [default: 10000].
     #[arg(long, value_name = "N")]
@@ -116,8 +157,8 @@ pub struct Args {
     pub max_datagram: Option<usize>,
     /// Replicas that appear later also join running sessions (stateless or state-syncing
     /// games).
-    #[arg(long)]
-    pub late_join: bool,
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    pub late_join: Option<bool>,
     /// Data-plane threads [default: number of CPUs].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
@@ -129,6 +170,7 @@ pub struct Args {
     /// stop sending before the proxy stops answering; a second signal ends it early
     /// [default: 0s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
     pub drain_delay: Option<Duration>,
     /// HTTP address for /metrics, /healthz and /readyz [default: off].
     #[arg(long, value_name = "ADDR")]
@@ -141,40 +183,48 @@ pub struct Args {
     pub log_level: Option<String>,
 }
 
-/// The same settings, read from a TOML file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<Vec<SocketAddr>>,
-    replicas: Option<Vec<SocketAddr>>,
-    kubernetes_service: Option<String>,
-    namespace: Option<String>,
-    port_name: Option<String>,
-    fanout: Option<usize>,
-    dedupe: Option<DedupeKind>,
-    sequence_offset: Option<usize>,
-    sequence_width: Option<u64>,
-    sequence_endian: Option<EndianName>,
-    sequence_resync_after: Option<u32>,
-    #[serde(default, with = "humantime_serde")]
-    failover_after: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    dedupe_window: Option<Duration>,
-    dedupe_max_entries: Option<usize>,
-    #[serde(default, with = "humantime_serde")]
-    session_timeout: Option<Duration>,
-    max_sessions: Option<usize>,
-    rate_limit: Option<u32>,
-    rate_burst: Option<u32>,
-    max_datagram: Option<usize>,
-    late_join: Option<bool>,
-    workers: Option<usize>,
-    socket_buffer: Option<usize>,
-    #[serde(default, with = "humantime_serde")]
-    drain_delay: Option<Duration>,
-    admin: Option<SocketAddr>,
-    log_format: Option<LogFormat>,
-    log_level: Option<String>,
+/// `--sequence-width`: 2, 4 or 8 (bytes).
+fn parse_width(s: &str) -> Result<u64, String> {
+    match s {
+        "2" | "4" | "8" => s.parse().map_err(|_| "must be 2, 4 or 8".to_string()),
+        _ => Err("must be 2, 4 or 8".to_string()),
+    }
+}
+
+/// Why the command line could not be read: clap's own error, or the `--config` file's.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Bad flags, `--help` or `--version` (clap prints and exits these).
+    #[error(transparent)]
+    Flags(clap::Error),
+    /// The file.
+    #[error(transparent)]
+    Config(ConfigError),
+}
+
+impl Args {
+    /// Reads the command line, then the `--config` file it names (if any), and lays the flags
+    /// given on the command line over the file's values.
+    pub fn parse_layers(
+        argv: impl IntoIterator<Item = std::ffi::OsString>,
+    ) -> Result<Self, LoadError> {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Self::command()
+            .try_get_matches_from(argv)
+            .map_err(LoadError::Flags)?;
+        let flags = Self::from_arg_matches(&matches).map_err(LoadError::Flags)?;
+        let Some(path) = flags.config.clone() else {
+            return Ok(flags);
+        };
+        let mut layered = read_file(&path).map_err(LoadError::Config)?;
+        layered.config = Some(path);
+        // Only the arguments present in `matches` (given on the command line, or through
+        // their environment variable) replace the file's values.
+        layered
+            .update_from_arg_matches(&matches)
+            .map_err(LoadError::Flags)?;
+        Ok(layered)
+    }
 }
 
 /// A configuration problem, printed as one line.
@@ -242,27 +292,19 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads the file named by `args.config` (if any) and merges `args` over it.
-    pub fn load(args: Args) -> Result<Self, ConfigError> {
-        let file = match &args.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
-        };
-        Self::merge(args, file)
-    }
-
-    fn merge(a: Args, f: FileConfig) -> Result<Self, ConfigError> {
-        let listen = non_empty(a.listen).or(f.listen).unwrap_or_default();
+    /// Validates the layered settings and applies the defaults.
+    pub fn resolve(a: Args) -> Result<Self, ConfigError> {
+        let listen = a.listen;
         if listen.is_empty() {
             return Err(invalid(
                 "listen",
                 "at least one address is required (--listen or listen = [...] in the config file)",
             ));
         }
-        let replicas = non_empty(a.replica).or(f.replicas).unwrap_or_default();
-        let service = a.kubernetes_service.or(f.kubernetes_service);
-        let namespace = a.namespace.or(f.namespace);
-        let port_name = a.port_name.or(f.port_name);
+        let replicas = a.replicas;
+        let service = a.kubernetes_service;
+        let namespace = a.namespace;
+        let port_name = a.port_name;
         let replicas = match (replicas.is_empty(), service) {
             (false, Some(_)) => {
                 return Err(invalid(
@@ -315,7 +357,7 @@ impl Config {
                 })
             }
         };
-        let fanout = a.fanout.or(f.fanout).unwrap_or(MAX_SLOTS);
+        let fanout = a.fanout.unwrap_or(MAX_SLOTS);
         if !(1..=MAX_SLOTS).contains(&fanout) {
             return Err(invalid(
                 "fanout",
@@ -323,28 +365,19 @@ impl Config {
             ));
         }
 
-        let window = a
-            .dedupe_window
-            .or(f.dedupe_window)
-            .unwrap_or(Duration::from_secs(2));
+        let window = a.dedupe_window.unwrap_or(defaults::DEDUPE_WINDOW);
         if window.is_zero() {
             return Err(invalid("dedupe_window", "must be greater than zero"));
         }
-        let max_entries = a
-            .dedupe_max_entries
-            .or(f.dedupe_max_entries)
-            .unwrap_or(4096);
+        let max_entries = a.dedupe_max_entries.unwrap_or(defaults::DEDUPE_MAX_ENTRIES);
         if max_entries == 0 {
             return Err(invalid("dedupe_max_entries", "must be at least 1"));
         }
-        let kind = a.dedupe.or(f.dedupe).unwrap_or(DedupeKind::Copies);
-        let offset = a.sequence_offset.or(f.sequence_offset);
-        let width = match a.sequence_width.as_deref() {
-            Some(w) => Some(w.parse::<u64>().unwrap_or(0)),
-            None => f.sequence_width,
-        };
-        let endian = a.sequence_endian.or(f.sequence_endian);
-        let resync_after = a.sequence_resync_after.or(f.sequence_resync_after);
+        let kind = a.dedupe.unwrap_or(DedupeKind::Copies);
+        let offset = a.sequence_offset;
+        let width = a.sequence_width;
+        let endian = a.sequence_endian;
+        let resync_after = a.sequence_resync_after;
         let mode = match kind {
             DedupeKind::Copies => Mode::Copies {
                 window,
@@ -354,7 +387,7 @@ impl Config {
                 let offset = offset.ok_or_else(|| {
                     invalid("sequence_offset", "required when dedupe is sequence")
                 })?;
-                let width = Width::from_bytes(width.unwrap_or(4))
+                let width = Width::from_bytes(width.unwrap_or(defaults::SEQUENCE_WIDTH))
                     .ok_or_else(|| invalid("sequence_width", "must be 2, 4 or 8"))?;
                 let endian = match endian.unwrap_or(EndianName::Be) {
                     EndianName::Be => Endian::Big,
@@ -368,14 +401,11 @@ impl Config {
                     },
                     window,
                     max_entries,
-                    resync_after: resync_after.unwrap_or(2),
+                    resync_after: resync_after.unwrap_or(defaults::SEQUENCE_RESYNC_AFTER),
                 }
             }
             DedupeKind::Primary => {
-                let failover_after = a
-                    .failover_after
-                    .or(f.failover_after)
-                    .unwrap_or(Duration::from_millis(50));
+                let failover_after = a.failover_after.unwrap_or(defaults::FAILOVER_AFTER);
                 if failover_after.is_zero() {
                     return Err(invalid("failover_after", "must be greater than zero"));
                 }
@@ -391,19 +421,16 @@ impl Config {
             ));
         }
 
-        let session_timeout = a
-            .session_timeout
-            .or(f.session_timeout)
-            .unwrap_or(Duration::from_secs(60));
+        let session_timeout = a.session_timeout.unwrap_or(defaults::SESSION_TIMEOUT);
         if session_timeout.is_zero() {
             return Err(invalid("session_timeout", "must be greater than zero"));
         }
-        let max_sessions = a.max_sessions.or(f.max_sessions).unwrap_or(10_000);
+        let max_sessions = a.max_sessions.unwrap_or(defaults::MAX_SESSIONS);
         if max_sessions == 0 {
             return Err(invalid("max_sessions", "must be at least 1"));
         }
-        let per_second = a.rate_limit.or(f.rate_limit).unwrap_or(1000);
-        let burst = a.rate_burst.or(f.rate_burst);
+        let per_second = a.rate_limit.unwrap_or(defaults::RATE_LIMIT);
+        let burst = a.rate_burst;
         let rate = match (per_second, burst) {
             (0, Some(_)) => return Err(invalid("rate_burst", "needs a rate_limit above 0")),
             (0, None) => None,
@@ -413,14 +440,14 @@ impl Config {
                 burst: burst.unwrap_or(per_second),
             }),
         };
-        let max_datagram = a.max_datagram.or(f.max_datagram).unwrap_or(MAX_UDP_PAYLOAD);
+        let max_datagram = a.max_datagram.unwrap_or(defaults::MAX_DATAGRAM);
         if !(1..=MAX_UDP_PAYLOAD).contains(&max_datagram) {
             return Err(invalid(
                 "max_datagram",
                 format!("must be between 1 and {MAX_UDP_PAYLOAD}"),
             ));
         }
-        let workers = match a.workers.or(f.workers) {
+        let workers = match a.workers {
             Some(0) => return Err(invalid("workers", "must be at least 1")),
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, usize::from),
@@ -431,21 +458,21 @@ impl Config {
                 listen,
                 workers,
                 max_sessions,
-                socket_buffer: a.socket_buffer.or(f.socket_buffer).unwrap_or(1 << 20),
+                socket_buffer: a.socket_buffer.unwrap_or(defaults::SOCKET_BUFFER),
                 settings: Settings {
                     mode,
                     session_timeout,
                     rate,
                     max_datagram,
                     fanout,
-                    late_join: a.late_join || f.late_join.unwrap_or(false),
+                    late_join: a.late_join.unwrap_or(false),
                 },
             },
             replicas,
-            drain_delay: a.drain_delay.or(f.drain_delay).unwrap_or(Duration::ZERO),
-            admin: a.admin.or(f.admin),
-            log_format: a.log_format.or(f.log_format).unwrap_or_default(),
-            log_level: a.log_level.or(f.log_level).unwrap_or_else(|| "info".into()),
+            drain_delay: a.drain_delay.unwrap_or(defaults::DRAIN_DELAY),
+            admin: a.admin,
+            log_format: a.log_format.unwrap_or_default(),
+            log_level: a.log_level.unwrap_or_else(|| defaults::LOG_LEVEL.into()),
         })
     }
 }
@@ -466,11 +493,7 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
-    (!v.is_empty()).then_some(v)
-}
-
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+fn read_file(path: &Path) -> Result<Args, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -478,7 +501,7 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     parse_file(path, &text)
 }
 
-fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+fn parse_file(path: &Path, text: &str) -> Result<Args, ConfigError> {
     toml::from_str(text).map_err(|e| {
         let start = e.span().map_or(0, |s| s.start).min(text.len());
         let line = text[..start].matches('\n').count() + 1;
@@ -505,15 +528,19 @@ fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
 mod tests {
     use super::*;
 
-    fn args(list: &[&str]) -> Args {
+    /// The file's settings with the flags laid over them, as `parse_layers` does.
+    fn load(list: &[&str], file: &str) -> Result<Config, ConfigError> {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut layered = parse_file(Path::new("proxy.toml"), file)?;
         let mut argv = vec!["spotable-proxy"];
         argv.extend_from_slice(list);
-        Args::try_parse_from(argv).expect("valid flags")
-    }
-
-    fn load(list: &[&str], file: &str) -> Result<Config, ConfigError> {
-        let f = parse_file(Path::new("proxy.toml"), file)?;
-        Config::merge(args(list), f)
+        let matches = Args::command()
+            .try_get_matches_from(argv)
+            .expect("valid flags");
+        layered
+            .update_from_arg_matches(&matches)
+            .expect("valid flags");
+        Config::resolve(layered)
     }
 
     #[test]
@@ -651,7 +678,7 @@ mod tests {
     #[test]
     fn example_file_in_the_repository_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.example.toml");
-        let c = Config::merge(Args::default(), read_file(&path).unwrap()).unwrap();
+        let c = Config::resolve(read_file(&path).unwrap()).unwrap();
         assert!(matches!(&c.replicas, ReplicaSource::Static(r) if r.len() == 2));
         assert_eq!(c.proxy.settings.max_datagram, 1472);
         assert_eq!(c.log_format, LogFormat::Json);
@@ -702,6 +729,96 @@ mod tests {
         let file = "kubernetes_service = \"game\"\nnamespace = \"games\"\nfanout = 3\n";
         let c = load(&base, file).unwrap();
         assert!(matches!(c.replicas, ReplicaSource::Kubernetes(_)));
+    }
+
+    #[test]
+    fn a_flag_left_out_keeps_the_file_value() {
+        let file =
+            "listen = [\"127.0.0.1:7777\"]\nreplicas = [\"127.0.0.1:7001\"]\nlate_join = true\n";
+        assert!(load(&[], file).unwrap().proxy.settings.late_join);
+        let c = load(&["--late-join", "--replica", "127.0.0.1:7002"], "").unwrap_err();
+        assert!(c.to_string().starts_with("listen:"), "{c}");
+        let c = load(&["--replica", "127.0.0.1:7002"], file).unwrap();
+        assert_eq!(
+            c.replicas,
+            ReplicaSource::Static(vec!["127.0.0.1:7002".parse().unwrap()]),
+            "a list given as flags replaces the file's list"
+        );
+    }
+
+    #[test]
+    fn help_states_the_defaults_the_code_applies() {
+        use clap::CommandFactory;
+        let help = Args::command().render_long_help().to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        let duration = |d: Duration| humantime::format_duration(d).to_string();
+        for (flag, default) in [
+            ("--dedupe-window", duration(defaults::DEDUPE_WINDOW)),
+            (
+                "--dedupe-max-entries",
+                defaults::DEDUPE_MAX_ENTRIES.to_string(),
+            ),
+            ("--sequence-width", defaults::SEQUENCE_WIDTH.to_string()),
+            (
+                "--sequence-resync-after",
+                defaults::SEQUENCE_RESYNC_AFTER.to_string(),
+            ),
+            ("--failover-after", duration(defaults::FAILOVER_AFTER)),
+            ("--session-timeout", duration(defaults::SESSION_TIMEOUT)),
+            ("--max-sessions", defaults::MAX_SESSIONS.to_string()),
+            ("--rate-limit", defaults::RATE_LIMIT.to_string()),
+            ("--max-datagram", defaults::MAX_DATAGRAM.to_string()),
+            ("--socket-buffer", defaults::SOCKET_BUFFER.to_string()),
+            ("--drain-delay", duration(defaults::DRAIN_DELAY)),
+            ("--log-level", defaults::LOG_LEVEL.to_string()),
+        ] {
+            let at = help
+                .find(&format!("{flag} "))
+                .unwrap_or_else(|| panic!("{flag}"));
+            let text = &help[at..];
+            let next = text[2..].find(" --").map_or(text.len(), |n| n + 2);
+            assert!(
+                text[..next].contains(&format!("[default: {default}]")),
+                "{flag} says {:?}, the code applies {default}",
+                &text[..next]
+            );
+        }
+    }
+
+    /// The README's flag table: every flag is there, with the default `--help` states.
+    #[test]
+    fn the_readme_lists_every_flag_with_its_default() {
+        use clap::CommandFactory;
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+                .unwrap();
+        let cmd = Args::command();
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["help", "version"].contains(&long) {
+                continue;
+            }
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `--{long}")))
+                .unwrap_or_else(|| panic!("--{long} is missing from the README's flag table"));
+            let default = row.split(" | ").nth(1).unwrap_or_default().trim();
+            let help = arg
+                .get_long_help()
+                .or(arg.get_help())
+                .map(|h| h.to_string());
+            let help = help
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            if let Some(value) = default.strip_prefix('`').and_then(|d| d.strip_suffix('`')) {
+                assert!(
+                    help.contains(&format!("[default: {value}]")),
+                    "README says --{long} defaults to {value}; --help says: {help}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -154,15 +154,50 @@ pub fn clap_exit(program: &str, e: &clap::Error) -> u8 {
         let _ = e.print();
         return 0;
     }
-    // clap's first paragraph names the problem and the argument (a missing argument is on
-    // its second line); usage and tips follow after a blank line.
-    let text = e.to_string();
-    let first: Vec<&str> = text
-        .lines()
-        .take_while(|l| !l.trim().is_empty())
-        .map(str::trim)
-        .collect();
-    let line = first.join(" ");
-    eprintln!("{program}: {}", line.trim_start_matches("error: "));
+    eprintln!("{program}: {}", clap_line(e));
     2
+}
+
+/// clap's error as one line: its first paragraph names the problem and the argument (a
+/// missing argument is on its second line); its tips ("a similar argument exists:
+/// '--max-sessions'") follow after `; `. Usage and `--help` hints are left out.
+pub fn clap_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let mut parts: Vec<String> = vec![
+        text.lines()
+            .take_while(|l| !l.trim().is_empty())
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join(" ")
+            .trim_start_matches("error: ")
+            .to_string(),
+    ];
+    parts.extend(
+        text.lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("tip:"))
+            .map(str::to_string),
+    );
+    parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clap_errors_keep_their_suggestions_on_one_line() {
+        let cmd = clap::Command::new("x").arg(clap::Arg::new("max-sessions").long("max-sessions"));
+        let e = cmd
+            .try_get_matches_from(["x", "--max-sesions", "3"])
+            .expect_err("unknown flag");
+        let line = super::clap_line(&e);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.starts_with("unexpected argument '--max-sesions'"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("tip: a similar argument exists: '--max-sessions'"),
+            "{line}"
+        );
+    }
 }

@@ -7,9 +7,11 @@
 
 use std::io;
 use std::mem;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::RawFd;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{BorrowedFd, RawFd};
 use std::ptr;
+
+use socket2::{SockAddr, SockAddrStorage};
 
 /// Largest payload of a UDP datagram over IPv4.
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
@@ -27,19 +29,15 @@ pub struct Datagram<'a> {
 
 /// `mmsghdr`s with one address and one iovec each: what both directions hand the kernel.
 struct Headers {
-    addrs: Box<[libc::sockaddr_storage]>,
+    addrs: Box<[SockAddrStorage]>,
     iovecs: Box<[libc::iovec]>,
     hdrs: Box<[libc::mmsghdr]>,
 }
 
 impl Headers {
     fn new(capacity: usize) -> Self {
-        // SAFETY: all-zero is a valid value for these plain C structs (null pointers, zero
-        // lengths); `set` fills every pointer before a header goes to the kernel.
         Self {
-            addrs: (0..capacity)
-                .map(|_| unsafe { mem::zeroed::<libc::sockaddr_storage>() })
-                .collect(),
+            addrs: (0..capacity).map(|_| SockAddrStorage::zeroed()).collect(),
             iovecs: (0..capacity)
                 .map(|_| libc::iovec {
                     iov_base: ptr::null_mut(),
@@ -47,6 +45,8 @@ impl Headers {
                 })
                 .collect(),
             hdrs: (0..capacity)
+                // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths); `set`
+                // fills every pointer before a header goes to the kernel.
                 .map(|_| unsafe { mem::zeroed::<libc::mmsghdr>() })
                 .collect(),
         }
@@ -116,7 +116,7 @@ impl RecvBatch {
             return Ok(0);
         }
         let base = self.bufs.as_mut_ptr();
-        let namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let namelen = mem::size_of::<SockAddrStorage>() as libc::socklen_t;
         for i in start..end {
             // SAFETY: i < capacity, so the offset stays inside `bufs`.
             let slot = unsafe { base.add(i * self.slot_size) };
@@ -337,89 +337,39 @@ pub fn bind_ephemeral(any: std::net::IpAddr) -> io::Result<socket2::Socket> {
 /// Dissolves a UDP socket's association (`connect` with `AF_UNSPEC`), so that it receives
 /// from every address again and sends to the address each datagram names. The local port
 /// stays only if it was bound by number ([`bind_ephemeral`]).
-pub fn disconnect(fd: RawFd) -> io::Result<()> {
-    // SAFETY: a zeroed sockaddr with family AF_UNSPEC, valid for the length passed; the
-    // kernel only reads it.
-    let r = unsafe {
-        let mut addr: libc::sockaddr = std::mem::zeroed();
-        addr.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
-        libc::connect(
-            fd,
-            &addr,
-            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+pub fn disconnect(socket: BorrowedFd<'_>) -> io::Result<()> {
+    rustix::net::connect_unspec(socket).map_err(io::Error::from)
 }
 
-/// Writes `addr` as a C socket address for a socket of the given family.
-fn encode(addr: SocketAddr, v6_socket: bool, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+/// Writes `addr` as a C socket address for a socket of the given family (socket2 lays it
+/// out); returns its length.
+fn encode(addr: SocketAddr, v6_socket: bool, out: &mut SockAddrStorage) -> libc::socklen_t {
     let addr = match addr {
         SocketAddr::V4(a) if v6_socket => {
             SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
         }
         other => other,
     };
-    match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            let sin = unsafe { &mut *ptr::from_mut(out).cast::<libc::sockaddr_in>() };
-            *sin = unsafe { mem::zeroed() };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr = libc::in_addr {
-                s_addr: u32::from_ne_bytes(a.ip().octets()),
-            };
-            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            let sin6 = unsafe { &mut *ptr::from_mut(out).cast::<libc::sockaddr_in6>() };
-            *sin6 = unsafe { mem::zeroed() };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_flowinfo = a.flowinfo();
-            sin6.sin6_addr.s6_addr = a.ip().octets();
-            sin6.sin6_scope_id = a.scope_id();
-            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
-        }
-    }
+    let sa = SockAddr::from(addr);
+    let len = sa.len();
+    *out = sa.as_storage();
+    len
 }
 
 /// Reads a C socket address; v4-mapped IPv6 addresses come back as IPv4, so a client is the
 /// same session whichever socket family saw it.
-fn decode(s: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
-    let len = len as usize;
-    match i32::from(s.ss_family) {
-        libc::AF_INET if len >= mem::size_of::<libc::sockaddr_in>() => {
-            // SAFETY: the family and length say this storage holds a sockaddr_in.
-            let sin = unsafe { &*ptr::from_ref(s).cast::<libc::sockaddr_in>() };
-            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                ip,
-                u16::from_be(sin.sin_port),
-            )))
-        }
-        libc::AF_INET6 if len >= mem::size_of::<libc::sockaddr_in6>() => {
-            // SAFETY: the family and length say this storage holds a sockaddr_in6.
-            let sin6 = unsafe { &*ptr::from_ref(s).cast::<libc::sockaddr_in6>() };
-            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            let port = u16::from_be(sin6.sin6_port);
-            Some(match ip.to_ipv4_mapped() {
-                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
-                None => SocketAddr::V6(SocketAddrV6::new(
-                    ip,
-                    port,
-                    sin6.sin6_flowinfo,
-                    sin6.sin6_scope_id,
-                )),
-            })
-        }
-        _ => None,
+fn decode(s: &SockAddrStorage, len: libc::socklen_t) -> Option<SocketAddr> {
+    // SAFETY: SockAddrStorage is plain old data (repr(transparent) over sockaddr_storage), so
+    // a bitwise copy is sound; the kernel (or `encode`) wrote a family-tagged address of `len`
+    // bytes into it, which is what SockAddr::new requires, and as_socket checks family and
+    // length before it reads.
+    let sa = unsafe { SockAddr::new(ptr::read(s), len) };
+    match sa.as_socket()? {
+        SocketAddr::V6(a) => Some(match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, a.port())),
+            None => SocketAddr::V6(a),
+        }),
+        v4 => Some(v4),
     }
 }
 
@@ -427,11 +377,11 @@ fn decode(s: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr
 mod tests {
     use super::*;
     use std::net::UdpSocket;
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsFd, AsRawFd};
 
     #[test]
     fn address_round_trip() {
-        let mut st = unsafe { mem::zeroed::<libc::sockaddr_storage>() };
+        let mut st = SockAddrStorage::zeroed();
         for addr in [
             "127.0.0.1:7777".parse().unwrap(),
             "[::1]:9".parse().unwrap(),
@@ -442,7 +392,11 @@ mod tests {
         }
         let v4: SocketAddr = "10.1.2.3:80".parse().unwrap();
         let len = encode(v4, true, &mut st);
-        assert_eq!(i32::from(st.ss_family), libc::AF_INET6);
+        assert_eq!(
+            len as usize,
+            mem::size_of::<libc::sockaddr_in6>(),
+            "written as IPv6"
+        );
         assert_eq!(decode(&st, len), Some(v4), "mapped back to IPv4");
     }
 
@@ -518,7 +472,7 @@ mod tests {
         let mut buf = [0u8; 16];
         let n = sock.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"from a", "connected: only a is heard");
-        disconnect(sock.as_raw_fd()).unwrap();
+        disconnect(sock.as_fd()).unwrap();
         assert_eq!(sock.local_addr().unwrap(), to, "the port survives");
         b.send_to(b"from b", to).unwrap();
         let (n, from) = sock.recv_from(&mut buf).unwrap();

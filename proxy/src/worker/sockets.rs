@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,7 +137,7 @@ impl Net for Sockets {
     }
 
     fn disconnect(&mut self, up: &Upstream) -> io::Result<()> {
-        udp::disconnect(up.socket.as_raw_fd())
+        udp::disconnect(up.socket.as_fd())
     }
 
     fn send(&mut self, up: &Upstream, payload: &[u8]) -> io::Result<usize> {

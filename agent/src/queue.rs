@@ -391,11 +391,7 @@ pub fn notice_for(id: &str, time: SystemTime, event: &Event, instance: &str) -> 
 /// An Auto Scaling client from the standard AWS configuration chain (region, credentials,
 /// `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_AUTO_SCALING`), on the workspace's HTTPS client.
 pub async fn autoscaling_client() -> aws_sdk_autoscaling::Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .http_client(spotable_fleet::inventory::https_client())
-        .load()
-        .await;
-    aws_sdk_autoscaling::Client::new(&config)
+    aws_sdk_autoscaling::Client::new(&spotable_fleet::inventory::aws_config().await)
 }
 
 #[cfg(test)]

@@ -299,11 +299,16 @@ pub fn https_client() -> aws_sdk_sqs::config::SharedHttpClient {
 /// An SQS client from the standard AWS configuration chain (region, credentials,
 /// `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_SQS`).
 pub async fn sqs_client() -> aws_sdk_sqs::Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+    aws_sdk_sqs::Client::new(&aws_config().await)
+}
+
+/// The standard AWS configuration chain (region, credentials, endpoint overrides) on
+/// [`https_client`], for every AWS client of the node-side programs.
+pub async fn aws_config() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
         .http_client(https_client())
         .load()
-        .await;
-    aws_sdk_sqs::Client::new(&config)
+        .await
 }
 
 #[cfg(test)]

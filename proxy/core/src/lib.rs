@@ -8,6 +8,7 @@ pub mod loglimit;
 pub mod ratelimit;
 pub mod replicas;
 pub mod session;
+pub mod token;
 
 pub use replicas::{Replica, ReplicaSet, ReplicaState};
 

@@ -118,10 +118,13 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let metrics = spotable_edge::install_metrics_with_buckets(&[(
-        crate::metrics::names::DRAIN_SECONDS,
-        &crate::metrics::DRAIN_BUCKETS,
-    )])?;
+    let metrics = spotable_edge::install_metrics_with_buckets(
+        "spotable-agent",
+        &[(
+            crate::metrics::names::DRAIN_SECONDS,
+            &crate::metrics::DRAIN_BUCKETS,
+        )],
+    )?;
     crate::metrics::describe();
     let kube_config = kube::Config::infer()
         .await

@@ -562,6 +562,15 @@ async fn the_binary_handles_a_spot_notice_end_to_end() {
             "no HELP for {name}"
         );
     }
+    let undocumented = spotable_fixtures::metrics_text::without_help(&early);
+    assert!(
+        undocumented.is_empty(),
+        "series without HELP: {undocumented:?}"
+    );
+    assert!(
+        early.contains("spotable_build_info{program=\"spotable-agent\""),
+        "{early}"
+    );
     assert!(
         child.try_wait().unwrap().is_none(),
         "the agent died on metadata errors"

@@ -66,7 +66,7 @@ fn raise_fd_limit() {
 
 fn run(config: Config) -> anyhow::Result<()> {
     raise_fd_limit();
-    let metrics = spotable_edge::install_metrics()?;
+    let metrics = spotable_edge::install_metrics("spotable-proxy")?;
     stats::describe();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

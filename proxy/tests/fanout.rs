@@ -223,6 +223,18 @@ fn admin_endpoints_and_graceful_sigterm() {
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
+    let undocumented = spotable_fixtures::metrics_text::without_help(&text);
+    assert!(
+        undocumented.is_empty(),
+        "series without HELP: {undocumented:?}"
+    );
+    assert!(
+        text.contains(&format!(
+            "spotable_build_info{{program=\"spotable-proxy\",version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "build info missing:\n{text}"
+    );
     assert_eq!(
         spotable_fixtures::metrics_text::value(&text, "spotable_replicas", &[("state", "ready")]),
         Some(1.0)

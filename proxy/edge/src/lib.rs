@@ -50,14 +50,16 @@ pub fn init_logging(format: LogFormat, level: &str) -> Result<(), EdgeError> {
     Ok(())
 }
 
-/// Installs the Prometheus recorder; its handle renders `/metrics`.
-pub fn install_metrics() -> Result<PrometheusHandle, EdgeError> {
-    install_metrics_with_buckets(&[])
+/// Installs the Prometheus recorder for `program`; its handle renders `/metrics`.
+pub fn install_metrics(program: &'static str) -> Result<PrometheusHandle, EdgeError> {
+    install_metrics_with_buckets(program, &[])
 }
 
 /// [`install_metrics`], rendering the named histograms with these bucket bounds (the others
-/// as summaries).
+/// as summaries). Registers `spotable_build_info{program, version} 1`, so a dashboard can
+/// tell which build each process runs.
 pub fn install_metrics_with_buckets(
+    program: &'static str,
     buckets: &[(&str, &[f64])],
 ) -> Result<PrometheusHandle, EdgeError> {
     use metrics_exporter_prometheus::Matcher;
@@ -67,10 +69,20 @@ pub fn install_metrics_with_buckets(
             .set_buckets_for_metric(Matcher::Full((*name).to_string()), bounds)
             .map_err(|e| EdgeError::Metrics(e.to_string()))?;
     }
-    builder
+    let handle = builder
         .install_recorder()
-        .map_err(|e| EdgeError::Metrics(e.to_string()))
+        .map_err(|e| EdgeError::Metrics(e.to_string()))?;
+    metrics::describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the labels say which program and version this process runs"
+    );
+    metrics::gauge!(BUILD_INFO, "program" => program, "version" => env!("CARGO_PKG_VERSION"))
+        .set(1.0);
+    Ok(handle)
 }
+
+/// The series naming the build.
+pub const BUILD_INFO: &str = "spotable_build_info";
 
 /// Renders the recorder for a scrape.
 pub fn render(handle: &PrometheusHandle) -> String {

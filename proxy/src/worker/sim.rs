@@ -14,7 +14,7 @@ use crate::udp::{RecvBatch, SendOutcome};
 
 /// Where a datagram the worker sent left from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum From {
+pub(crate) enum Origin {
     /// Front socket (listener) `n`: an answer to a client.
     Front(usize),
     /// A session socket, by its port: a client datagram to a replica.
@@ -24,7 +24,7 @@ pub(crate) enum From {
 /// One datagram the worker sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Sent {
-    pub(crate) from: From,
+    pub(crate) from: Origin,
     pub(crate) to: SocketAddr,
     pub(crate) payload: Vec<u8>,
 }
@@ -143,7 +143,7 @@ impl SimNet {
 
     fn emit<'a>(
         &mut self,
-        from: From,
+        from: Origin,
         items: impl IntoIterator<Item = (&'a [u8], SocketAddr)>,
     ) -> SendOutcome {
         let mut out = SendOutcome::default();
@@ -209,7 +209,7 @@ impl Net for SimNet {
         listener: usize,
         items: impl IntoIterator<Item = (&'a [u8], SocketAddr)>,
     ) -> SendOutcome {
-        self.emit(From::Front(listener), items)
+        self.emit(Origin::Front(listener), items)
     }
 
     fn open(&mut self, id: SessionId, _v6: bool) -> io::Result<usize> {
@@ -257,7 +257,7 @@ impl Net for SimNet {
         let Some(to) = to else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        let out = self.emit(From::Port(port), [(payload, to)]);
+        let out = self.emit(Origin::Port(port), [(payload, to)]);
         if out.sent == 1 {
             Ok(payload.len())
         } else {
@@ -269,6 +269,6 @@ impl Net for SimNet {
         // Linux sends to an explicit destination even from a connected socket; what the
         // association changes is what the socket hears (see `answer_at`).
         let port = self.sockets[*socket].port;
-        self.emit(From::Port(port), targets.iter().map(|t| (payload, *t)))
+        self.emit(Origin::Port(port), targets.iter().map(|t| (payload, *t)))
     }
 }

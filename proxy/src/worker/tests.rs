@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::sim::{From, Sent, SimNet};
+use super::sim::{Origin, Sent, SimNet};
 use super::{ANSWER_ARENA, BATCHES_PER_TURN, FRONT_BATCH, TICK, Worker};
 use crate::dedupe::Mode;
 use crate::replicas::Replica;
@@ -107,8 +107,8 @@ impl Rig {
     fn upstream(sent: &[Sent]) -> Vec<(u16, u16, Vec<u8>)> {
         sent.iter()
             .filter_map(|s| match s.from {
-                From::Port(p) => Some((p, s.to.port(), s.payload.clone())),
-                From::Front(_) => None,
+                Origin::Port(p) => Some((p, s.to.port(), s.payload.clone())),
+                Origin::Front(_) => None,
             })
             .collect()
     }
@@ -117,8 +117,8 @@ impl Rig {
     fn delivered(sent: &[Sent]) -> Vec<(u16, Vec<u8>)> {
         sent.iter()
             .filter_map(|s| match s.from {
-                From::Front(_) => Some((s.to.port(), s.payload.clone())),
-                From::Port(_) => None,
+                Origin::Front(_) => Some((s.to.port(), s.payload.clone())),
+                Origin::Port(_) => None,
             })
             .collect()
     }

@@ -3,6 +3,7 @@
 //! with the binaries' own clap definitions). kubectl comes from the fixtures' Python environment.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use clap::{Args as _, Parser};
 use serde_json::Value;
@@ -474,7 +475,7 @@ fn the_proxy_finds_its_game_and_runs_highly_available() {
         );
         // --kubernetes-service names a Service in this namespace that selects the game's pods
         // and has the --port-name port.
-        let args = argv(c);
+        let args = container_argv(c);
         let flag = |f: &str| {
             args.iter()
                 .find_map(|a| a.strip_prefix(&format!("--{f}=")))
@@ -826,5 +827,73 @@ fn queue_mode_hears_every_event_it_reads_and_may_call_only_what_it_calls() {
             "autoscaling:RecordLifecycleActionHeartbeat",
             "autoscaling:CompleteLifecycleAction",
         ])
+    );
+}
+
+/// The `--kubernetes-service` each proxy of `objects` follows (env references expanded).
+fn followed_services(objects: &[Value]) -> Vec<String> {
+    objects
+        .iter()
+        .flat_map(pod_specs)
+        .flat_map(containers)
+        .flat_map(container_argv)
+        .filter_map(|a| a.strip_prefix("--kubernetes-service=").map(str::to_string))
+        .collect()
+}
+
+/// The README's overlay for a second game, rendered: its proxy follows its own Service, and
+/// that Service selects only its own game's pods.
+#[test]
+fn the_readme_second_game_follows_its_own_service() {
+    let readme = std::fs::read_to_string(deploy_dir().join("README.md")).unwrap();
+    let snippet = readme
+        .split("### A second game, today")
+        .nth(1)
+        .and_then(|s| s.split("```yaml\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("the second-game snippet in deploy/README.md");
+    // The snippet lives in deploy/overlays/NAME; from a scratch directory, its `../../` is
+    // deploy/ by a relative path (kustomize takes no absolute one).
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("second-game");
+    std::fs::create_dir_all(&dir).unwrap();
+    let up = "../".repeat(dir.canonicalize().unwrap().components().count() - 1);
+    let deploy = deploy_dir().canonicalize().unwrap();
+    let deploy = deploy.strip_prefix("/").unwrap().display().to_string();
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        snippet.replace("../../", &format!("{up}{deploy}/")),
+    )
+    .unwrap();
+    let out = std::process::Command::new(kubectl())
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = dir.join("rendered.yaml");
+    std::fs::write(&rendered, &out.stdout).unwrap();
+    let objects = read_yaml(&rendered).unwrap();
+    assert_eq!(
+        followed_services(&objects),
+        vec!["game-server-arena-2".to_string()]
+    );
+    let service = objects
+        .iter()
+        .find(|o| {
+            str_at(o, "/kind") == "Service" && str_at(o, "/metadata/name") == "game-server-arena-2"
+        })
+        .expect("the game's Service");
+    assert_eq!(
+        str_at(service, "/spec/selector/spotable.io~1game"),
+        "arena-2"
+    );
+    // The standard overlay's proxy follows the unsuffixed Service.
+    assert_eq!(
+        followed_services(&render(&kubectl(), "standard").unwrap()),
+        vec!["game-server".to_string()]
     );
 }

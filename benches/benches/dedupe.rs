@@ -82,6 +82,7 @@ fn session_lookup(c: &mut Criterion) {
             replicas: (0..REPLICAS as u16)
                 .map(|p| Replica::ready(SocketAddr::from(([10, 0, 0, 1], 7000 + p))))
                 .collect(),
+            games: Vec::new(),
         });
         let settings = Settings {
             mode: modes()[0].1.clone(),
@@ -90,6 +91,7 @@ fn session_lookup(c: &mut Criterion) {
             max_datagram: 1500,
             fanout: REPLICAS,
             late_join: false,
+            token: None,
         };
         let mut table =
             SessionTable::new(Arc::new(settings), Admission::new(sessions), snapshot, 1);

@@ -466,6 +466,7 @@ impl Config {
                     max_datagram,
                     fanout,
                     late_join: a.late_join.unwrap_or(false),
+                    token: None,
                 },
             },
             replicas,

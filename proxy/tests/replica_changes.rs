@@ -32,6 +32,7 @@ fn start(replicas: &ReplicaSet, late_join: bool, listen: &[&str]) -> Proxy {
             max_datagram: 1500,
             fanout: MAX_SLOTS,
             late_join,
+            token: None,
         },
     };
     Proxy::start(config, replicas.clone()).unwrap()

@@ -54,8 +54,37 @@ impl Replica {
 pub struct Snapshot {
     /// Increases with every publish.
     pub version: u64,
-    /// Sorted by address, one entry per address.
+    /// Sorted by address, one entry per address. With games, every game's replicas.
     pub replicas: Vec<Replica>,
+    /// The games behind a token-routing proxy, by name; empty without token routing.
+    pub games: Vec<Game>,
+}
+
+/// One game behind a token-routing proxy: a group of redundant replicas, reached through
+/// its tokens, with its own dedupe settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Game {
+    /// Its name (a Service's `spotable.io/game` label, a `[[game]]` table's `name`).
+    pub name: Arc<str>,
+    /// Tokens that route to it, each of the proxy's token length.
+    pub tokens: Vec<Vec<u8>>,
+    /// Its replicas (sorted by address, one entry per address; `games` empty).
+    pub replicas: Arc<Snapshot>,
+    /// Its settings: the proxy's, with the game's own dedupe mode and fan-out.
+    pub settings: Arc<crate::session::Settings>,
+}
+
+/// A game as a discovery source reports it, before it is published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GameSpec {
+    /// See [`Game::name`].
+    pub name: Arc<str>,
+    /// See [`Game::tokens`].
+    pub tokens: Vec<Vec<u8>>,
+    /// Its replicas, in any order.
+    pub replicas: Vec<Replica>,
+    /// See [`Game::settings`].
+    pub settings: Arc<crate::session::Settings>,
 }
 
 impl Snapshot {
@@ -159,9 +188,53 @@ impl ReplicaSet {
     /// Replaces the whole set. Duplicate addresses collapse to one entry; `Ready` wins over
     /// `Draining` (the more recent or more capable report). Marks the set synced. Returns
     /// whether the set changed.
-    pub fn publish(&self, mut replicas: Vec<Replica>) -> bool {
-        replicas.sort();
-        replicas.dedup_by_key(|r| r.addr);
+    pub fn publish(&self, replicas: Vec<Replica>) -> bool {
+        self.replace(normalized(replicas), Vec::new())
+    }
+
+    /// Replaces the whole set with `games` (token routing): each game's replicas normalised
+    /// as [`publish`](Self::publish) does. Refuses (changing nothing) a token of another
+    /// length than `spec`'s or one claimed by two games. Marks the set synced; `Ok(true)`
+    /// when it changed.
+    pub fn publish_games(
+        &self,
+        spec: crate::token::TokenSpec,
+        mut specs: Vec<GameSpec>,
+    ) -> Result<bool, crate::token::TokenError> {
+        specs.sort_by(|a, b| a.name.cmp(&b.name));
+        specs.dedup_by(|a, b| a.name == b.name);
+        crate::token::TokenRouter::new(
+            spec,
+            specs.iter().map(|g| (GameName(&g.name), &g.tokens[..])),
+        )?;
+        let mut all = Vec::new();
+        let games = specs
+            .into_iter()
+            .map(|g| {
+                let replicas = normalized(g.replicas);
+                all.extend_from_slice(&replicas);
+                (g.name, g.tokens, replicas, g.settings)
+            })
+            .collect::<Vec<_>>();
+        let all = normalized(all);
+        let games = games
+            .into_iter()
+            .map(|(name, tokens, replicas, settings)| Game {
+                name,
+                tokens,
+                // A game's own view carries no version: the set's version covers it.
+                replicas: Arc::new(Snapshot {
+                    version: 0,
+                    replicas,
+                    games: Vec::new(),
+                }),
+                settings,
+            })
+            .collect();
+        Ok(self.replace(all, games))
+    }
+
+    fn replace(&self, replicas: Vec<Replica>, games: Vec<Game>) -> bool {
         self.heard();
         {
             let mut current = self
@@ -169,11 +242,15 @@ impl ReplicaSet {
                 .current
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if current.replicas == replicas && self.is_synced() {
+            if current.replicas == replicas && current.games == games && self.is_synced() {
                 return false;
             }
             let version = current.version + 1;
-            *current = Arc::new(Snapshot { version, replicas });
+            *current = Arc::new(Snapshot {
+                version,
+                replicas,
+                games,
+            });
         }
         self.inner.synced.store(true, Ordering::Release);
         let subscribers = self
@@ -245,6 +322,23 @@ impl ReplicaSet {
     }
 }
 
+/// Sorted by address, one entry per address (`Ready` before `Draining`, so Ready wins).
+fn normalized(mut replicas: Vec<Replica>) -> Vec<Replica> {
+    replicas.sort();
+    replicas.dedup_by_key(|r| r.addr);
+    replicas
+}
+
+/// A game's name where the token router wants something to show in an error.
+#[derive(Debug, Clone, Copy)]
+struct GameName<'a>(&'a str);
+
+impl std::fmt::Display for GameName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
 /// A snapshot of loopback replicas `127.0.0.1:<port>` in the given states, for tests.
 #[cfg(test)]
 pub(crate) fn test_snapshot(version: u64, replicas: &[(u16, ReplicaState)]) -> Snapshot {
@@ -257,6 +351,7 @@ pub(crate) fn test_snapshot(version: u64, replicas: &[(u16, ReplicaState)]) -> S
                 state,
             })
             .collect(),
+        games: Vec::new(),
     }
 }
 

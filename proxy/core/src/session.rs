@@ -1,11 +1,16 @@
-//! The session table: one session per (listener, client address).
+//! The session table: one session per (listener, client address, game).
 //!
-//! Sans-io: callers pass datagram sizes, payloads, addresses and `now`; the table answers with
-//! verdicts. Opening and closing the session's upstream socket is the caller's job, keyed by
-//! the [`SessionId`] the table hands out.
+//! Sans-io: callers pass datagrams, addresses and `now`; the table answers with verdicts.
+//! Opening and closing the session's upstream socket is the caller's job, keyed by the
+//! [`SessionId`] the table hands out.
+//!
+//! Without token routing there is one implicit game: every replica of the snapshot. With it
+//! ([`Settings::token`]), each datagram's token picks one of the snapshot's games, the token
+//! is cut off, and the game's replicas and dedupe settings serve the session.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -15,6 +20,7 @@ use slab::Slab;
 use crate::dedupe::{Deduper, MAX_SLOTS, Mode, Slot, SlotState, Verdict};
 use crate::ratelimit::{Limiter, Rate};
 use crate::replicas::{ReplicaState, Snapshot};
+use crate::token::{TokenRouter, TokenSpec};
 
 /// Dense id of a live session, stable for its lifetime (re-used after it closes).
 pub type SessionId = usize;
@@ -48,11 +54,13 @@ pub enum DropReason {
     /// A client datagram from a current replica's address: serving it would open a session
     /// for the replica and loop the proxy's own traffic.
     FromReplica,
+    /// Token routing: too short to carry a token, or a token no game owns.
+    UnknownToken,
 }
 
 impl DropReason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Empty,
         DropReason::Oversized,
         DropReason::RateLimited,
@@ -64,6 +72,7 @@ impl DropReason {
         DropReason::SendFailed,
         DropReason::SocketError,
         DropReason::FromReplica,
+        DropReason::UnknownToken,
     ];
 
     /// Metric label.
@@ -80,6 +89,7 @@ impl DropReason {
             DropReason::SendFailed => "send_failed",
             DropReason::SocketError => "socket_error",
             DropReason::FromReplica => "from_replica",
+            DropReason::UnknownToken => "unknown_token",
         }
     }
 }
@@ -128,8 +138,8 @@ pub struct Closed {
     pub reason: CloseReason,
 }
 
-/// Behaviour shared by every session of a proxy.
-#[derive(Debug, Clone)]
+/// Behaviour shared by every session of a proxy (or, for a game's own copy, of a game).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// Dedupe algorithm and its parameters.
     pub mode: Mode,
@@ -143,6 +153,8 @@ pub struct Settings {
     pub fanout: usize,
     /// Whether replicas that appear later join running sessions.
     pub late_join: bool,
+    /// Token routing: the token every client datagram carries; `None` for one implicit game.
+    pub token: Option<TokenSpec>,
 }
 
 /// The global session budget, shared by all workers' tables. One atomic touched per session
@@ -325,6 +337,8 @@ pub struct Session {
     pub listener: ListenerId,
     /// The client's address.
     pub client: SocketAddr,
+    /// The game it plays (its id in the table).
+    pub game: GameId,
     last_active: Instant,
     members: Members,
     dedupe: Deduper,
@@ -353,6 +367,8 @@ pub enum ClientVerdict<'a> {
         opened: bool,
         /// Replica addresses.
         targets: &'a [SocketAddr],
+        /// The part of the datagram to send: all of it, or all but the routing token.
+        body: Range<usize>,
     },
     /// Drop it, counting the reason.
     Drop(DropReason),
@@ -401,14 +417,32 @@ pub struct RateLimited {
 /// How often one rate-limited client is reported (logged) at most.
 pub const RATE_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
+/// A game's id in one table: stable while the game exists, re-used after it is gone.
+pub type GameId = usize;
+
+/// The one game of a proxy without token routing.
+pub const IMPLICIT_GAME: GameId = 0;
+
+/// A game as one table serves it.
+#[derive(Debug)]
+struct GameState {
+    name: Arc<str>,
+    replicas: Arc<Snapshot>,
+    settings: Arc<Settings>,
+}
+
 /// Sessions of one worker.
 #[derive(Debug)]
 pub struct SessionTable {
     settings: Arc<Settings>,
     admission: Admission,
     snapshot: Arc<Snapshot>,
+    /// Without token routing, one implicit game (id 0, no name).
+    games: Slab<GameState>,
+    game_ids: HashMap<Arc<str>, GameId>,
+    router: Option<TokenRouter<GameId>>,
     seed: u64,
-    by_client: HashMap<(ListenerId, SocketAddr), SessionId, foldhash::fast::RandomState>,
+    by_client: HashMap<(ListenerId, SocketAddr, GameId), SessionId, foldhash::fast::RandomState>,
     sessions: Slab<Session>,
     evictions: u64,
     resyncs: u64,
@@ -424,17 +458,22 @@ impl SessionTable {
         snapshot: Arc<Snapshot>,
         seed: u64,
     ) -> Self {
-        Self {
+        let mut table = Self {
             settings,
             admission,
-            snapshot,
+            snapshot: Arc::default(),
+            games: Slab::new(),
+            game_ids: HashMap::new(),
+            router: None,
             seed,
             by_client: HashMap::default(),
             sessions: Slab::new(),
             evictions: 0,
             resyncs: 0,
             limited: Vec::new(),
-        }
+        };
+        table.adopt(snapshot);
+        table
     }
 
     /// Sessions in this table.
@@ -457,7 +496,41 @@ impl SessionTable {
         &self.snapshot
     }
 
-    /// A client datagram of `len` bytes arrived from `client` on `listener`.
+    /// The name of game `id` (empty for the implicit game).
+    pub fn game_name(&self, id: GameId) -> Option<&str> {
+        self.games.get(id).map(|g| &*g.name)
+    }
+
+    /// The id of game `name` in this table, while the table serves it.
+    pub fn game_id(&self, name: &str) -> Option<GameId> {
+        self.game_ids.get(name).copied()
+    }
+
+    /// A client datagram arrived from `client` on `listener` (`truncated`: it was larger
+    /// than the receive buffer). With token routing, its token picks the game and is cut off
+    /// ([`ClientVerdict::Forward`]'s `body`).
+    pub fn on_datagram(
+        &mut self,
+        listener: ListenerId,
+        client: SocketAddr,
+        datagram: &[u8],
+        truncated: bool,
+        now: Instant,
+    ) -> ClientVerdict<'_> {
+        if truncated || datagram.len() > self.settings.max_datagram {
+            return ClientVerdict::Drop(DropReason::Oversized);
+        }
+        let (game, body) = match &self.router {
+            None => (IMPLICIT_GAME, 0..datagram.len()),
+            Some(router) => match router.route(datagram) {
+                Ok(routed) => routed,
+                Err(_) => return ClientVerdict::Drop(DropReason::UnknownToken),
+            },
+        };
+        self.on_body(listener, client, game, body, now)
+    }
+
+    /// A client datagram of `len` bytes, without token routing (one implicit game).
     pub fn on_client(
         &mut self,
         listener: ListenerId,
@@ -465,15 +538,26 @@ impl SessionTable {
         len: usize,
         now: Instant,
     ) -> ClientVerdict<'_> {
-        if len == 0 {
-            return ClientVerdict::Drop(DropReason::Empty);
-        }
         if len > self.settings.max_datagram {
             return ClientVerdict::Drop(DropReason::Oversized);
         }
-        let (id, opened) = match self.by_client.get(&(listener, client)) {
+        self.on_body(listener, client, IMPLICIT_GAME, 0..len, now)
+    }
+
+    fn on_body(
+        &mut self,
+        listener: ListenerId,
+        client: SocketAddr,
+        game: GameId,
+        body: Range<usize>,
+        now: Instant,
+    ) -> ClientVerdict<'_> {
+        if body.is_empty() {
+            return ClientVerdict::Drop(DropReason::Empty);
+        }
+        let (id, opened) = match self.by_client.get(&(listener, client, game)) {
             Some(&id) => (id, false),
-            None => match self.open(listener, client, now) {
+            None => match self.open(listener, client, game, now) {
                 Ok(id) => (id, true),
                 Err(reason) => return ClientVerdict::Drop(reason),
             },
@@ -499,6 +583,7 @@ impl SessionTable {
             id,
             opened,
             targets: &session.members.targets,
+            body,
         }
     }
 
@@ -506,6 +591,7 @@ impl SessionTable {
         &mut self,
         listener: ListenerId,
         client: SocketAddr,
+        game: GameId,
         now: Instant,
     ) -> Result<SessionId, DropReason> {
         // A replica's own address never becomes a player: its datagrams would be fanned out
@@ -513,8 +599,11 @@ impl SessionTable {
         if self.snapshot.state_of(client).is_some() {
             return Err(DropReason::FromReplica);
         }
-        let limit = self.settings.fanout.min(MAX_SLOTS);
-        let members = Members::new(self.snapshot.for_new_session(client, limit), client);
+        let Some(g) = self.games.get(game) else {
+            return Err(DropReason::NoReplicas);
+        };
+        let limit = g.settings.fanout.min(MAX_SLOTS);
+        let members = Members::new(g.replicas.for_new_session(client, limit), client);
         if members.targets.is_empty() {
             return Err(DropReason::NoReplicas);
         }
@@ -522,10 +611,11 @@ impl SessionTable {
             return Err(DropReason::SessionLimit);
         }
         let seed = self.seed ^ (self.sessions.vacant_key() as u64).rotate_left(17);
-        let dedupe = Deduper::new(&self.settings.mode, seed, now, &members.states);
+        let dedupe = Deduper::new(&g.settings.mode, seed, now, &members.states);
         let id = self.sessions.insert(Session {
             listener,
             client,
+            game,
             last_active: now,
             members,
             dedupe,
@@ -533,7 +623,7 @@ impl SessionTable {
             limited: 0,
             limited_reported: None,
         });
-        self.by_client.insert((listener, client), id);
+        self.by_client.insert((listener, client, game), id);
         Ok(id)
     }
 
@@ -594,16 +684,16 @@ impl SessionTable {
     /// Closes one session (its socket failed, or the worker is shutting down).
     pub fn close(&mut self, id: SessionId) {
         if let Some(s) = self.sessions.try_remove(id) {
-            self.by_client.remove(&(s.listener, s.client));
+            self.by_client.remove(&(s.listener, s.client, s.game));
             self.admission.release();
         }
     }
 
     /// Adopts a new replica snapshot: removed replicas leave every session at once, draining
     /// ones stop being primary, returning ones take their slot back, and with `late_join` new
-    /// ones join running sessions. A session left without a live replica, or whose client is
-    /// now a replica, is closed and appended to `closed`: the player's next datagram opens a
-    /// fresh session on the replicas there are.
+    /// ones join running sessions. A session left without a live replica, whose game is gone,
+    /// or whose client is now a replica, is closed and appended to `closed`: the player's next
+    /// datagram opens a fresh session on the replicas there are.
     pub fn apply(
         &mut self,
         snapshot: Arc<Snapshot>,
@@ -612,18 +702,23 @@ impl SessionTable {
     ) -> ApplyReport {
         let mut report = ApplyReport::default();
         let start = closed.len();
+        let gone = self.adopt(snapshot);
         for (id, s) in self.sessions.iter_mut() {
             let close = |reason| Closed {
                 id,
                 client: s.client,
                 reason,
             };
-            if snapshot.state_of(s.client).is_some() {
+            if self.snapshot.state_of(s.client).is_some() {
                 closed.push(close(CloseReason::FromReplica));
                 continue;
             }
+            let Some(game) = self.games.get(s.game).filter(|_| !gone.contains(&s.game)) else {
+                closed.push(close(CloseReason::NoReplicas));
+                continue;
+            };
             let was_degraded = s.members.is_degraded();
-            let (changed, joined) = s.members.apply(&snapshot, &self.settings, s.client);
+            let (changed, joined) = s.members.apply(&game.replicas, &game.settings, s.client);
             if !changed {
                 continue;
             }
@@ -646,8 +741,75 @@ impl SessionTable {
         for c in &closed[start..] {
             self.close(c.id);
         }
-        self.snapshot = snapshot;
+        // Only now, with their sessions closed, may a gone game's id serve another game.
+        for g in gone {
+            self.games.remove(g);
+        }
         report
+    }
+
+    /// Takes `snapshot` as the table's games: updates the ones it knows, adds new ones (with
+    /// fresh ids), rebuilds the token router. Returns the ids of games no longer in it, still
+    /// held so that their sessions can be closed first.
+    fn adopt(&mut self, snapshot: Arc<Snapshot>) -> Vec<GameId> {
+        let mut gone = Vec::new();
+        match self.settings.token {
+            None => {
+                let implicit = GameState {
+                    name: Arc::from(""),
+                    replicas: snapshot.clone(),
+                    settings: self.settings.clone(),
+                };
+                match self.games.get_mut(IMPLICIT_GAME) {
+                    Some(g) => *g = implicit,
+                    None => {
+                        let id = self.games.insert(implicit);
+                        debug_assert_eq!(id, IMPLICIT_GAME);
+                    }
+                }
+            }
+            Some(spec) => {
+                let mut kept = std::collections::HashSet::new();
+                for game in &snapshot.games {
+                    let state = GameState {
+                        name: game.name.clone(),
+                        replicas: game.replicas.clone(),
+                        settings: game.settings.clone(),
+                    };
+                    let id = match self.game_ids.get(&game.name) {
+                        Some(&id) => {
+                            self.games[id] = state;
+                            id
+                        }
+                        None => {
+                            let id = self.games.insert(state);
+                            self.game_ids.insert(game.name.clone(), id);
+                            id
+                        }
+                    };
+                    kept.insert(id);
+                }
+                self.game_ids.retain(|_, id| {
+                    let keep = kept.contains(id);
+                    if !keep {
+                        gone.push(*id);
+                    }
+                    keep
+                });
+                let ids = &self.game_ids;
+                let tokens = snapshot
+                    .games
+                    .iter()
+                    .filter_map(|g| ids.get(&g.name).map(|&id| (id, &g.tokens[..])));
+                // ReplicaSet::publish_games refuses what the router would; should a set get
+                // here anyway, it routes nothing rather than the wrong game.
+                self.router = TokenRouter::new(spec, tokens)
+                    .or_else(|_| TokenRouter::new(spec, std::iter::empty()))
+                    .ok();
+            }
+        }
+        self.snapshot = snapshot;
+        gone
     }
 
     /// Clients held to their rate since they were last reported, each at most once per
@@ -711,6 +873,7 @@ mod tests {
             max_datagram: 1500,
             fanout: MAX_SLOTS,
             late_join: false,
+            token: None,
         }
     }
 
@@ -772,10 +935,12 @@ mod tests {
             id: 0,
             opened: true,
             targets,
+            body,
         } = t.on_client(0, addr(5000), 10, now)
         else {
             panic!("first datagram must open session 0");
         };
+        assert_eq!(body, 0..10, "without tokens, the whole datagram");
         let mut targets = targets.to_vec();
         targets.sort();
         assert_eq!(targets, [addr(7001), addr(7002), addr(7003)]);
@@ -1406,5 +1571,262 @@ mod tests {
             AnswerVerdict::Deliver { .. }
         ));
         assert_eq!(t.take_resyncs(), 1);
+    }
+
+    // ---- Token routing: games side by side ----
+
+    use crate::replicas::{GameSpec, Replica, ReplicaSet};
+    use crate::token::{TokenAt, TokenSpec};
+
+    fn spec(at: TokenAt) -> TokenSpec {
+        TokenSpec::new(4, at).unwrap()
+    }
+
+    fn game(name: &str, token: &[u8], ports: &[u16], mode: Mode) -> GameSpec {
+        let mut s = settings(mode);
+        s.token = Some(spec(TokenAt::Suffix));
+        GameSpec {
+            name: name.into(),
+            tokens: vec![token.to_vec()],
+            replicas: ports.iter().map(|&p| Replica::ready(addr(p))).collect(),
+            settings: Arc::new(s),
+        }
+    }
+
+    /// A table routing by a 4-byte token at `at`, over the games `set` holds.
+    fn routing_table(set: &ReplicaSet, at: TokenAt) -> SessionTable {
+        let mut s = settings(copies());
+        s.token = Some(spec(at));
+        SessionTable::new(Arc::new(s), Admission::new(100), set.snapshot(), 42)
+    }
+
+    fn two_games(mode_b: Mode) -> ReplicaSet {
+        let set = ReplicaSet::new();
+        set.publish_games(
+            spec(TokenAt::Suffix),
+            vec![
+                game("arena", b"aaaa", &[7001, 7002], copies()),
+                game("bazaar", b"bbbb", &[7101, 7102], mode_b),
+            ],
+        )
+        .unwrap();
+        set
+    }
+
+    /// (session, sorted targets, body) of a forwarded datagram.
+    fn routed(
+        t: &mut SessionTable,
+        client: u16,
+        datagram: &[u8],
+        now: Instant,
+    ) -> (SessionId, Vec<u16>, Range<usize>) {
+        match t.on_datagram(0, addr(client), datagram, false, now) {
+            ClientVerdict::Forward {
+                id, targets, body, ..
+            } => {
+                let mut ports: Vec<u16> = targets.iter().map(SocketAddr::port).collect();
+                ports.sort_unstable();
+                (id, ports, body)
+            }
+            other => panic!("{datagram:?} not forwarded: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn suffix_tokens_route_each_game_to_its_replicas_and_are_cut_off() {
+        let now = crate::epoch();
+        let set = two_games(copies());
+        let mut t = routing_table(&set, TokenAt::Suffix);
+        let (_, targets, body) = routed(&mut t, 5000, b"move left|aaaa", now);
+        assert_eq!((targets, body), (vec![7001, 7002], 0..10));
+        let (_, targets, body) = routed(&mut t, 5001, b"jump|bbbb", now);
+        assert_eq!((targets, body), (vec![7101, 7102], 0..5));
+    }
+
+    #[test]
+    fn prefix_tokens_are_read_and_cut_at_the_start() {
+        let now = crate::epoch();
+        let set = two_games(copies());
+        let mut t = routing_table(&set, TokenAt::Prefix);
+        let (_, targets, body) = routed(&mut t, 5000, b"bbbb|jump", now);
+        assert_eq!((targets, body), (vec![7101, 7102], 4..9));
+        // The same bytes at the end route nowhere.
+        assert_eq!(
+            t.on_datagram(0, addr(5000), b"jump|bbbb", false, now),
+            ClientVerdict::Drop(DropReason::UnknownToken)
+        );
+    }
+
+    #[test]
+    fn short_datagrams_and_unknown_tokens_are_dropped_and_open_nothing() {
+        let now = crate::epoch();
+        let set = two_games(copies());
+        let mut t = routing_table(&set, TokenAt::Suffix);
+        for (datagram, reason) in [
+            (&b"aaa"[..], DropReason::UnknownToken),
+            (b"", DropReason::UnknownToken),
+            (b"hello|zzzz", DropReason::UnknownToken),
+            (b"aaaa", DropReason::Empty),
+        ] {
+            assert_eq!(
+                t.on_datagram(0, addr(5000), datagram, false, now),
+                ClientVerdict::Drop(reason),
+                "{datagram:?}"
+            );
+        }
+        assert!(t.is_empty());
+        let mut big = vec![0u8; 1501];
+        big[1497..].copy_from_slice(b"aaaa");
+        assert_eq!(
+            t.on_datagram(0, addr(5000), &big, false, now),
+            ClientVerdict::Drop(DropReason::Oversized),
+            "the limit counts the token"
+        );
+    }
+
+    #[test]
+    fn a_client_switching_token_is_a_new_session_for_the_new_game() {
+        let now = crate::epoch();
+        let set = two_games(copies());
+        let mut t = routing_table(&set, TokenAt::Suffix);
+        let (a, _, _) = routed(&mut t, 5000, b"x|aaaa", now);
+        let (b, targets, _) = routed(&mut t, 5000, b"x|bbbb", now);
+        assert_ne!(a, b, "same client, other game: another session");
+        assert_eq!(targets, vec![7101, 7102]);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.get(a).map(|s| s.game), t.game_id("arena"));
+        assert_eq!(t.get(b).map(|s| s.game), t.game_id("bazaar"));
+        // Each session hears only its own game's replicas.
+        assert!(matches!(
+            t.on_answer(a, addr(7001), b"state", now),
+            AnswerVerdict::Deliver { .. }
+        ));
+        assert_eq!(
+            t.on_answer(a, addr(7101), b"state", now),
+            AnswerVerdict::Drop(DropReason::NotReplica)
+        );
+        // Back on the first token: the first session again.
+        assert_eq!(routed(&mut t, 5000, b"y|aaaa", now).0, a);
+    }
+
+    #[test]
+    fn each_game_deduplicates_by_its_own_mode() {
+        let now = crate::epoch();
+        let set = two_games(Mode::Primary {
+            failover_after: Duration::from_millis(50),
+        });
+        let mut t = routing_table(&set, TokenAt::Suffix);
+        let (a, _, _) = routed(&mut t, 5000, b"x|aaaa", now);
+        let (b, _, _) = routed(&mut t, 5001, b"x|bbbb", now);
+        // arena (copies): the same payload from both replicas is delivered once.
+        assert!(matches!(
+            t.on_answer(a, addr(7001), b"s1", now),
+            AnswerVerdict::Deliver { .. }
+        ));
+        assert_eq!(
+            t.on_answer(a, addr(7002), b"s1", now),
+            AnswerVerdict::Duplicate
+        );
+        assert!(matches!(
+            t.on_answer(a, addr(7002), b"s2", now),
+            AnswerVerdict::Deliver { .. }
+        ));
+        // bazaar (primary): only the primary's answers pass, whatever their bytes.
+        let primary = t.get(b).unwrap().members().targets()[0];
+        let other = if primary == addr(7101) {
+            addr(7102)
+        } else {
+            addr(7101)
+        };
+        assert!(matches!(
+            t.on_answer(b, primary, b"p1", now),
+            AnswerVerdict::Deliver { .. }
+        ));
+        assert_eq!(t.on_answer(b, other, b"o1", now), AnswerVerdict::Duplicate);
+    }
+
+    #[test]
+    fn a_game_that_leaves_closes_its_sessions_only_and_its_token_stops_routing() {
+        let now = crate::epoch();
+        let set = two_games(copies());
+        let mut t = routing_table(&set, TokenAt::Suffix);
+        let (a, _, _) = routed(&mut t, 5000, b"x|aaaa", now);
+        let (b, _, _) = routed(&mut t, 5001, b"x|bbbb", now);
+        set.publish_games(
+            spec(TokenAt::Suffix),
+            vec![game("arena", b"aaaa", &[7001, 7002], copies())],
+        )
+        .unwrap();
+        let mut closed = Vec::new();
+        t.apply(set.snapshot(), now, &mut closed);
+        let closed: Vec<_> = closed.iter().map(|c| (c.id, c.reason)).collect();
+        assert_eq!(closed, vec![(b, CloseReason::NoReplicas)]);
+        assert!(t.get(a).is_some(), "the other game's session stays");
+        assert_eq!(t.game_id("bazaar"), None);
+        assert_eq!(
+            t.on_datagram(0, addr(5001), b"x|bbbb", false, now),
+            ClientVerdict::Drop(DropReason::UnknownToken)
+        );
+        // It comes back with other replicas: a fresh session there.
+        set.publish_games(
+            spec(TokenAt::Suffix),
+            vec![
+                game("arena", b"aaaa", &[7001, 7002], copies()),
+                game("bazaar", b"bbbb", &[7201], copies()),
+            ],
+        )
+        .unwrap();
+        apply(&mut t, set.snapshot(), now);
+        assert_eq!(routed(&mut t, 5001, b"x|bbbb", now).1, vec![7201]);
+        assert_eq!(routed(&mut t, 5000, b"y|aaaa", now).0, a);
+    }
+
+    #[test]
+    fn a_replica_change_in_one_game_leaves_the_other_alone() {
+        let now = crate::epoch();
+        let set = two_games(copies());
+        let mut t = routing_table(&set, TokenAt::Suffix);
+        let (a, _, _) = routed(&mut t, 5000, b"x|aaaa", now);
+        let (b, _, _) = routed(&mut t, 5001, b"x|bbbb", now);
+        set.publish_games(
+            spec(TokenAt::Suffix),
+            vec![
+                game("arena", b"aaaa", &[7001, 7002], copies()),
+                game("bazaar", b"bbbb", &[7102], copies()),
+            ],
+        )
+        .unwrap();
+        let report = apply(&mut t, set.snapshot(), now);
+        assert_eq!(report.sessions_changed, 1);
+        assert_eq!(report.degraded, 1);
+        assert_eq!(t.get(b).unwrap().members().targets(), [addr(7102)]);
+        assert_eq!(t.get(a).unwrap().members().targets().len(), 2);
+    }
+
+    #[test]
+    fn a_set_with_a_shared_or_misfit_token_is_refused_whole() {
+        let set = two_games(copies());
+        let before = set.snapshot();
+        let e = set
+            .publish_games(
+                spec(TokenAt::Suffix),
+                vec![
+                    game("arena", b"aaaa", &[7001], copies()),
+                    game("bazaar", b"aaaa", &[7101], copies()),
+                ],
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "token aa… (4 bytes) belongs to both arena and bazaar"
+        );
+        assert!(
+            set.publish_games(
+                spec(TokenAt::Suffix),
+                vec![game("arena", b"aaaaa", &[7001], copies())]
+            )
+            .is_err()
+        );
+        assert_eq!(set.snapshot(), before, "nothing changed");
     }
 }

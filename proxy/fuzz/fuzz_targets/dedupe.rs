@@ -69,6 +69,7 @@ fn table_ops(data: &[u8], start: Instant) {
         max_datagram: 64,
         fanout: 4,
         late_join: data.get(1).is_some_and(|b| b & 1 == 1),
+        token: None,
     };
     let admission = Admission::new(6);
     let mut table = SessionTable::new(
@@ -77,6 +78,7 @@ fn table_ops(data: &[u8], start: Instant) {
         Arc::new(Snapshot {
             version: 1,
             replicas: (0..3).map(|p| Replica::ready(addr(p))).collect(),
+            games: Vec::new(),
         }),
         9,
     );
@@ -124,7 +126,11 @@ fn table_ops(data: &[u8], start: Instant) {
                         },
                     })
                     .collect();
-                let snapshot = Arc::new(Snapshot { version, replicas });
+                let snapshot = Arc::new(Snapshot {
+                    version,
+                    replicas,
+                    games: Vec::new(),
+                });
                 closed.clear();
                 table.apply(snapshot.clone(), now, &mut closed);
                 // No session is left deaf, and no replica is anyone's player.

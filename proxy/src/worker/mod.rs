@@ -328,17 +328,16 @@ impl<N: Net> Worker<N> {
         let Some(client) = d.from else {
             return;
         };
-        let len = if d.truncated {
-            usize::MAX
-        } else {
-            d.payload.len()
-        };
-        let (id, opened, targets) = match self.table.on_client(listener, client, len, now) {
+        let verdict = self
+            .table
+            .on_datagram(listener, client, d.payload, d.truncated, now);
+        let (id, opened, targets, body) = match verdict {
             ClientVerdict::Forward {
                 id,
                 opened,
                 targets,
-            } => (id, opened, targets),
+                body,
+            } => (id, opened, targets, body),
             ClientVerdict::Drop(reason) => {
                 self.local.drop(reason, 1);
                 return;
@@ -376,7 +375,8 @@ impl<N: Net> Worker<N> {
             self.local.drop(DropReason::SocketError, 1);
             return;
         };
-        let out = send_upstream(&mut self.net, up, d.payload, targets, &mut self.logs, now);
+        let payload = d.payload.get(body).unwrap_or_default();
+        let out = send_upstream(&mut self.net, up, payload, targets, &mut self.logs, now);
         self.local.upstream_packets += out.sent;
         self.local.upstream_bytes += out.bytes;
         self.local.drop(DropReason::SendFailed, out.failed);

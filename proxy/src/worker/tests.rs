@@ -45,6 +45,7 @@ impl Rig {
             max_datagram: 1500,
             fanout: 3,
             late_join: true,
+            token: None,
         };
         change(&mut settings);
         let shared = Shared::for_tests();

@@ -82,6 +82,20 @@ fn run(config: Config) -> anyhow::Result<()> {
                 tracing::info!(replicas = ?list, "static replica set");
                 None
             }
+            ReplicaSource::Games { spec, games } => {
+                replicas
+                    .publish_games(*spec, games.clone())
+                    .context("the games' tokens")?;
+                for g in games {
+                    tracing::info!(
+                        game = %g.name,
+                        tokens = g.tokens.len(),
+                        replicas = g.replicas.len(),
+                        "static game"
+                    );
+                }
+                None
+            }
             ReplicaSource::Kubernetes(source) => {
                 let client = kubernetes::client().await?;
                 Some(tokio::spawn(kubernetes::run(

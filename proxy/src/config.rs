@@ -12,8 +12,10 @@ use serde::Deserialize;
 
 use crate::dedupe::{Endian, MAX_SLOTS, Mode, SequenceSpec, Width};
 use crate::ratelimit::Rate;
+use crate::replicas::{GameSpec, Replica};
 use crate::server::ProxyConfig;
 use crate::session::Settings;
+use crate::token::{TokenAt, TokenSpec};
 use crate::udp::MAX_UDP_PAYLOAD;
 pub use spotable_edge::LogFormat;
 
@@ -70,6 +72,48 @@ pub mod defaults {
     pub const LOG_LEVEL: &str = "info";
 }
 
+/// Token position names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenAtName {
+    /// The last bytes of each datagram (default).
+    Suffix,
+    /// The first bytes.
+    Prefix,
+}
+
+/// One `[[game]]` table of the config file: a game behind a token-routing proxy.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GameConfig {
+    /// Its name, unique among the games.
+    pub name: String,
+    /// Tokens routing to it: UTF-8 text, or `base64:…` for raw bytes; each `token_bytes` long.
+    pub tokens: Vec<String>,
+    /// Its replicas.
+    pub replicas: Vec<SocketAddr>,
+    /// Its own dedupe mode; else the global one.
+    pub dedupe: Option<DedupeKind>,
+    /// Its own fan-out; else the global one.
+    pub fanout: Option<usize>,
+    /// `sequence`: as the global setting (inherited when the modes match).
+    pub sequence_offset: Option<usize>,
+    /// `sequence`: as the global setting (inherited when the modes match).
+    pub sequence_width: Option<u64>,
+    /// `sequence`: as the global setting (inherited when the modes match).
+    pub sequence_endian: Option<EndianName>,
+    /// `sequence`: as the global setting (inherited when the modes match).
+    pub sequence_resync_after: Option<u32>,
+    /// `primary`: as the global setting (inherited when the modes match).
+    #[serde(default, with = "humantime_serde")]
+    pub failover_after: Option<Duration>,
+    /// As the global setting (inherited).
+    #[serde(default, with = "humantime_serde")]
+    pub dedupe_window: Option<Duration>,
+    /// As the global setting (inherited).
+    pub dedupe_max_entries: Option<usize>,
+}
+
 /// Every setting of `spotable-proxy`, declared once: clap reads it from flags
 /// (`--kebab-case`), serde from the `--config` TOML file (`snake_case`), and flags given on the
 /// command line replace the file's values ([`Args::parse_layers`]). Fields are unset unless
@@ -107,6 +151,18 @@ pub struct Args {
     /// Service port to use, by name [default: the only (UDP) port].
     #[arg(long, value_name = "NAME")]
     pub port_name: Option<String>,
+    /// Route by a token of this many bytes (1 to 64) that every client datagram carries; the
+    /// games and their tokens come from `[[game]]` tables in the --config file. The token is
+    /// cut off before fan-out.
+    #[arg(long, value_name = "N")]
+    pub token_bytes: Option<usize>,
+    /// Where the token sits in each datagram [default: suffix].
+    #[arg(long, value_enum)]
+    pub token_at: Option<TokenAtName>,
+    /// Games behind a token-routing proxy: `[[game]]` tables, config file only.
+    #[arg(skip)]
+    #[serde(default, rename = "game")]
+    pub games: Vec<GameConfig>,
     /// Replicas per session, chosen per client by rendezvous hashing so every proxy picks the
     /// same ones [default: all, at most 16].
     #[arg(long, value_name = "N")]
@@ -248,6 +304,14 @@ pub enum ConfigError {
         /// What is wrong, with the field name.
         message: String,
     },
+    /// One `[[game]]` table is wrong.
+    #[error("game {name}: {source}")]
+    Game {
+        /// The game's name (or its position when it has none).
+        name: String,
+        /// What is wrong.
+        source: Box<ConfigError>,
+    },
     /// A setting is missing or out of range.
     #[error("{field}: {reason}")]
     Invalid {
@@ -272,6 +336,13 @@ pub enum ReplicaSource {
     Static(Vec<SocketAddr>),
     /// A Kubernetes Service's EndpointSlices.
     Kubernetes(crate::discovery::kubernetes::Source),
+    /// Games routed by token, from `[[game]]` tables.
+    Games {
+        /// The token every datagram carries.
+        spec: TokenSpec,
+        /// The games.
+        games: Vec<GameSpec>,
+    },
 }
 
 /// Everything the binary needs, validated.
@@ -305,7 +376,44 @@ impl Config {
         let service = a.kubernetes_service;
         let namespace = a.namespace;
         let port_name = a.port_name;
+        let token = match (a.token_bytes, a.token_at) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(invalid("token_at", "needs token_bytes")),
+            (Some(n), at) => {
+                let at = match at.unwrap_or(TokenAtName::Suffix) {
+                    TokenAtName::Suffix => TokenAt::Suffix,
+                    TokenAtName::Prefix => TokenAt::Prefix,
+                };
+                Some(TokenSpec::new(n, at).map_err(|e| invalid("token_bytes", e.to_string()))?)
+            }
+        };
+        match (token.is_some(), a.games.is_empty()) {
+            (true, true) => {
+                return Err(invalid(
+                    "token_bytes",
+                    "routing by token needs games: [[game]] tables in the config file",
+                ));
+            }
+            (false, false) => return Err(invalid("game", "[[game]] tables need token_bytes")),
+            _ => {}
+        }
+        if !a.games.is_empty() && (!replicas.is_empty() || service.is_some()) {
+            return Err(invalid(
+                "game",
+                "[[game]] tables exclude replicas and kubernetes_service",
+            ));
+        }
         let replicas = match (replicas.is_empty(), service) {
+            // Filled in below, once the global settings the games inherit are known.
+            (true, None) if token.is_some() => {
+                if namespace.is_some() || port_name.is_some() {
+                    return Err(invalid(
+                        "namespace",
+                        "namespace and port_name need kubernetes_service",
+                    ));
+                }
+                ReplicaSource::Static(Vec::new())
+            }
             (false, Some(_)) => {
                 return Err(invalid(
                     "replicas",
@@ -365,61 +473,17 @@ impl Config {
             ));
         }
 
-        let window = a.dedupe_window.unwrap_or(defaults::DEDUPE_WINDOW);
-        if window.is_zero() {
-            return Err(invalid("dedupe_window", "must be greater than zero"));
-        }
-        let max_entries = a.dedupe_max_entries.unwrap_or(defaults::DEDUPE_MAX_ENTRIES);
-        if max_entries == 0 {
-            return Err(invalid("dedupe_max_entries", "must be at least 1"));
-        }
-        let kind = a.dedupe.unwrap_or(DedupeKind::Copies);
-        let offset = a.sequence_offset;
-        let width = a.sequence_width;
-        let endian = a.sequence_endian;
-        let resync_after = a.sequence_resync_after;
-        let mode = match kind {
-            DedupeKind::Copies => Mode::Copies {
-                window,
-                max_entries,
-            },
-            DedupeKind::Sequence => {
-                let offset = offset.ok_or_else(|| {
-                    invalid("sequence_offset", "required when dedupe is sequence")
-                })?;
-                let width = Width::from_bytes(width.unwrap_or(defaults::SEQUENCE_WIDTH))
-                    .ok_or_else(|| invalid("sequence_width", "must be 2, 4 or 8"))?;
-                let endian = match endian.unwrap_or(EndianName::Be) {
-                    EndianName::Be => Endian::Big,
-                    EndianName::Le => Endian::Little,
-                };
-                Mode::Sequence {
-                    spec: SequenceSpec {
-                        offset,
-                        width,
-                        endian,
-                    },
-                    window,
-                    max_entries,
-                    resync_after: resync_after.unwrap_or(defaults::SEQUENCE_RESYNC_AFTER),
-                }
-            }
-            DedupeKind::Primary => {
-                let failover_after = a.failover_after.unwrap_or(defaults::FAILOVER_AFTER);
-                if failover_after.is_zero() {
-                    return Err(invalid("failover_after", "must be greater than zero"));
-                }
-                Mode::Primary { failover_after }
-            }
+        let global = Dedupe {
+            kind: a.dedupe,
+            offset: a.sequence_offset,
+            width: a.sequence_width,
+            endian: a.sequence_endian,
+            resync_after: a.sequence_resync_after,
+            failover_after: a.failover_after,
+            window: a.dedupe_window,
+            max_entries: a.dedupe_max_entries,
         };
-        if kind != DedupeKind::Sequence
-            && (offset.is_some() || width.is_some() || endian.is_some() || resync_after.is_some())
-        {
-            return Err(invalid(
-                "sequence_offset",
-                "sequence settings need dedupe = sequence",
-            ));
-        }
+        let mode = global.mode()?;
 
         let session_timeout = a.session_timeout.unwrap_or(defaults::SESSION_TIMEOUT);
         if session_timeout.is_zero() {
@@ -453,21 +517,30 @@ impl Config {
             None => std::thread::available_parallelism().map_or(1, usize::from),
         };
 
+        let settings = Settings {
+            mode,
+            session_timeout,
+            rate,
+            max_datagram,
+            fanout,
+            late_join: a.late_join.unwrap_or(false),
+            token,
+        };
+        let replicas = match token {
+            Some(spec) => ReplicaSource::Games {
+                spec,
+                games: games(a.games, spec, &settings, &global, &listen)?,
+            },
+            None => replicas,
+        };
+
         Ok(Config {
             proxy: ProxyConfig {
                 listen,
                 workers,
                 max_sessions,
                 socket_buffer: a.socket_buffer.unwrap_or(defaults::SOCKET_BUFFER),
-                settings: Settings {
-                    mode,
-                    session_timeout,
-                    rate,
-                    max_datagram,
-                    fanout,
-                    late_join: a.late_join.unwrap_or(false),
-                    token: None,
-                },
+                settings,
             },
             replicas,
             drain_delay: a.drain_delay.unwrap_or(defaults::DRAIN_DELAY),
@@ -475,6 +548,184 @@ impl Config {
             log_format: a.log_format.unwrap_or_default(),
             log_level: a.log_level.unwrap_or_else(|| defaults::LOG_LEVEL.into()),
         })
+    }
+}
+
+/// The dedupe settings of the proxy, or of one game.
+#[derive(Debug, Clone, Copy, Default)]
+struct Dedupe {
+    kind: Option<DedupeKind>,
+    offset: Option<usize>,
+    width: Option<u64>,
+    endian: Option<EndianName>,
+    resync_after: Option<u32>,
+    failover_after: Option<Duration>,
+    window: Option<Duration>,
+    max_entries: Option<usize>,
+}
+
+impl Dedupe {
+    /// The mode these settings describe, defaults applied.
+    fn mode(&self) -> Result<Mode, ConfigError> {
+        let window = self.window.unwrap_or(defaults::DEDUPE_WINDOW);
+        if window.is_zero() {
+            return Err(invalid("dedupe_window", "must be greater than zero"));
+        }
+        let max_entries = self.max_entries.unwrap_or(defaults::DEDUPE_MAX_ENTRIES);
+        if max_entries == 0 {
+            return Err(invalid("dedupe_max_entries", "must be at least 1"));
+        }
+        let kind = self.kind.unwrap_or(DedupeKind::Copies);
+        let mode = match kind {
+            DedupeKind::Copies => Mode::Copies {
+                window,
+                max_entries,
+            },
+            DedupeKind::Sequence => {
+                let offset = self.offset.ok_or_else(|| {
+                    invalid("sequence_offset", "required when dedupe is sequence")
+                })?;
+                let width = Width::from_bytes(self.width.unwrap_or(defaults::SEQUENCE_WIDTH))
+                    .ok_or_else(|| invalid("sequence_width", "must be 2, 4 or 8"))?;
+                let endian = match self.endian.unwrap_or(EndianName::Be) {
+                    EndianName::Be => Endian::Big,
+                    EndianName::Le => Endian::Little,
+                };
+                Mode::Sequence {
+                    spec: SequenceSpec {
+                        offset,
+                        width,
+                        endian,
+                    },
+                    window,
+                    max_entries,
+                    resync_after: self.resync_after.unwrap_or(defaults::SEQUENCE_RESYNC_AFTER),
+                }
+            }
+            DedupeKind::Primary => {
+                let failover_after = self.failover_after.unwrap_or(defaults::FAILOVER_AFTER);
+                if failover_after.is_zero() {
+                    return Err(invalid("failover_after", "must be greater than zero"));
+                }
+                Mode::Primary { failover_after }
+            }
+        };
+        let sequence_set = self.offset.is_some()
+            || self.width.is_some()
+            || self.endian.is_some()
+            || self.resync_after.is_some();
+        if kind != DedupeKind::Sequence && sequence_set {
+            return Err(invalid(
+                "sequence_offset",
+                "sequence settings need dedupe = sequence",
+            ));
+        }
+        Ok(mode)
+    }
+
+    /// A game's settings over these (the proxy's): the game's own values win; the
+    /// proxy's mode-specific values are inherited only when both use the same mode.
+    fn under(&self, g: &GameConfig) -> Self {
+        let kind = g.dedupe.or(self.kind);
+        let same = kind.unwrap_or(DedupeKind::Copies) == self.kind.unwrap_or(DedupeKind::Copies);
+        Self {
+            kind,
+            offset: g.sequence_offset.or(if same { self.offset } else { None }),
+            width: g.sequence_width.or(if same { self.width } else { None }),
+            endian: g.sequence_endian.or(if same { self.endian } else { None }),
+            resync_after: g
+                .sequence_resync_after
+                .or(if same { self.resync_after } else { None }),
+            failover_after: g
+                .failover_after
+                .or(if same { self.failover_after } else { None }),
+            window: g.dedupe_window.or(self.window),
+            max_entries: g.dedupe_max_entries.or(self.max_entries),
+        }
+    }
+}
+
+/// The `[[game]]` tables as games to publish, each with the proxy's settings under its own.
+fn games(
+    tables: Vec<GameConfig>,
+    spec: TokenSpec,
+    settings: &Settings,
+    dedupe: &Dedupe,
+    listen: &[SocketAddr],
+) -> Result<Vec<GameSpec>, ConfigError> {
+    let mut names = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(tables.len());
+    for (i, g) in tables.into_iter().enumerate() {
+        let name = if g.name.is_empty() {
+            format!("#{}", i + 1)
+        } else {
+            g.name.clone()
+        };
+        let in_game = |e: ConfigError| ConfigError::Game {
+            name: name.clone(),
+            source: Box::new(e),
+        };
+        if g.name.is_empty() {
+            return Err(in_game(invalid("name", "is required")));
+        }
+        if !names.insert(g.name.clone()) {
+            return Err(in_game(invalid("name", "is taken by another game")));
+        }
+        if g.tokens.is_empty() {
+            return Err(in_game(invalid("tokens", "at least one is required")));
+        }
+        if g.replicas.is_empty() {
+            return Err(in_game(invalid("replicas", "at least one is required")));
+        }
+        if let Some(r) = g
+            .replicas
+            .iter()
+            .find(|r| listen.iter().any(|l| is_self(**r, *l)))
+        {
+            return Err(in_game(invalid(
+                "replicas",
+                format!("{r} is the proxy's own listen address: it would send to itself"),
+            )));
+        }
+        let tokens = g
+            .tokens
+            .iter()
+            .map(|t| crate::token::parse_token(t))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| in_game(invalid("tokens", e.to_string())))?;
+        let fanout = g.fanout.unwrap_or(settings.fanout);
+        if !(1..=MAX_SLOTS).contains(&fanout) {
+            return Err(in_game(invalid(
+                "fanout",
+                format!("must be between 1 and {MAX_SLOTS}"),
+            )));
+        }
+        let mode = dedupe.under(&g).mode().map_err(in_game)?;
+        out.push(GameSpec {
+            name: g.name.into(),
+            tokens,
+            replicas: g.replicas.into_iter().map(Replica::ready).collect(),
+            settings: std::sync::Arc::new(Settings {
+                mode,
+                fanout,
+                ..settings.clone()
+            }),
+        });
+    }
+    // Lengths and sharing, with the games' names in the message.
+    let named: Vec<(&str, &[Vec<u8>])> = out.iter().map(|g| (&*g.name, &g.tokens[..])).collect();
+    crate::token::TokenRouter::new(spec, named.iter().map(|(n, t)| (Name(n), *t)))
+        .map_err(|e| invalid("tokens", e.to_string()))?;
+    Ok(out)
+}
+
+/// A game's name where the token router shows one.
+#[derive(Debug, Clone, Copy)]
+struct Name<'a>(&'a str);
+
+impl std::fmt::Display for Name<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
     }
 }
 
@@ -820,6 +1071,154 @@ mod tests {
                 );
             }
         }
+    }
+
+    const GAMES: &str = r#"
+        [[game]]
+        name = "arena-1"
+        tokens = ["arena-01"]
+        replicas = ["10.0.1.10:7001", "10.0.2.10:7001"]
+        dedupe = "copies"
+
+        [[game]]
+        name = "arena-2"
+        tokens = ["arena-02", "base64:AAECAwQFBgc="]
+        replicas = ["10.0.1.11:7001"]
+        dedupe = "primary"
+        fanout = 1
+    "#;
+
+    #[test]
+    fn games_come_from_game_tables_with_their_own_settings() {
+        let c = load(
+            &[
+                "--listen",
+                "0.0.0.0:7777",
+                "--token-bytes",
+                "8",
+                "--dedupe-window",
+                "3s",
+            ],
+            GAMES,
+        )
+        .unwrap();
+        let ReplicaSource::Games { spec, games } = &c.replicas else {
+            panic!("{:?}", c.replicas);
+        };
+        assert_eq!(*spec, TokenSpec::new(8, TokenAt::Suffix).unwrap());
+        assert_eq!(c.proxy.settings.token, Some(*spec));
+        assert_eq!(games.len(), 2);
+        assert_eq!(&*games[0].name, "arena-1");
+        assert_eq!(games[0].tokens, vec![b"arena-01".to_vec()]);
+        assert_eq!(games[0].replicas.len(), 2);
+        assert_eq!(
+            games[0].settings.mode,
+            Mode::Copies {
+                window: Duration::from_secs(3),
+                max_entries: defaults::DEDUPE_MAX_ENTRIES,
+            },
+            "the global window is inherited"
+        );
+        assert_eq!(games[1].tokens[1], vec![0, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(
+            games[1].settings.mode,
+            Mode::Primary {
+                failover_after: defaults::FAILOVER_AFTER
+            }
+        );
+        assert_eq!(games[1].settings.fanout, 1);
+        assert_eq!(
+            games[1].settings.token,
+            Some(*spec),
+            "each game knows the spec"
+        );
+        let c = load(
+            &[
+                "--listen",
+                "0.0.0.0:7777",
+                "--token-bytes",
+                "8",
+                "--token-at",
+                "prefix",
+            ],
+            GAMES,
+        )
+        .unwrap();
+        assert_eq!(
+            c.proxy.settings.token,
+            Some(TokenSpec::new(8, TokenAt::Prefix).unwrap())
+        );
+    }
+
+    #[test]
+    fn game_errors_name_the_game_and_the_field() {
+        let listen = ["--listen", "0.0.0.0:7777"];
+        let tokens = ["--listen", "0.0.0.0:7777", "--token-bytes", "8"];
+        assert!(error(&tokens, "").starts_with("token_bytes: routing by token needs games"));
+        assert_eq!(
+            error(&listen, GAMES),
+            "game: [[game]] tables need token_bytes"
+        );
+        let mut both = tokens.to_vec();
+        both.extend(["--replica", "10.0.0.1:1"]);
+        assert!(error(&both, GAMES).starts_with("game: [[game]] tables exclude replicas"));
+        let short = GAMES.replace("\"arena-01\"", "\"arena-1\"");
+        assert_eq!(
+            error(&tokens, &short),
+            "tokens: token ar… (7 bytes) is 7 bytes; every token must be 8 (--token-bytes)"
+        );
+        let shared = GAMES.replace("\"arena-02\"", "\"arena-01\"");
+        assert_eq!(
+            error(&tokens, &shared),
+            "tokens: token ar… (8 bytes) belongs to both arena-1 and arena-2"
+        );
+        let seq = GAMES.replace("dedupe = \"primary\"", "dedupe = \"sequence\"");
+        assert_eq!(
+            error(&tokens, &seq),
+            "game arena-2: sequence_offset: required when dedupe is sequence"
+        );
+        let twice = GAMES.replace("arena-2\"", "arena-1\"");
+        assert_eq!(
+            error(&tokens, &twice),
+            "game arena-1: name: is taken by another game"
+        );
+        let typo = GAMES.replace("fanout = 1", "fan_out = 1");
+        assert!(error(&tokens, &typo).contains("unknown field `fan_out`"));
+        let own = GAMES.replace("10.0.1.11:7001", "127.0.0.1:7777");
+        assert!(
+            error(&tokens, &own)
+                .starts_with("game arena-2: replicas: 127.0.0.1:7777 is the proxy's own")
+        );
+        assert!(
+            error(&["--listen", "0.0.0.0:1", "--token-at", "prefix"], "").starts_with("token_at:")
+        );
+        let mut big = listen.to_vec();
+        big.extend(["--token-bytes", "65"]);
+        assert!(error(&big, GAMES).starts_with("token_bytes: token length 65 is out of range"));
+    }
+
+    #[test]
+    fn a_game_inherits_sequence_settings_only_in_sequence_mode() {
+        let tokens = [
+            "--listen",
+            "0.0.0.0:7777",
+            "--token-bytes",
+            "8",
+            "--dedupe",
+            "sequence",
+            "--sequence-offset",
+            "4",
+        ];
+        let file = GAMES.replace("dedupe = \"copies\"\n", "");
+        let c = load(&tokens, &file).unwrap();
+        let ReplicaSource::Games { games, .. } = &c.replicas else {
+            panic!()
+        };
+        assert!(
+            matches!(games[0].settings.mode, Mode::Sequence { spec, .. } if spec.offset == 4),
+            "arena-1 names no mode: the proxy's sequence settings"
+        );
+        assert!(matches!(games[1].settings.mode, Mode::Primary { .. }));
     }
 
     #[test]

@@ -14,7 +14,7 @@ mod worker;
 
 pub use server::{Proxy, ProxyConfig, ServerError};
 pub use spotable_core::{
-    Replica, ReplicaSet, ReplicaState, dedupe, loglimit, ratelimit, replicas, session,
+    Replica, ReplicaSet, ReplicaState, dedupe, loglimit, ratelimit, replicas, session, token,
 };
 pub mod admin;
 pub mod cli;

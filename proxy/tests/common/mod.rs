@@ -137,7 +137,18 @@ impl Collector {
 }
 
 /// Sends `count` stamped datagrams at `interval`, calling `at(seq)` before each.
-pub fn stream(socket: &UdpSocket, count: u64, interval: Duration, mut at: impl FnMut(u64)) {
+pub fn stream(socket: &UdpSocket, count: u64, interval: Duration, at: impl FnMut(u64)) {
+    stream_with_suffix(socket, count, interval, &[], at);
+}
+
+/// [`stream`], each datagram ending with `suffix` (a routing token).
+pub fn stream_with_suffix(
+    socket: &UdpSocket,
+    count: u64,
+    interval: Duration,
+    suffix: &[u8],
+    mut at: impl FnMut(u64),
+) {
     let start = Instant::now();
     let mut buf = Vec::new();
     for seq in 0..count {
@@ -147,6 +158,7 @@ pub fn stream(socket: &UdpSocket, count: u64, interval: Duration, mut at: impl F
             std::thread::sleep(wait);
         }
         wire::stamp(&mut buf, seq, 48);
+        buf.extend_from_slice(suffix);
         socket.send(&buf).unwrap();
     }
 }

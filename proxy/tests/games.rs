@@ -1,0 +1,147 @@
+//! Many games behind one address: two games of two replica processes each behind one
+//! listener, routed by a token at the end of every datagram.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use common::*;
+use spotable_fixtures::process::ReplicaProcess;
+
+const MS: Duration = Duration::from_millis(1);
+const TOKEN_A: &[u8] = b"arena-01";
+const TOKEN_B: &[u8] = b"arena-02";
+
+struct Games {
+    a: Vec<ReplicaProcess>,
+    b: Vec<ReplicaProcess>,
+    proxy: spotable_fixtures::process::ProxyProcess,
+    _dir: TempConfig,
+}
+
+/// A config file that is removed with the test.
+struct TempConfig(std::path::PathBuf);
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Replicas of game A answer with `/A` appended, game B's with `/B`: every answer says
+/// which game served it, and the copies of one game answer alike.
+fn start() -> Games {
+    let a: Vec<_> = (0..2).map(|_| replica(&["--tag", "/A"])).collect();
+    let b: Vec<_> = (0..2).map(|_| replica(&["--tag", "/B"])).collect();
+    let list = |rs: &[ReplicaProcess]| {
+        rs.iter()
+            .map(|r| format!("\"{}\"", r.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // One file per test (they run in parallel): named after a replica's unique port.
+    let path = std::env::temp_dir().join(format!(
+        "spotable-games-{}-{}.toml",
+        std::process::id(),
+        a[0].addr.port()
+    ));
+    std::fs::write(
+        &path,
+        format!(
+            "[[game]]\nname = \"arena-1\"\ntokens = [\"arena-01\"]\nreplicas = [{}]\n\n\
+             [[game]]\nname = \"arena-2\"\ntokens = [\"arena-02\"]\nreplicas = [{}]\n",
+            list(&a),
+            list(&b)
+        ),
+    )
+    .unwrap();
+    let config = path.display().to_string();
+    let proxy = start_proxy(&[], &["--token-bytes", "8", "--config", &config]);
+    Games {
+        a,
+        b,
+        proxy,
+        _dir: TempConfig(path),
+    }
+}
+
+fn player(g: &Games) -> UdpSocket {
+    client(&g.proxy)
+}
+
+#[test]
+fn each_token_reaches_only_its_game_with_the_token_cut_off() {
+    let g = start();
+    for (token, tag) in [(TOKEN_A, b"/A"), (TOKEN_B, b"/B")] {
+        let c = player(&g);
+        let rx = Collector::start(&c);
+        stream_with_suffix(&c, 50, MS, token, |_| {});
+        let got = rx.finish(50);
+        assert_each(&got, 50, 1);
+        for answer in &got {
+            // The replica echoed the 48 stamped bytes without the token, then its tag.
+            assert_eq!(answer.len(), 48 + 2, "{answer:?}");
+            assert!(answer.ends_with(tag), "{answer:?} from the wrong game");
+        }
+    }
+}
+
+#[test]
+fn one_replica_of_each_game_killed_costs_no_answer_and_no_duplicate() {
+    let mut g = start();
+    let (ca, cb) = (player(&g), player(&g));
+    let (rxa, rxb) = (Collector::start(&ca), Collector::start(&cb));
+    let mut kill_a = g.a.remove(0);
+    let mut kill_b = g.b.remove(0);
+    // Both games stream at once; half-way, one copy of each dies.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            stream_with_suffix(&ca, 400, 2 * MS, TOKEN_A, |seq| {
+                if seq == 200 {
+                    kill_a.process.kill().unwrap();
+                }
+            })
+        });
+        s.spawn(|| {
+            stream_with_suffix(&cb, 400, 2 * MS, TOKEN_B, |seq| {
+                if seq == 200 {
+                    kill_b.process.kill().unwrap();
+                }
+            })
+        });
+    });
+    let (got_a, got_b) = (rxa.finish(400), rxb.finish(400));
+    assert_each(&got_a, 400, 1);
+    assert_each(&got_b, 400, 1);
+    assert!(got_a.iter().all(|a| a.ends_with(b"/A")));
+    assert!(got_b.iter().all(|a| a.ends_with(b"/B")));
+}
+
+#[test]
+fn unknown_and_missing_tokens_are_counted_and_never_fanned_out() {
+    let g = start();
+    let c = player(&g);
+    for datagram in [&b"hello|zzzzzzzz"[..], b"short", b"arena-0"] {
+        c.send(datagram).unwrap();
+    }
+    let dropped = wait_metric(
+        &g.proxy,
+        "spotable_drops_total",
+        &[("reason", "unknown_token")],
+        |v| v >= 3.0,
+    );
+    assert_eq!(dropped, 3.0);
+    // Counted in the same flush as the drops: nothing went to a replica.
+    assert_eq!(
+        metric(&g.proxy, "spotable_upstream_packets_total", &[]),
+        0.0
+    );
+    assert_eq!(metric(&g.proxy, "spotable_sessions_opened_total", &[]), 0.0);
+    // A known token still works from the same player.
+    let rx = Collector::start(&c);
+    stream_with_suffix(&c, 5, MS, TOKEN_B, |_| {});
+    let got = rx.finish(5);
+    assert_each(&got, 5, 1);
+}

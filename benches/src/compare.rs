@@ -91,17 +91,27 @@ impl Proxy {
     }
 }
 
-/// One path: a proxy, how many replicas it sends to, and (Spotable) its dedupe mode.
+/// One path: a proxy, how many replicas it sends to, (Spotable) its dedupe mode, and whether
+/// the players' datagrams carry a routing token ([`TOKEN`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
     pub proxy: Proxy,
     pub fanout: usize,
     pub dedupe: Option<String>,
+    #[serde(default)]
+    pub token: bool,
 }
+
+/// The routing token of the token paths: one game behind the proxy, as a fleet would have
+/// hundreds.
+pub const TOKEN: &str = "bench-01";
 
 impl Route {
     pub fn name(&self) -> String {
         match &self.dedupe {
+            Some(d) if self.token => {
+                format!("{} ×{} ({d}, token)", self.proxy.label(), self.fanout)
+            }
             Some(d) => format!("{} ×{} ({d})", self.proxy.label(), self.fanout),
             None if self.proxy == Proxy::Direct => "direct".to_string(),
             None => format!("{} ×{}", self.proxy.label(), self.fanout),
@@ -215,8 +225,26 @@ fn start(env: &Env, path: &Route, workers: usize) -> anyhow::Result<Running> {
                 "--rate-limit".into(),
                 "0".into(),
             ];
-            for u in &upstreams {
-                args.extend(["--replica".into(), u.to_string()]);
+            if path.token {
+                let games = env.tmp.join("games.toml");
+                let replicas: Vec<String> = upstreams.iter().map(|u| format!("\"{u}\"")).collect();
+                std::fs::write(
+                    &games,
+                    format!(
+                        "[[game]]\nname = \"bench\"\ntokens = [\"{TOKEN}\"]\nreplicas = [{}]\n",
+                        replicas.join(", ")
+                    ),
+                )?;
+                args.extend([
+                    "--token-bytes".into(),
+                    TOKEN.len().to_string(),
+                    "--config".into(),
+                    games.display().to_string(),
+                ]);
+            } else {
+                for u in &upstreams {
+                    args.extend(["--replica".into(), u.to_string()]);
+                }
             }
             let dedupe = path.dedupe.as_deref().unwrap_or("copies");
             args.extend(["--dedupe".into(), dedupe.into()]);
@@ -253,7 +281,8 @@ fn start(env: &Env, path: &Route, workers: usize) -> anyhow::Result<Running> {
             (SocketAddr::new(env.front_ip.into(), port), Some(g))
         }
     };
-    peers::wait_echo(env.front_ip, target, Duration::from_secs(15))
+    let suffix = if path.token { TOKEN.as_bytes() } else { &[] };
+    peers::wait_echo(env.front_ip, target, suffix, Duration::from_secs(15))
         .with_context(|| format!("{} is not answering", path.name()))?;
     Ok(Running {
         target,
@@ -273,6 +302,7 @@ pub fn paths() -> Vec<Route> {
         proxy,
         fanout,
         dedupe: dedupe.map(String::from),
+        token: false,
     };
     vec![
         p(Proxy::Direct, 1, None),
@@ -284,6 +314,10 @@ pub fn paths() -> Vec<Route> {
         p(Proxy::Spotable, 3, Some("copies")),
         p(Proxy::Spotable, 2, Some("sequence")),
         p(Proxy::Spotable, 2, Some("primary")),
+        Route {
+            token: true,
+            ..p(Proxy::Spotable, 2, Some("copies"))
+        },
     ]
 }
 
@@ -377,6 +411,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     // The large-payload pass covers the rows of the headline table.
     let large = |p: &Route| {
         args.large_payload > 0
+            && !p.token
             && p.fanout <= 2
             && matches!(p.dedupe.as_deref(), None | Some("copies"))
     };
@@ -410,10 +445,19 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
                 Err(e) => return Err(e),
             };
             let tp = args.throughput_time;
-            closed[i].push(env.loadgen(running.target, &load("closed", tp, args.payload))?);
+            let with_token = |mut v: Vec<String>| {
+                if path.token {
+                    v.extend(["--suffix".into(), TOKEN.into()]);
+                }
+                v
+            };
+            closed[i].push(env.loadgen(
+                running.target,
+                &with_token(load("closed", tp, args.payload)),
+            )?);
             open[i].push(env.loadgen(
                 running.target,
-                &load("open", args.latency_time, args.payload),
+                &with_token(load("open", args.latency_time, args.payload)),
             )?);
             if large(path) {
                 big[i].push(env.loadgen(running.target, &load("closed", tp, args.large_payload))?);
@@ -456,11 +500,9 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     }
 
     let mut failover = Vec::new();
-    for path in results
-        .iter()
-        .map(|r| &r.path)
-        .filter(|p| p.fanout == 2 && matches!(p.dedupe.as_deref(), None | Some("copies")))
-    {
+    for path in results.iter().map(|r| &r.path).filter(|p| {
+        p.fanout == 2 && !p.token && matches!(p.dedupe.as_deref(), None | Some("copies"))
+    }) {
         bar.set_message(format!("failover · {}", path.name()));
         let mut running = start(&env, path, args.workers)?;
         let victim = running.replicas.remove(0);

@@ -161,6 +161,10 @@ pub struct LoadArgs {
     /// Width of the delivery timeline's buckets.
     #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
     pub bucket: Duration,
+    /// Append these bytes to every datagram (a routing token; a token-routing proxy cuts
+    /// it off, so the answers carry only the stamped payload).
+    #[arg(long, value_name = "TOKEN")]
+    pub suffix: Option<String>,
     /// Print a JSON report (otherwise a human summary).
     #[arg(long)]
     pub json: bool,
@@ -220,12 +224,20 @@ struct Flow {
 }
 
 impl Flow {
-    fn send(&mut self, intended_ns: u64, warmup_ns: u64, size: usize, payload: &mut Vec<u8>) {
+    fn send(
+        &mut self,
+        intended_ns: u64,
+        warmup_ns: u64,
+        size: usize,
+        suffix: &[u8],
+        payload: &mut Vec<u8>,
+    ) {
         let seq = self.tracker.sent(intended_ns);
         if intended_ns >= warmup_ns && self.first_counted == u64::MAX {
             self.first_counted = seq;
         }
         wire::stamp(payload, seq, size);
+        payload.extend_from_slice(suffix);
         // A full socket buffer loses the datagram, which the counts then show as lost.
         let _ = self.socket.send(payload);
         self.in_flight += 1;
@@ -271,7 +283,8 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Report> {
     let warmup_ns = args.warmup.as_nanos() as u64;
     let send_ns = args.duration.as_nanos() as u64;
     let size = args.payload.max(wire::HEADER);
-    let mut payload = Vec::with_capacity(size);
+    let suffix = args.suffix.as_deref().unwrap_or_default().as_bytes();
+    let mut payload = Vec::with_capacity(size + suffix.len());
     let mut buf = vec![0u8; 65_536];
     let mut events = Events::with_capacity(1024);
     let mut counted = Counted::default();
@@ -300,7 +313,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Report> {
     if args.mode == Mode::Closed {
         for f in &mut flows {
             for _ in 0..args.window {
-                f.send(0, warmup_ns, size, &mut payload);
+                f.send(0, warmup_ns, size, suffix, &mut payload);
             }
         }
     }
@@ -326,7 +339,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Report> {
                     break;
                 }
                 let i = (next_k % flows.len() as u64) as usize;
-                flows[i].send(due, warmup_ns, size, &mut payload);
+                flows[i].send(due, warmup_ns, size, suffix, &mut payload);
                 next_k += 1;
             }
             let due = (next_k as f64 * interval_ns) as u64;
@@ -340,7 +353,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Report> {
                 if now.duration_since(f.last_progress) > stuck_after {
                     f.in_flight = 0;
                     while f.in_flight < args.window {
-                        f.send(now_ns, warmup_ns, size, &mut payload);
+                        f.send(now_ns, warmup_ns, size, suffix, &mut payload);
                     }
                 }
             }
@@ -404,7 +417,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Report> {
                     f.in_flight = f.in_flight.saturating_sub(1);
                     f.last_progress = Instant::now();
                     if at < send_ns {
-                        f.send(at, warmup_ns, size, &mut payload);
+                        f.send(at, warmup_ns, size, suffix, &mut payload);
                     }
                 }
             }

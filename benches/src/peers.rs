@@ -149,17 +149,24 @@ pub fn start_quilkin(
 
 /// Waits until `target` echoes a datagram sent from `source` (the proxy is up and has its
 /// upstreams), or fails after `timeout`.
-pub fn wait_echo(source: Ipv4Addr, target: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+pub fn wait_echo(
+    source: Ipv4Addr,
+    target: SocketAddr,
+    token: &[u8],
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let s = UdpSocket::bind((source, 0))?;
     s.set_read_timeout(Some(Duration::from_millis(100)))?;
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 2048];
-    let mut probe = Vec::new();
-    spotable_fixtures::wire::stamp(&mut probe, u64::MAX, 16);
+    let mut body = Vec::new();
+    spotable_fixtures::wire::stamp(&mut body, u64::MAX, 16);
+    // A token-routing proxy cuts the token off: the echo is the body alone.
+    let probe = [&body[..], token].concat();
     while Instant::now() < deadline {
         let _ = s.send_to(&probe, target);
         if let Ok((n, _)) = s.recv_from(&mut buf)
-            && buf[..n] == probe[..]
+            && buf[..n] == body[..]
         {
             return Ok(());
         }

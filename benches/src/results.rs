@@ -74,6 +74,7 @@ fn find<'a>(
     r.paths.iter().find(|p| {
         p.path.proxy == proxy
             && p.path.fanout == fanout
+            && !p.path.token
             && (dedupe.is_none() || p.path.dedupe.as_deref() == dedupe)
     })
 }
@@ -137,6 +138,27 @@ pub fn targets(r: &Results) -> Vec<Target> {
         },
         _ => Target {
             what: "added p50 latency ≤ nginx's",
+            measured: "not measured".into(),
+            met: None,
+        },
+    });
+    let tokened = r
+        .paths
+        .iter()
+        .find(|p| p.path.proxy == Proxy::Spotable && p.path.fanout == 2 && p.path.token);
+    out.push(match (tokened, s2) {
+        (Some(t), Some(s)) => Target {
+            what: "token routing costs ≤ 5 % of fan-out 2 throughput",
+            measured: format!(
+                "{:.0} vs {:.0} answers/s ({:.2}×)",
+                t.throughput.answers_per_sec,
+                s.throughput.answers_per_sec,
+                t.throughput.answers_per_sec / s.throughput.answers_per_sec.max(1.0)
+            ),
+            met: Some(t.throughput.answers_per_sec >= 0.95 * s.throughput.answers_per_sec),
+        },
+        _ => Target {
+            what: "token routing costs ≤ 5 % of fan-out 2 throughput",
             measured: "not measured".into(),
             met: None,
         },
@@ -622,6 +644,7 @@ mod tests {
                 proxy,
                 fanout,
                 dedupe: dedupe.map(String::from),
+                token: false,
             },
             throughput,
             throughput_rounds: vec![tput],
@@ -640,12 +663,20 @@ mod tests {
                 path(Proxy::Quilkin, 2, None, 30.0, 160.0),
                 path(Proxy::Spotable, 1, Some("copies"), spotable_1, spotable_p50),
                 path(Proxy::Spotable, 2, Some("copies"), 60.0, 150.0),
+                PathResult {
+                    path: Route {
+                        token: true,
+                        ..path(Proxy::Spotable, 2, Some("copies"), 58.0, 150.0).path
+                    },
+                    ..path(Proxy::Spotable, 2, Some("copies"), 58.0, 150.0)
+                },
             ],
             failover: vec![FailoverResult {
                 path: Route {
                     proxy: Proxy::Spotable,
                     fanout: 2,
                     dedupe: Some("copies".into()),
+                    token: false,
                 },
                 kill_at_ms: 2000.0,
                 report: Report {
@@ -664,13 +695,28 @@ mod tests {
             .iter()
             .map(|t| t.met)
             .collect();
-        assert_eq!(met, vec![Some(true); 4]);
+        assert_eq!(met, vec![Some(true); 5], "58 of 60 is within 5 %");
         // Slower than nginx, more added latency, a duplicate in failover.
         let met: Vec<Option<bool>> = targets(&results(80.0, 160.0, 1))
             .iter()
             .map(|t| t.met)
             .collect();
-        assert_eq!(met, vec![Some(false), Some(true), Some(false), Some(false)]);
+        assert_eq!(
+            met,
+            vec![
+                Some(false),
+                Some(true),
+                Some(false),
+                Some(true),
+                Some(false)
+            ]
+        );
+        // Token routing at 56 of 60: over 5 %.
+        let mut r = results(100.0, 140.0, 0);
+        if let Some(t) = r.paths.iter_mut().find(|p| p.path.token) {
+            t.throughput.answers_per_sec = 56.0;
+        }
+        assert_eq!(targets(&r)[3].met, Some(false));
         // 60 vs 1.5 x 30 = 45 holds; with Quilkin missing it is "not measured".
         let mut r = results(100.0, 140.0, 0);
         r.paths.retain(|p| p.path.proxy != Proxy::Quilkin);

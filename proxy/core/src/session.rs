@@ -530,7 +530,8 @@ impl SessionTable {
         self.on_body(listener, client, game, body, now)
     }
 
-    /// A client datagram of `len` bytes, without token routing (one implicit game).
+    /// A client datagram of `len` bytes, without token routing (one implicit game). A
+    /// token-routing table has no implicit game: it needs the bytes ([`Self::on_datagram`]).
     pub fn on_client(
         &mut self,
         listener: ListenerId,
@@ -540,6 +541,9 @@ impl SessionTable {
     ) -> ClientVerdict<'_> {
         if len > self.settings.max_datagram {
             return ClientVerdict::Drop(DropReason::Oversized);
+        }
+        if self.router.is_some() {
+            return ClientVerdict::Drop(DropReason::UnknownToken);
         }
         self.on_body(listener, client, IMPLICIT_GAME, 0..len, now)
     }
@@ -1674,6 +1678,11 @@ mod tests {
                 "{datagram:?}"
             );
         }
+        assert_eq!(
+            t.on_client(0, addr(5000), 10, now),
+            ClientVerdict::Drop(DropReason::UnknownToken),
+            "no implicit game to fall into"
+        );
         assert!(t.is_empty());
         let mut big = vec![0u8; 1501];
         big[1497..].copy_from_slice(b"aaaa");

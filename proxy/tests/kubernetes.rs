@@ -167,6 +167,15 @@ fn discovery_drives_dedupe_draining_removal_and_new_endpoints() {
     let phase1 = rx.finish(100);
     assert_each(&phase1, 100, 1);
     assert!(phase1.iter().all(|a| a.last() == Some(&tag(primary))));
+    // The standby's 100 answers were suppressed; the last of them may be counted after the
+    // primary's last answer arrived, so wait for all 100 before taking the baseline.
+    let suppressed_phase1 = wait_metric(&proxy, "spotable_duplicates_suppressed_total", &[], |v| {
+        v >= 100.0
+    });
+    assert_eq!(
+        suppressed_phase1, 100.0,
+        "the standby answered each datagram once"
+    );
 
     // The primary turns terminating: it stops being primary but keeps answering.
     let draining = [

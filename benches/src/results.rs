@@ -96,40 +96,18 @@ pub fn targets(r: &Results) -> Vec<Target> {
     let s2 = find(r, Proxy::Spotable, 2, Some("copies"));
     let added = |p: &PathResult| direct.map(|d| p.latency.rtt_us.p50 - d.latency.rtt_us.p50);
     let mut out = Vec::new();
-    out.push(match (s1, nginx) {
-        (Some(s), Some(n)) => Target {
-            what: "fan-out 1: throughput ≥ nginx's",
-            measured: format!(
-                "{:.0} vs {:.0} answers/s ({:.2}×)",
-                s.throughput.answers_per_sec,
-                n.throughput.answers_per_sec,
-                s.throughput.answers_per_sec / n.throughput.answers_per_sec.max(1.0)
-            ),
-            met: Some(s.throughput.answers_per_sec >= n.throughput.answers_per_sec),
-        },
-        _ => Target {
-            what: "fan-out 1: throughput ≥ nginx's",
-            measured: "not measured".into(),
-            met: None,
-        },
-    });
-    out.push(match (s2, quilkin2) {
-        (Some(s), Some(q)) => Target {
-            what: "fan-out 2, deduplicated: throughput ≥ 1.5× Quilkin's unique-answer rate",
-            measured: format!(
-                "{:.0} vs {:.0} unique answers/s ({:.2}×)",
-                s.throughput.answers_per_sec,
-                q.throughput.answers_per_sec,
-                s.throughput.answers_per_sec / q.throughput.answers_per_sec.max(1.0)
-            ),
-            met: Some(s.throughput.answers_per_sec >= 1.5 * q.throughput.answers_per_sec),
-        },
-        _ => Target {
-            what: "fan-out 2, deduplicated: throughput ≥ 1.5× Quilkin's unique-answer rate",
-            measured: "not measured".into(),
-            met: None,
-        },
-    });
+    out.push(throughput_target(
+        "fan-out 1: throughput ≥ nginx's",
+        "answers/s",
+        s1.zip(nginx),
+        1.0,
+    ));
+    out.push(throughput_target(
+        "fan-out 2, deduplicated: throughput ≥ 1.5× Quilkin's unique-answer rate",
+        "unique answers/s",
+        s2.zip(quilkin2),
+        1.5,
+    ));
     out.push(match (s1.and_then(added), nginx.and_then(added)) {
         (Some(s), Some(n)) => Target {
             what: "added p50 latency ≤ nginx's",
@@ -146,23 +124,12 @@ pub fn targets(r: &Results) -> Vec<Target> {
         .paths
         .iter()
         .find(|p| p.path.proxy == Proxy::Spotable && p.path.fanout == 2 && p.path.token);
-    out.push(match (tokened, s2) {
-        (Some(t), Some(s)) => Target {
-            what: "token routing costs ≤ 5 % of fan-out 2 throughput",
-            measured: format!(
-                "{:.0} vs {:.0} answers/s ({:.2}×)",
-                t.throughput.answers_per_sec,
-                s.throughput.answers_per_sec,
-                t.throughput.answers_per_sec / s.throughput.answers_per_sec.max(1.0)
-            ),
-            met: Some(t.throughput.answers_per_sec >= 0.95 * s.throughput.answers_per_sec),
-        },
-        _ => Target {
-            what: "token routing costs ≤ 5 % of fan-out 2 throughput",
-            measured: "not measured".into(),
-            met: None,
-        },
-    });
+    out.push(throughput_target(
+        "token routing costs ≤ 5 % of fan-out 2 throughput",
+        "answers/s",
+        tokened.zip(s2),
+        0.95,
+    ));
     let fo = r.failover.iter().find(|f| f.path.proxy == Proxy::Spotable);
     out.push(match fo {
         Some(f) => Target {
@@ -177,6 +144,33 @@ pub fn targets(r: &Results) -> Vec<Target> {
         },
     });
     out
+}
+
+/// A target on throughput: ours at least `factor` times theirs (both measured in this run).
+fn throughput_target(
+    what: &'static str,
+    unit: &str,
+    pair: Option<(&PathResult, &PathResult)>,
+    factor: f64,
+) -> Target {
+    match pair {
+        Some((ours, theirs)) => {
+            let (a, b) = (
+                ours.throughput.answers_per_sec,
+                theirs.throughput.answers_per_sec,
+            );
+            Target {
+                what,
+                measured: format!("{a:.0} vs {b:.0} {unit} ({:.2}×)", a / b.max(1.0)),
+                met: Some(a >= factor * b),
+            }
+        }
+        None => Target {
+            what,
+            measured: "not measured".into(),
+            met: None,
+        },
+    }
 }
 
 fn verdict(met: Option<bool>) -> &'static str {

@@ -4,15 +4,15 @@
 
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::{Node, Pod, PodSpec, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 use spotable_agent::agent::{Agent, AgentConfig, Published};
 use spotable_agent::drain::{Drainer, PodOutcome, TAINT_KEY};
 use spotable_agent::respond::Policy;
 use spotable_fixtures::aws::{Moto, create_queue, moto_with_queue, receive_all};
 use spotable_fixtures::imds::FakeImds;
-use spotable_fixtures::kube::FakeApi;
+use spotable_fixtures::kube::{FakeApi, running_pod as pod};
 use spotable_fleet::imds::{Imds, ImdsConfig};
 use spotable_fleet::inventory::{Message, Publisher, Status};
 use spotable_fleet::notice::Action;
@@ -42,36 +42,6 @@ fn node() -> Value {
         status: None,
     };
     serde_json::to_value(n).unwrap()
-}
-
-fn pod(ns: &str, name: &str, node: &str, grace: i64, owner: Option<&str>) -> Value {
-    let p = Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(ns.into()),
-            uid: Some(format!("uid-{name}")),
-            owner_references: owner.map(|kind| {
-                vec![OwnerReference {
-                    kind: kind.into(),
-                    name: "owner".into(),
-                    api_version: "apps/v1".into(),
-                    uid: "u".into(),
-                    ..Default::default()
-                }]
-            }),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            termination_grace_period_seconds: Some(grace),
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some("Running".into()),
-            ..Default::default()
-        }),
-    };
-    serde_json::to_value(p).unwrap()
 }
 
 struct World {

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec, PodStatus, Taint};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 use spotable_agent::drain::{PodOutcome, TAINT_KEY};
 use spotable_agent::queue::{Outcome, QueueAgent, QueueConfig};
@@ -13,7 +13,7 @@ use spotable_agent::respond::{Policy, Responder};
 use spotable_fixtures::aws::{
     FakeAutoscaling, Moto, create_queue, moto_with_queue, receive_all, sqs_client_for,
 };
-use spotable_fixtures::kube::{Action as ApiAction, FakeApi};
+use spotable_fixtures::kube::{Action as ApiAction, FakeApi, running_pod};
 use spotable_fleet::inventory::Publisher;
 use spotable_fleet::notice::Action;
 
@@ -41,30 +41,7 @@ fn node(name: &str, provider: &str) -> Value {
 }
 
 fn pod(name: &str, node: &str) -> Value {
-    let p = Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("games".into()),
-            owner_references: Some(vec![OwnerReference {
-                kind: "ReplicaSet".into(),
-                name: "game".into(),
-                api_version: "apps/v1".into(),
-                uid: "u".into(),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            termination_grace_period_seconds: Some(3),
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some("Running".into()),
-            ..Default::default()
-        }),
-    };
-    serde_json::to_value(p).unwrap()
+    running_pod("games", name, node, 3, Some("ReplicaSet"))
 }
 
 struct World {

@@ -1,4 +1,5 @@
-//! Admin HTTP endpoints: Prometheus `/metrics`, liveness `/healthz`, readiness `/readyz`.
+//! Admin HTTP endpoints: Prometheus `/metrics`, liveness `/healthz`, readiness `/readyz`, and
+//! the games behind a token-routing proxy, `/games` (JSON).
 //!
 //! These run on the control thread, apart from the data plane, and need one descriptor per
 //! connection: the session limit keeps [`crate::server::FD_RESERVE`] free for them.
@@ -51,6 +52,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/games", get(games))
         .with_state(state)
 }
 
@@ -64,6 +66,7 @@ async fn metrics(State(state): State<AdminState>) -> String {
     if let Some(age) = state.replicas.sync_age(std::time::Instant::now()) {
         metrics::gauge!(names::SYNC_AGE).set(age.as_secs_f64());
     }
+    metrics::gauge!(names::GAMES).set(snapshot.games.len() as f64);
     metrics::gauge!(names::SESSION_LIMIT).set(state.session_limit as f64);
     metrics::gauge!(names::WORKERS_UP).set(state.health.workers_up() as f64);
     let (front, rcvbuf) = crate::kernel::read(&state.front_inodes);
@@ -85,4 +88,83 @@ async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
     }
+}
+
+/// `GET /games`: every game, its tokens redacted to a prefix (a token is a player's ticket
+/// to a match), its replicas and their states, and its traffic as of the workers' last tick.
+async fn games(State(state): State<AdminState>) -> axum::Json<GamesView> {
+    let snapshot = state.replicas.snapshot();
+    axum::Json(GamesView {
+        version: snapshot.version,
+        synced: state.replicas.is_synced(),
+        games: snapshot
+            .games
+            .iter()
+            .map(|g| {
+                let t = g.counters.read();
+                GameView {
+                    name: g.name.to_string(),
+                    tokens: g.tokens.iter().map(|t| crate::token::redacted(t)).collect(),
+                    dedupe: g.settings.mode.name().into(),
+                    fanout: g.settings.fanout,
+                    replicas: g
+                        .replicas
+                        .replicas
+                        .iter()
+                        .map(|r| ReplicaView {
+                            address: r.addr.to_string(),
+                            state: r.state.as_str().into(),
+                        })
+                        .collect(),
+                    sessions: t.sessions.max(0).unsigned_abs(),
+                    packets: t.packets,
+                    delivered: t.delivered,
+                    drops: t.drops,
+                }
+            })
+            .collect(),
+    })
+}
+
+/// The body of `GET /games`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct GamesView {
+    /// The replica set's version (increases with every change).
+    pub version: u64,
+    /// Whether a complete set has been received from the source.
+    pub synced: bool,
+    /// The games, by name.
+    pub games: Vec<GameView>,
+}
+
+/// One game in `GET /games`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct GameView {
+    /// Its name.
+    pub name: String,
+    /// Its tokens, redacted to a prefix and a length.
+    pub tokens: Vec<String>,
+    /// Its dedupe mode.
+    pub dedupe: std::borrow::Cow<'static, str>,
+    /// Replicas per session.
+    pub fanout: usize,
+    /// Its replicas.
+    pub replicas: Vec<ReplicaView>,
+    /// Sessions open now.
+    pub sessions: u64,
+    /// Client datagrams routed to it.
+    pub packets: u64,
+    /// Answers delivered to its players.
+    pub delivered: u64,
+    /// Its players' datagrams dropped after routing (rate, session limit, no replica).
+    pub drops: u64,
+}
+
+/// One replica in `GET /games`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaView {
+    /// `IP:port`.
+    pub address: String,
+    /// `ready` or `draining`.
+    pub state: std::borrow::Cow<'static, str>,
 }

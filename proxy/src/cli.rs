@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use crate::admin::{self, AdminState};
 use crate::config::{Args, Config, LoadError, ReplicaSource};
-use crate::discovery::kubernetes;
+use crate::discovery::{agones, kubernetes};
 use crate::replicas::{Replica, ReplicaSet};
 use crate::server::Proxy;
 use crate::stats;
@@ -95,6 +95,22 @@ fn run(config: Config) -> anyhow::Result<()> {
                     );
                 }
                 None
+            }
+            ReplicaSource::KubernetesGames(watch) => {
+                let client = kubernetes::client().await?;
+                Some(tokio::spawn(kubernetes::run_services(
+                    client,
+                    watch.clone(),
+                    replicas.clone(),
+                )))
+            }
+            ReplicaSource::AgonesGames(watch) => {
+                let client = kubernetes::client().await?;
+                Some(tokio::spawn(agones::run(
+                    client,
+                    watch.clone(),
+                    replicas.clone(),
+                )))
             }
             ReplicaSource::Kubernetes(source) => {
                 let client = kubernetes::client().await?;

@@ -159,6 +159,16 @@ pub struct Args {
     /// Where the token sits in each datagram [default: suffix].
     #[arg(long, value_enum)]
     pub token_at: Option<TokenAtName>,
+    /// Games from the Services in --namespace labelled `spotable.io/game` (value: the game's
+    /// name), tokens from their `spotable.io/tokens` annotation, replicas from their
+    /// EndpointSlices; needs --token-bytes.
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    pub kubernetes_games: Option<bool>,
+    /// Games from the Agones GameServers in --namespace labelled `spotable.io/game`, address
+    /// and port from their status, tokens from their `spotable.io/tokens` annotation; needs
+    /// --token-bytes.
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    pub agones_games: Option<bool>,
     /// Games behind a token-routing proxy: `[[game]]` tables, config file only.
     #[arg(skip)]
     #[serde(default, rename = "game")]
@@ -336,6 +346,10 @@ pub enum ReplicaSource {
     Static(Vec<SocketAddr>),
     /// A Kubernetes Service's EndpointSlices.
     Kubernetes(crate::discovery::kubernetes::Source),
+    /// Games routed by token, from labelled Services and their EndpointSlices.
+    KubernetesGames(GameWatch),
+    /// Games routed by token, from labelled Agones GameServers.
+    AgonesGames(GameWatch),
     /// Games routed by token, from `[[game]]` tables.
     Games {
         /// The token every datagram carries.
@@ -343,6 +357,35 @@ pub enum ReplicaSource {
         /// The games.
         games: Vec<GameSpec>,
     },
+}
+
+/// Where to watch for games, and what they inherit.
+#[derive(Debug, Clone)]
+pub struct GameWatch {
+    /// Namespace of the labelled objects; `None` for the client's default.
+    pub namespace: Option<String>,
+    /// Port to use, by name; `None` for the only (UDP) port.
+    pub port_name: Option<String>,
+    /// What every game inherits.
+    pub template: GameTemplate,
+}
+
+impl PartialEq for GameWatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.namespace == other.namespace
+            && self.port_name == other.port_name
+            && self.template.spec == other.template.spec
+    }
+}
+
+impl Eq for GameWatch {}
+
+/// Where games come from, when the proxy routes by token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GameOrigin {
+    Tables,
+    Services,
+    GameServers,
 }
 
 /// Everything the binary needs, validated.
@@ -387,29 +430,75 @@ impl Config {
                 Some(TokenSpec::new(n, at).map_err(|e| invalid("token_bytes", e.to_string()))?)
             }
         };
-        match (token.is_some(), a.games.is_empty()) {
-            (true, true) => {
+        let origins: Vec<GameOrigin> = [
+            (!a.games.is_empty(), GameOrigin::Tables),
+            (a.kubernetes_games == Some(true), GameOrigin::Services),
+            (a.agones_games == Some(true), GameOrigin::GameServers),
+        ]
+        .into_iter()
+        .filter_map(|(on, o)| on.then_some(o))
+        .collect();
+        let origin = match (token.is_some(), origins.as_slice()) {
+            (true, []) => {
                 return Err(invalid(
                     "token_bytes",
-                    "routing by token needs games: [[game]] tables in the config file",
+                    "routing by token needs games: [[game]] tables in the config file, \
+                     --kubernetes-games or --agones-games",
                 ));
             }
-            (false, false) => return Err(invalid("game", "[[game]] tables need token_bytes")),
-            _ => {}
+            (false, [GameOrigin::Tables, ..]) => {
+                return Err(invalid("game", "[[game]] tables need token_bytes"));
+            }
+            (false, [GameOrigin::Services, ..]) => {
+                return Err(invalid("kubernetes_games", "needs token_bytes"));
+            }
+            (false, [GameOrigin::GameServers, ..]) => {
+                return Err(invalid("agones_games", "needs token_bytes"));
+            }
+            (true, [_, _, ..]) => {
+                return Err(invalid(
+                    "game",
+                    "[[game]] tables, kubernetes_games and agones_games exclude each other",
+                ));
+            }
+            (true, [one]) => Some(*one),
+            (false, []) => None,
+        };
+        if origin.is_some() && (!replicas.is_empty() || service.is_some()) {
+            return Err(match origin {
+                Some(GameOrigin::Services) => invalid(
+                    "kubernetes_games",
+                    "excludes replicas and kubernetes_service",
+                ),
+                Some(GameOrigin::GameServers) => {
+                    invalid("agones_games", "excludes replicas and kubernetes_service")
+                }
+                _ => invalid(
+                    "game",
+                    "[[game]] tables exclude replicas and kubernetes_service",
+                ),
+            });
         }
-        if !a.games.is_empty() && (!replicas.is_empty() || service.is_some()) {
-            return Err(invalid(
-                "game",
-                "[[game]] tables exclude replicas and kubernetes_service",
-            ));
+        let watching = matches!(origin, Some(GameOrigin::Services | GameOrigin::GameServers));
+        for (field, value) in [
+            ("namespace", namespace.as_ref()),
+            ("port_name", port_name.as_ref()),
+        ] {
+            if value.is_some_and(|v| !is_dns_label(v)) {
+                return Err(invalid(
+                    field,
+                    "must be a DNS label (lowercase letters, digits, '-')",
+                ));
+            }
         }
         let replicas = match (replicas.is_empty(), service) {
             // Filled in below, once the global settings the games inherit are known.
             (true, None) if token.is_some() => {
-                if namespace.is_some() || port_name.is_some() {
+                if !watching && (namespace.is_some() || port_name.is_some()) {
                     return Err(invalid(
                         "namespace",
-                        "namespace and port_name need kubernetes_service",
+                        "namespace and port_name need kubernetes_service, kubernetes_games or \
+                         agones_games",
                     ));
                 }
                 ReplicaSource::Static(Vec::new())
@@ -431,7 +520,8 @@ impl Config {
                 if namespace.is_some() || port_name.is_some() {
                     return Err(invalid(
                         "namespace",
-                        "namespace and port_name need kubernetes_service",
+                        "namespace and port_name need kubernetes_service, kubernetes_games or \
+                         agones_games",
                     ));
                 }
                 if let Some(r) = replicas
@@ -446,22 +536,16 @@ impl Config {
                 ReplicaSource::Static(replicas)
             }
             (true, Some(service)) => {
-                for (field, value) in [
-                    ("kubernetes_service", Some(&service)),
-                    ("namespace", namespace.as_ref()),
-                    ("port_name", port_name.as_ref()),
-                ] {
-                    if value.is_some_and(|v| !is_dns_label(v)) {
-                        return Err(invalid(
-                            field,
-                            "must be a DNS label (lowercase letters, digits, '-')",
-                        ));
-                    }
+                if !is_dns_label(&service) {
+                    return Err(invalid(
+                        "kubernetes_service",
+                        "must be a DNS label (lowercase letters, digits, '-')",
+                    ));
                 }
                 ReplicaSource::Kubernetes(crate::discovery::kubernetes::Source {
-                    namespace,
+                    namespace: namespace.clone(),
                     service,
-                    port_name,
+                    port_name: port_name.clone(),
                 })
             }
         };
@@ -527,10 +611,27 @@ impl Config {
             token,
         };
         let replicas = match token {
-            Some(spec) => ReplicaSource::Games {
-                spec,
-                games: games(a.games, spec, &settings, &global, &listen)?,
-            },
+            Some(spec) => {
+                let template = GameTemplate {
+                    spec,
+                    settings: settings.clone(),
+                    dedupe: global,
+                    listen: listen.clone(),
+                };
+                let watch = || GameWatch {
+                    namespace: namespace.clone(),
+                    port_name: port_name.clone(),
+                    template: template.clone(),
+                };
+                match origin {
+                    Some(GameOrigin::Services) => ReplicaSource::KubernetesGames(watch()),
+                    Some(GameOrigin::GameServers) => ReplicaSource::AgonesGames(watch()),
+                    _ => ReplicaSource::Games {
+                        spec,
+                        games: games(a.games, &template)?,
+                    },
+                }
+            }
             None => replicas,
         };
 
@@ -645,46 +746,45 @@ impl Dedupe {
     }
 }
 
-/// The `[[game]]` tables as games to publish, each with the proxy's settings under its own.
-fn games(
-    tables: Vec<GameConfig>,
-    spec: TokenSpec,
-    settings: &Settings,
-    dedupe: &Dedupe,
-    listen: &[SocketAddr],
-) -> Result<Vec<GameSpec>, ConfigError> {
-    let mut names = std::collections::HashSet::new();
-    let mut out = Vec::with_capacity(tables.len());
-    for (i, g) in tables.into_iter().enumerate() {
-        let name = if g.name.is_empty() {
-            format!("#{}", i + 1)
-        } else {
-            g.name.clone()
-        };
+/// What every game inherits from the proxy's own settings. Static `[[game]]` tables and
+/// games discovered at run time (Services, GameServers) are checked and built by the same rules.
+#[derive(Debug, Clone)]
+pub struct GameTemplate {
+    /// The token every datagram carries.
+    pub spec: TokenSpec,
+    settings: Settings,
+    dedupe: Dedupe,
+    listen: Vec<SocketAddr>,
+}
+
+impl GameTemplate {
+    /// One game: its own settings over the proxy's, its tokens parsed and of the proxy's
+    /// length. `replicas` may be empty (a discovered game whose replicas are not up yet).
+    pub fn game(&self, g: &GameConfig, replicas: Vec<Replica>) -> Result<GameSpec, ConfigError> {
         let in_game = |e: ConfigError| ConfigError::Game {
-            name: name.clone(),
+            name: if g.name.is_empty() {
+                "<unnamed>".into()
+            } else {
+                g.name.clone()
+            },
             source: Box::new(e),
         };
         if g.name.is_empty() {
             return Err(in_game(invalid("name", "is required")));
         }
-        if !names.insert(g.name.clone()) {
-            return Err(in_game(invalid("name", "is taken by another game")));
-        }
         if g.tokens.is_empty() {
             return Err(in_game(invalid("tokens", "at least one is required")));
         }
-        if g.replicas.is_empty() {
-            return Err(in_game(invalid("replicas", "at least one is required")));
-        }
-        if let Some(r) = g
-            .replicas
+        if let Some(r) = replicas
             .iter()
-            .find(|r| listen.iter().any(|l| is_self(**r, *l)))
+            .find(|r| self.listen.iter().any(|l| is_self(r.addr, *l)))
         {
             return Err(in_game(invalid(
                 "replicas",
-                format!("{r} is the proxy's own listen address: it would send to itself"),
+                format!(
+                    "{} is the proxy's own listen address: it would send to itself",
+                    r.addr
+                ),
             )));
         }
         let tokens = g
@@ -693,28 +793,57 @@ fn games(
             .map(|t| crate::token::parse_token(t))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| in_game(invalid("tokens", e.to_string())))?;
-        let fanout = g.fanout.unwrap_or(settings.fanout);
+        // Lengths, with the game's name in the message.
+        crate::token::TokenRouter::new(self.spec, [(Name(&g.name), &tokens[..])])
+            .map_err(|e| in_game(invalid("tokens", e.to_string())))?;
+        let fanout = g.fanout.unwrap_or(self.settings.fanout);
         if !(1..=MAX_SLOTS).contains(&fanout) {
             return Err(in_game(invalid(
                 "fanout",
                 format!("must be between 1 and {MAX_SLOTS}"),
             )));
         }
-        let mode = dedupe.under(&g).mode().map_err(in_game)?;
-        out.push(GameSpec {
-            name: g.name.into(),
+        let mode = self.dedupe.under(g).mode().map_err(in_game)?;
+        Ok(GameSpec {
+            name: g.name.as_str().into(),
             tokens,
-            replicas: g.replicas.into_iter().map(Replica::ready).collect(),
+            replicas,
             settings: std::sync::Arc::new(Settings {
                 mode,
                 fanout,
-                ..settings.clone()
+                ..self.settings.clone()
             }),
-        });
+        })
     }
-    // Lengths and sharing, with the games' names in the message.
+}
+
+/// The `[[game]]` tables as games to publish, each with the proxy's settings under its own.
+fn games(tables: Vec<GameConfig>, template: &GameTemplate) -> Result<Vec<GameSpec>, ConfigError> {
+    let mut names = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(tables.len());
+    for (i, g) in tables.into_iter().enumerate() {
+        if g.name.is_empty() {
+            return Err(ConfigError::Game {
+                name: format!("#{}", i + 1),
+                source: Box::new(invalid("name", "is required")),
+            });
+        }
+        let in_game = |e: ConfigError| ConfigError::Game {
+            name: g.name.clone(),
+            source: Box::new(e),
+        };
+        if !names.insert(g.name.clone()) {
+            return Err(in_game(invalid("name", "is taken by another game")));
+        }
+        if g.replicas.is_empty() {
+            return Err(in_game(invalid("replicas", "at least one is required")));
+        }
+        let replicas = g.replicas.iter().copied().map(Replica::ready).collect();
+        out.push(template.game(&g, replicas)?);
+    }
+    // Sharing, with the games' names in the message.
     let named: Vec<(&str, &[Vec<u8>])> = out.iter().map(|g| (&*g.name, &g.tokens[..])).collect();
-    crate::token::TokenRouter::new(spec, named.iter().map(|(n, t)| (Name(n), *t)))
+    crate::token::TokenRouter::new(template.spec, named.iter().map(|(n, t)| (Name(n), *t)))
         .map_err(|e| invalid("tokens", e.to_string()))?;
     Ok(out)
 }
@@ -1165,7 +1294,8 @@ mod tests {
         let short = GAMES.replace("\"arena-01\"", "\"arena-1\"");
         assert_eq!(
             error(&tokens, &short),
-            "tokens: token ar… (7 bytes) is 7 bytes; every token must be 8 (--token-bytes)"
+            "game arena-1: tokens: token ar… (7 bytes) is 7 bytes; every token must be 8 \
+             (--token-bytes)"
         );
         let shared = GAMES.replace("\"arena-02\"", "\"arena-01\"");
         assert_eq!(

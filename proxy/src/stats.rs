@@ -67,6 +67,10 @@ pub mod names {
     pub const SESSION_LIMIT: &str = "spotable_session_limit";
     /// Data-plane workers running.
     pub const WORKERS_UP: &str = "spotable_workers_up";
+    /// Games routed by token now.
+    pub const GAMES: &str = "spotable_games";
+    /// Problems that keep discovered games (or parts of them) out, as last logged.
+    pub const GAME_PROBLEMS: &str = "spotable_game_problems";
 }
 
 /// An error an upstream socket reported, as counted in [`names::UPSTREAM_ERRORS`].
@@ -187,6 +191,11 @@ pub fn describe() {
         "Sessions allowed at once (max_sessions capped by the file-descriptor limit)"
     );
     describe_gauge!(WORKERS_UP, "Data-plane workers running");
+    describe_gauge!(GAMES, "Games routed by token");
+    describe_gauge!(
+        GAME_PROBLEMS,
+        "Problems keeping discovered games or their parts out (see the proxy's warnings)"
+    );
 }
 
 /// One worker's counters since the last flush.

@@ -6,7 +6,7 @@
 //! hot path nothing.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -62,7 +62,7 @@ pub struct Snapshot {
 
 /// One game behind a token-routing proxy: a group of redundant replicas, reached through
 /// its tokens, with its own dedupe settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Game {
     /// Its name (a Service's `spotable.io/game` label, a `[[game]]` table's `name`).
     pub name: Arc<str>,
@@ -72,6 +72,63 @@ pub struct Game {
     pub replicas: Arc<Snapshot>,
     /// Its settings: the proxy's, with the game's own dedupe mode and fan-out.
     pub settings: Arc<crate::session::Settings>,
+    /// What the workers counted for it, as of their last tick. Kept across publishes while
+    /// the game stays in the set; not part of its identity.
+    pub counters: Arc<GameCounters>,
+}
+
+impl PartialEq for Game {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.tokens == other.tokens
+            && self.replicas == other.replicas
+            && self.settings == other.settings
+    }
+}
+
+impl Eq for Game {}
+
+/// A game's traffic, summed over the workers. Workers add their own tallies on every tick, so
+/// no shared cache line is written per packet.
+#[derive(Debug, Default)]
+pub struct GameCounters {
+    sessions: AtomicI64,
+    packets: AtomicU64,
+    delivered: AtomicU64,
+    drops: AtomicU64,
+}
+
+/// One worker's additions to a [`GameCounters`] since its last flush.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GameTally {
+    /// Sessions opened less sessions closed.
+    pub sessions: i64,
+    /// Client datagrams routed to the game.
+    pub packets: u64,
+    /// Answers delivered to its players.
+    pub delivered: u64,
+    /// Its players' datagrams dropped after routing (rate, session limit, no replica…).
+    pub drops: u64,
+}
+
+impl GameCounters {
+    /// Adds a worker's tally.
+    pub fn add(&self, t: GameTally) {
+        self.sessions.fetch_add(t.sessions, Ordering::Relaxed);
+        self.packets.fetch_add(t.packets, Ordering::Relaxed);
+        self.delivered.fetch_add(t.delivered, Ordering::Relaxed);
+        self.drops.fetch_add(t.drops, Ordering::Relaxed);
+    }
+
+    /// The sums so far (`sessions`: open now).
+    pub fn read(&self) -> GameTally {
+        GameTally {
+            sessions: self.sessions.load(Ordering::Relaxed),
+            packets: self.packets.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            drops: self.drops.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A game as a discovery source reports it, before it is published.
@@ -203,6 +260,7 @@ impl ReplicaSet {
     ) -> Result<bool, crate::token::TokenError> {
         specs.sort_by(|a, b| a.name.cmp(&b.name));
         specs.dedup_by(|a, b| a.name == b.name);
+        let previous = self.snapshot();
         crate::token::TokenRouter::new(
             spec,
             specs.iter().map(|g| (GameName(&g.name), &g.tokens[..])),
@@ -220,6 +278,11 @@ impl ReplicaSet {
         let games = games
             .into_iter()
             .map(|(name, tokens, replicas, settings)| Game {
+                counters: previous
+                    .games
+                    .binary_search_by(|g| g.name.cmp(&name))
+                    .map(|i| previous.games[i].counters.clone())
+                    .unwrap_or_default(),
                 name,
                 tokens,
                 // A game's own view carries no version: the set's version covers it.

@@ -19,7 +19,7 @@ use slab::Slab;
 
 use crate::dedupe::{Deduper, MAX_SLOTS, Mode, Slot, SlotState, Verdict};
 use crate::ratelimit::{Limiter, Rate};
-use crate::replicas::{ReplicaState, Snapshot};
+use crate::replicas::{GameCounters, GameTally, ReplicaState, Snapshot};
 use crate::token::{TokenRouter, TokenSpec};
 
 /// Dense id of a live session, stable for its lifetime (re-used after it closes).
@@ -429,6 +429,17 @@ struct GameState {
     name: Arc<str>,
     replicas: Arc<Snapshot>,
     settings: Arc<Settings>,
+    counters: Arc<GameCounters>,
+    /// Counted since the last [`SessionTable::flush_games`].
+    tally: GameTally,
+}
+
+impl GameState {
+    fn flush(&mut self) {
+        if self.tally != GameTally::default() {
+            self.counters.add(std::mem::take(&mut self.tally));
+        }
+    }
 }
 
 /// Sessions of one worker.
@@ -496,6 +507,13 @@ impl SessionTable {
         &self.snapshot
     }
 
+    /// Adds what this table counted per game to the games' shared counters (on every tick).
+    pub fn flush_games(&mut self) {
+        for (_, g) in &mut self.games {
+            g.flush();
+        }
+    }
+
     /// The name of game `id` (empty for the implicit game).
     pub fn game_name(&self, id: GameId) -> Option<&str> {
         self.games.get(id).map(|g| &*g.name)
@@ -556,6 +574,12 @@ impl SessionTable {
         body: Range<usize>,
         now: Instant,
     ) -> ClientVerdict<'_> {
+        let Some(tally) = self.games.get_mut(game).map(|g| &mut g.tally) else {
+            return ClientVerdict::Drop(DropReason::NoReplicas);
+        };
+        tally.packets += 1;
+        // Counted as dropped until it is forwarded.
+        tally.drops += 1;
         if body.is_empty() {
             return ClientVerdict::Drop(DropReason::Empty);
         }
@@ -582,6 +606,9 @@ impl SessionTable {
         }
         if session.members.targets.is_empty() {
             return ClientVerdict::Drop(DropReason::NoReplicas);
+        }
+        if let Some(g) = self.games.get_mut(game) {
+            g.tally.drops -= 1;
         }
         ClientVerdict::Forward {
             id,
@@ -628,6 +655,9 @@ impl SessionTable {
             limited_reported: None,
         });
         self.by_client.insert((listener, client, game), id);
+        if let Some(g) = self.games.get_mut(game) {
+            g.tally.sessions += 1;
+        }
         Ok(id)
     }
 
@@ -650,6 +680,9 @@ impl SessionTable {
             .on_answer(slot, payload, now, &session.members.states);
         match verdict {
             Verdict::Forward | Verdict::ForwardAfterFailover => {
+                if let Some(g) = self.games.get_mut(session.game) {
+                    g.tally.delivered += 1;
+                }
                 // Only a new payload can push an entry out, and a new payload is forwarded;
                 // likewise only a forwarded answer completes a resync.
                 self.evictions += session.dedupe.take_evictions();
@@ -690,6 +723,9 @@ impl SessionTable {
         if let Some(s) = self.sessions.try_remove(id) {
             self.by_client.remove(&(s.listener, s.client, s.game));
             self.admission.release();
+            if let Some(g) = self.games.get_mut(s.game) {
+                g.tally.sessions -= 1;
+            }
         }
     }
 
@@ -747,7 +783,7 @@ impl SessionTable {
         }
         // Only now, with their sessions closed, may a gone game's id serve another game.
         for g in gone {
-            self.games.remove(g);
+            self.games.remove(g).flush();
         }
         report
     }
@@ -758,35 +794,48 @@ impl SessionTable {
     fn adopt(&mut self, snapshot: Arc<Snapshot>) -> Vec<GameId> {
         let mut gone = Vec::new();
         match self.settings.token {
-            None => {
-                let implicit = GameState {
-                    name: Arc::from(""),
-                    replicas: snapshot.clone(),
-                    settings: self.settings.clone(),
-                };
-                match self.games.get_mut(IMPLICIT_GAME) {
-                    Some(g) => *g = implicit,
-                    None => {
-                        let id = self.games.insert(implicit);
-                        debug_assert_eq!(id, IMPLICIT_GAME);
-                    }
+            None => match self.games.get_mut(IMPLICIT_GAME) {
+                Some(g) => g.replicas = snapshot.clone(),
+                None => {
+                    let implicit = GameState {
+                        name: Arc::from(""),
+                        replicas: snapshot.clone(),
+                        settings: self.settings.clone(),
+                        counters: Arc::default(),
+                        tally: GameTally::default(),
+                    };
+                    let id = self.games.insert(implicit);
+                    debug_assert_eq!(id, IMPLICIT_GAME);
                 }
-            }
+            },
             Some(spec) => {
                 let mut kept = std::collections::HashSet::new();
                 for game in &snapshot.games {
-                    let state = GameState {
-                        name: game.name.clone(),
-                        replicas: game.replicas.clone(),
-                        settings: game.settings.clone(),
-                    };
                     let id = match self.game_ids.get(&game.name) {
                         Some(&id) => {
-                            self.games[id] = state;
+                            if !Arc::ptr_eq(&self.games[id].counters, &game.counters) {
+                                // The game left the set and came back between two of our
+                                // adoptions: its sessions here count in the new counters.
+                                let open = self.sessions.iter().filter(|(_, s)| s.game == id);
+                                let open = open.count() as i64;
+                                let g = &mut self.games[id];
+                                g.flush();
+                                g.counters = game.counters.clone();
+                                g.tally.sessions = open;
+                            }
+                            let g = &mut self.games[id];
+                            g.replicas = game.replicas.clone();
+                            g.settings = game.settings.clone();
                             id
                         }
                         None => {
-                            let id = self.games.insert(state);
+                            let id = self.games.insert(GameState {
+                                name: game.name.clone(),
+                                replicas: game.replicas.clone(),
+                                settings: game.settings.clone(),
+                                counters: game.counters.clone(),
+                                tally: GameTally::default(),
+                            });
                             self.game_ids.insert(game.name.clone(), id);
                             id
                         }
@@ -1579,7 +1628,7 @@ mod tests {
 
     // ---- Token routing: games side by side ----
 
-    use crate::replicas::{GameSpec, Replica, ReplicaSet};
+    use crate::replicas::{GameSpec, GameTally, Replica, ReplicaSet};
     use crate::token::{TokenAt, TokenSpec};
 
     fn spec(at: TokenAt) -> TokenSpec {
@@ -1788,6 +1837,70 @@ mod tests {
         apply(&mut t, set.snapshot(), now);
         assert_eq!(routed(&mut t, 5001, b"x|bbbb", now).1, vec![7201]);
         assert_eq!(routed(&mut t, 5000, b"y|aaaa", now).0, a);
+    }
+
+    fn counted(set: &ReplicaSet, name: &str) -> GameTally {
+        let snapshot = set.snapshot();
+        let g = snapshot.games.iter().find(|g| &*g.name == name).unwrap();
+        g.counters.read()
+    }
+
+    #[test]
+    fn each_game_counts_its_traffic_and_two_tables_add_up() {
+        let now = crate::epoch();
+        let set = two_games(copies());
+        let mut t1 = routing_table(&set, TokenAt::Suffix);
+        let mut t2 = routing_table(&set, TokenAt::Suffix);
+        let (a, _, _) = routed(&mut t1, 5000, b"x|aaaa", now);
+        routed(&mut t1, 5000, b"y|aaaa", now);
+        routed(&mut t2, 5001, b"x|aaaa", now);
+        routed(&mut t2, 5002, b"x|bbbb", now);
+        assert_eq!(
+            t1.on_datagram(0, addr(5000), b"aaaa", false, now),
+            ClientVerdict::Drop(DropReason::Empty)
+        );
+        assert!(matches!(
+            t1.on_answer(a, addr(7001), b"s1", now),
+            AnswerVerdict::Deliver { .. }
+        ));
+        assert_eq!(
+            t1.on_answer(a, addr(7002), b"s1", now),
+            AnswerVerdict::Duplicate
+        );
+        assert_eq!(
+            counted(&set, "arena"),
+            GameTally::default(),
+            "until a flush"
+        );
+        t1.flush_games();
+        t2.flush_games();
+        assert_eq!(
+            counted(&set, "arena"),
+            GameTally {
+                sessions: 2,
+                packets: 4,
+                delivered: 1,
+                drops: 1,
+            }
+        );
+        assert_eq!(counted(&set, "bazaar").sessions, 1);
+        // A republish keeps the counters; closing sessions brings the count down.
+        set.publish_games(
+            spec(TokenAt::Suffix),
+            vec![
+                game("arena", b"aaaa", &[7001], copies()),
+                game("bazaar", b"bbbb", &[7101, 7102], copies()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(counted(&set, "arena").packets, 4);
+        let mut closed = Vec::new();
+        t1.expire(now + Duration::from_secs(3600), &mut closed);
+        t1.flush_games();
+        assert_eq!(counted(&set, "arena").sessions, 1);
+        // No flush without news: the hot path's tallies only.
+        t1.flush_games();
+        assert_eq!(counted(&set, "arena").sessions, 1);
     }
 
     #[test]

@@ -7,14 +7,19 @@
 
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::ExponentialBackoff;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 
+use crate::config::{GameTemplate, GameWatch};
 use crate::discovery::endpoints;
-use crate::replicas::{ReplicaSet, ReplicaState};
+use crate::discovery::games::{self, GAME_LABEL, Member};
+use crate::replicas::{Replica, ReplicaSet, ReplicaState};
 use crate::stats::names;
 
 /// Which Service to follow.
@@ -101,10 +106,184 @@ pub async fn run(client: Client, source: Source, replicas: ReplicaSet) {
     }
 }
 
+/// Follows the Services labelled [`GAME_LABEL`] and their EndpointSlices forever, publishing
+/// their games into `replicas`.
+pub async fn run_services(client: Client, watch: GameWatch, replicas: ReplicaSet) {
+    let namespace = watch
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+    let slices: Api<EndpointSlice> = Api::namespaced(client, &namespace);
+    let (service_store, service_writer) = reflector::store::<Service>();
+    let (slice_store, slice_writer) = reflector::store::<EndpointSlice>();
+    let service_events = watcher(services, watcher::Config::default().labels(GAME_LABEL))
+        .backoff(backoff())
+        .reflect(service_writer)
+        .map(|e| (0, e.map(unit)));
+    let slice_events = watcher(
+        slices,
+        watcher::Config::default().labels("kubernetes.io/service-name"),
+    )
+    .backoff(backoff())
+    .reflect(slice_writer)
+    .map(|e| (1, e.map(unit)));
+    let events = futures::stream::select(service_events.boxed(), slice_events.boxed());
+    let mut events = std::pin::pin!(events);
+    tracing::info!(namespace, label = GAME_LABEL, "watching games' Services");
+    let mut publisher = GamePublisher::new(watch.template, replicas, "Service");
+    while let Some((stream, item)) = events.next().await {
+        if !publisher.event(stream, item) {
+            continue;
+        }
+        let services = service_store.state();
+        let slices = slice_store.state();
+        let mut by_service: HashMap<&str, Vec<&EndpointSlice>> = HashMap::new();
+        for slice in &slices {
+            if let Some(service) = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+            {
+                by_service.entry(service).or_default().push(slice);
+            }
+        }
+        let mut notes = Vec::new();
+        let members = services.iter().filter_map(|svc| {
+            let name = svc.metadata.name.as_deref()?;
+            let game = svc.metadata.labels.as_ref()?.get(GAME_LABEL)?;
+            let (found, problems) = endpoints::replicas(
+                by_service.get(name).into_iter().flatten().copied(),
+                watch.port_name.as_deref(),
+            );
+            notes.extend(problems.iter().map(ToString::to_string));
+            Some((
+                Member {
+                    object: format!("Service/{name}"),
+                    game,
+                    annotations: svc.metadata.annotations.as_ref(),
+                },
+                found,
+            ))
+        });
+        let members: Vec<_> = members.collect();
+        publisher.publish(members, notes);
+    }
+}
+
+/// An event without its object: the publisher reads objects from the stores.
+pub(crate) fn unit<K>(event: watcher::Event<K>) -> watcher::Event<()> {
+    match event {
+        watcher::Event::Apply(_) => watcher::Event::Apply(()),
+        watcher::Event::Delete(_) => watcher::Event::Delete(()),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(_) => watcher::Event::InitApply(()),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+/// Publishes games from two or more watch streams: waits for every stream's first complete
+/// list, tracks their health for the sync age, and logs the problems only when they change.
+pub(crate) struct GamePublisher {
+    template: GameTemplate,
+    replicas: ReplicaSet,
+    kind: &'static str,
+    listed: Vec<bool>,
+    failing: Vec<bool>,
+    problems: Vec<String>,
+    errors: metrics::Counter,
+}
+
+impl GamePublisher {
+    pub(crate) fn new(template: GameTemplate, replicas: ReplicaSet, kind: &'static str) -> Self {
+        Self {
+            template,
+            replicas,
+            kind,
+            listed: Vec::new(),
+            failing: Vec::new(),
+            problems: Vec::new(),
+            errors: metrics::counter!(names::WATCH_ERRORS),
+        }
+    }
+
+    /// Takes one item of stream `stream`; true when the games should be recomputed.
+    pub(crate) fn event(
+        &mut self,
+        stream: usize,
+        item: Result<watcher::Event<()>, watcher::Error>,
+    ) -> bool {
+        if self.listed.len() <= stream {
+            self.listed.resize(stream + 1, false);
+            self.failing.resize(stream + 1, false);
+        }
+        match item {
+            Ok(event) => {
+                self.failing[stream] = false;
+                if !self.failing.iter().any(|f| *f) {
+                    self.replicas.heard();
+                }
+                let changed = match event {
+                    watcher::Event::InitDone => {
+                        self.listed[stream] = true;
+                        true
+                    }
+                    watcher::Event::Apply(()) | watcher::Event::Delete(()) => self.listed[stream],
+                    // A (re)list is in progress: keep forwarding on the last complete set.
+                    watcher::Event::Init | watcher::Event::InitApply(()) => false,
+                };
+                changed && self.listed.iter().all(|l| *l)
+            }
+            Err(e) => {
+                self.failing[stream] = true;
+                self.replicas.lost(std::time::Instant::now());
+                self.errors.increment(1);
+                tracing::warn!(error = %e, kind = self.kind, "game watch failed; retrying");
+                false
+            }
+        }
+    }
+
+    /// Publishes the games `members` make; `notes` are problems found on the way.
+    pub(crate) fn publish(&mut self, members: Vec<(Member<'_>, Vec<Replica>)>, notes: Vec<String>) {
+        let (specs, problems) = games::games(members, &self.template);
+        let mut problems: Vec<String> = notes
+            .into_iter()
+            .chain(problems.iter().map(ToString::to_string))
+            .collect();
+        problems.sort();
+        problems.dedup();
+        if problems != self.problems {
+            for p in &problems {
+                tracing::warn!("{p}");
+            }
+            self.problems = problems;
+        }
+        metrics::gauge!(names::GAME_PROBLEMS).set(self.problems.len() as f64);
+        let count = specs.len();
+        match self.replicas.publish_games(self.template.spec, specs) {
+            Ok(true) => {
+                let snapshot = self.replicas.snapshot();
+                tracing::info!(
+                    games = count,
+                    ready = snapshot.count(ReplicaState::Ready),
+                    draining = snapshot.count(ReplicaState::Draining),
+                    version = snapshot.version,
+                    "games changed"
+                );
+            }
+            Ok(false) => {}
+            // `games` settled every conflict; this would be a bug, and the last set stays.
+            Err(e) => tracing::error!(error = %e, "games refused"),
+        }
+    }
+}
+
 /// 250 ms doubling to 10 s, jittered (backon, the workspace's one backoff): quick to come
 /// back after a short API outage, gentle on an API server that stays down, and proxies that
 /// lost the API together do not return together.
-fn backoff() -> ExponentialBackoff {
+pub(crate) fn backoff() -> ExponentialBackoff {
     backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(250))
         .with_max_delay(BACKOFF_MAX)

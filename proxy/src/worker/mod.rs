@@ -487,6 +487,7 @@ impl<N: Net> Worker<N> {
         self.local.evictions += self.table.take_evictions();
         self.local.resyncs += self.table.take_resyncs();
         self.sink.flush(&mut self.local);
+        self.table.flush_games();
         if self.fault_at.is_some_and(|at| now >= at) {
             panic!("injected fault (SPOTABLE_TEST_FAULT)");
         }

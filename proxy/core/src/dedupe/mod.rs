@@ -72,6 +72,17 @@ pub enum Mode {
     },
 }
 
+impl Mode {
+    /// The mode's name, as `--dedupe` spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Copies { .. } => "copies",
+            Mode::Sequence { .. } => "sequence",
+            Mode::Primary { .. } => "primary",
+        }
+    }
+}
+
 /// What to do with one answer from a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

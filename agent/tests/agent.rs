@@ -130,7 +130,7 @@ async fn spot_notice_publishes_then_cordons_then_evicts() {
     // One message with the documented keys, read back from the emulator.
     let got = receive_all(&w.sqs, &w.queue, Duration::from_millis(800)).await;
     assert_eq!(got.len(), 1);
-    let raw: Value = serde_json::from_str(&got[0].body).unwrap();
+    let raw: Value = spotable_fixtures::schema::inventory_message(&got[0].body).unwrap();
     for key in spotable_fleet::inventory::KEYS {
         assert!(raw.get(key).is_some(), "{key} missing");
     }

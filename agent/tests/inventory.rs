@@ -6,6 +6,12 @@ use std::time::{Duration, Instant};
 use spotable_fixtures::aws::{Moto, create_queue, moto_with_queue, receive_all, sqs_client_for};
 use spotable_fleet::inventory::{Message, PodRef, Port, Proto, Publisher, Status};
 
+/// A queue message as a consumer reads it: held against the published schema, then typed.
+fn parse(body: &str) -> Message {
+    let value = spotable_fixtures::schema::inventory_message(body).unwrap();
+    serde_json::from_value(value).unwrap()
+}
+
 fn message(id: &str) -> Message {
     let mut m = Message::new(id, Status::Ready);
     m.kind = Some("minecraft".into());
@@ -37,12 +43,12 @@ async fn fifo_messages_carry_group_and_dedup_ids_and_are_delivered_once() {
         .unwrap();
     let got = receive_all(&client, &url, Duration::from_millis(800)).await;
     assert_eq!(got.len(), 2, "{got:?}");
-    let first: Message = serde_json::from_str(&got[0].body).unwrap();
+    let first = parse(&got[0].body);
     assert_eq!(first.event_id, "mc-0:ready:1");
     assert_eq!(first.status, Status::Ready);
     assert_eq!(got[0].group_id.as_deref(), Some("games/mc-0"));
     assert_eq!(got[0].dedup_id.as_deref(), Some("mc-0:ready:1"));
-    let second: Message = serde_json::from_str(&got[1].body).unwrap();
+    let second = parse(&got[1].body);
     assert_eq!(second.event_id, "mc-0:terminating:1");
 }
 

@@ -19,9 +19,9 @@ fn kubectl() -> std::path::PathBuf {
 fn rendered() -> BTreeMap<String, Vec<Value>> {
     let names = overlays();
     assert!(
-        names.len() >= 5,
-        "expected the standard, init-container, host-network, agones and queue-mode overlays: \
-         {names:?}"
+        names.len() >= 6,
+        "expected the standard, init-container, host-network, agones, queue-mode and many-games \
+         overlays: {names:?}"
     );
     let kubectl = kubectl();
     names
@@ -235,6 +235,14 @@ fn rbac_has_no_wildcard_and_grants_exactly_what_is_used() {
                 }
             }
             let expected = match (kind, str_at(o, "/metadata/name")) {
+                ("Role", "spotable-proxy") if overlay == "many-games" => set(&[
+                    "discovery.k8s.io/endpointslices:get",
+                    "discovery.k8s.io/endpointslices:list",
+                    "discovery.k8s.io/endpointslices:watch",
+                    "/services:get",
+                    "/services:list",
+                    "/services:watch",
+                ]),
                 ("Role", "spotable-proxy") => set(&[
                     "discovery.k8s.io/endpointslices:get",
                     "discovery.k8s.io/endpointslices:list",
@@ -318,13 +326,26 @@ fn every_container_is_non_root_hardened_and_requests_resources() {
 #[test]
 fn game_server_copies_never_share_a_node_and_spread_over_zones() {
     for (overlay, objects) in rendered() {
-        let games: Vec<&Value> = objects
-            .iter()
-            .filter(|o| str_at(o, "/metadata/name") == "game-server")
-            .filter(|o| !pod_specs(o).is_empty())
-            .collect();
-        assert_eq!(games.len(), 1, "{overlay}: one game-server workload");
-        let game = games[0];
+        let games = game_workloads(&objects);
+        let expected = if overlay == "many-games" { 2 } else { 1 };
+        assert_eq!(games.len(), expected, "{overlay}: game-server workloads");
+        for game in games {
+            game_copies_are_spread(&overlay, game);
+        }
+    }
+}
+
+/// The game-server workloads (`game-server`, or `game-server-<game>` per game).
+fn game_workloads(objects: &[Value]) -> Vec<&Value> {
+    objects
+        .iter()
+        .filter(|o| str_at(o, "/metadata/name").starts_with("game-server"))
+        .filter(|o| !pod_specs(o).is_empty())
+        .collect()
+}
+
+fn game_copies_are_spread(overlay: &str, game: &Value) {
+    {
         let pod = pod_specs(game)[0];
         let at = format!("{overlay}: {}", id(game));
         let replicas = game.pointer("/spec/replicas").and_then(Value::as_u64);
@@ -473,8 +494,6 @@ fn the_proxy_finds_its_game_and_runs_highly_available() {
             !ports.is_empty() && ports.iter().all(|p| str_at(p, "/protocol") == "UDP"),
             "{at}: player ports are UDP"
         );
-        // --kubernetes-service names a Service in this namespace that selects the game's pods
-        // and has the --port-name port.
         let args = container_argv(c);
         let flag = |f: &str| {
             args.iter()
@@ -482,30 +501,91 @@ fn the_proxy_finds_its_game_and_runs_highly_available() {
                 .unwrap_or_else(|| panic!("{at}: no --{f}"))
                 .to_string()
         };
-        let (svc, port) = (flag("kubernetes-service"), flag("port-name"));
-        let service = objects
-            .iter()
-            .find(|o| {
-                str_at(o, "/kind") == "Service"
-                    && str_at(o, "/metadata/name") == svc
-                    && str_at(o, "/metadata/namespace") == ns
-            })
-            .unwrap_or_else(|| panic!("{at}: Service {ns}/{svc} not rendered"));
-        assert!(
-            items(service, "/spec/ports")
-                .iter()
-                .any(|p| str_at(p, "/name") == port),
-            "{at}: Service {svc} has no port {port}"
-        );
-        let game = objects
-            .iter()
-            .find(|o| str_at(o, "/metadata/name") == "game-server" && !pod_specs(o).is_empty())
-            .unwrap_or_else(|| panic!("{at}: no game-server"));
-        assert!(
-            selects(service.pointer("/spec/selector"), &pod_labels(game)),
-            "{at}: Service {svc} does not select the game-server pods"
-        );
+        let port = flag("port-name");
+        // Each Service the proxy follows is in its namespace, has the --port-name port and
+        // selects exactly one game's pods.
+        let services: Vec<&Value> = if args.iter().any(|a| a == "--kubernetes-games") {
+            games_of(&at, &objects, ns, &flag("token-bytes"))
+        } else {
+            // --kubernetes-service names one Service.
+            let svc = flag("kubernetes-service");
+            vec![
+                objects
+                    .iter()
+                    .find(|o| {
+                        str_at(o, "/kind") == "Service"
+                            && str_at(o, "/metadata/name") == svc
+                            && str_at(o, "/metadata/namespace") == ns
+                    })
+                    .unwrap_or_else(|| panic!("{at}: Service {ns}/{svc} not rendered")),
+            ]
+        };
+        for service in services {
+            let svc = id(service);
+            assert!(
+                items(service, "/spec/ports")
+                    .iter()
+                    .any(|p| str_at(p, "/name") == port),
+                "{at}: {svc} has no port {port}"
+            );
+            let selected: Vec<_> = game_workloads(&objects)
+                .into_iter()
+                .filter(|g| selects(service.pointer("/spec/selector"), &pod_labels(g)))
+                .collect();
+            assert_eq!(
+                selected.len(),
+                1,
+                "{at}: {svc} must select one game-server workload's pods"
+            );
+        }
     }
+}
+
+/// With --kubernetes-games: the Services labelled as games in `ns`. Each has tokens of the
+/// proxy's length that no other game claims, and its pods carry the same label and
+/// annotation, which their wrapper publishes through the downward API.
+fn games_of<'a>(at: &str, objects: &'a [Value], ns: &str, token_bytes: &str) -> Vec<&'a Value> {
+    let token_bytes: usize = token_bytes
+        .parse()
+        .unwrap_or_else(|e| panic!("{at}: --token-bytes={token_bytes}: {e}"));
+    let games: Vec<&Value> = objects
+        .iter()
+        .filter(|o| {
+            str_at(o, "/kind") == "Service"
+                && str_at(o, "/metadata/namespace") == ns
+                && !str_at(o, "/metadata/labels/spotable.io~1game").is_empty()
+        })
+        .collect();
+    assert!(games.len() >= 2, "{at}: many games, found {}", games.len());
+    let mut owners = BTreeMap::new();
+    for g in &games {
+        let name = str_at(g, "/metadata/labels/spotable.io~1game");
+        let tokens = str_at(g, "/metadata/annotations/spotable.io~1tokens");
+        assert!(!tokens.is_empty(), "{at}: {} has no tokens", id(g));
+        for t in tokens.split(',') {
+            let bytes = spotable_proxy::token::parse_token(t.trim())
+                .unwrap_or_else(|e| panic!("{at}: {}: {e}", id(g)));
+            assert_eq!(bytes.len(), token_bytes, "{at}: token {t} of {}", id(g));
+            if let Some(other) = owners.insert(bytes, name) {
+                panic!("{at}: token {t} of both {other} and {name}");
+            }
+        }
+        for w in game_workloads(objects) {
+            if selects(g.pointer("/spec/selector"), &pod_labels(w)) {
+                let template = w
+                    .pointer("/spec/template/metadata")
+                    .unwrap_or_else(|| panic!("{at}: {} has no pod template", id(w)));
+                assert_eq!(str_at(template, "/labels/spotable.io~1game"), name);
+                assert_eq!(
+                    str_at(template, "/annotations/spotable.io~1tokens"),
+                    tokens,
+                    "{at}: {} publishes other tokens than the proxy routes",
+                    id(w)
+                );
+            }
+        }
+    }
+    games
 }
 
 #[test]
@@ -847,7 +927,7 @@ fn followed_services(objects: &[Value]) -> Vec<String> {
 fn the_readme_second_game_follows_its_own_service() {
     let readme = std::fs::read_to_string(deploy_dir().join("README.md")).unwrap();
     let snippet = readme
-        .split("### A second game, today")
+        .split("### A game with its own proxy")
         .nth(1)
         .and_then(|s| s.split("```yaml\n").nth(1))
         .and_then(|s| s.split("```").next())

@@ -46,10 +46,11 @@ enum Sub {
         #[arg(long, value_name = "PATH")]
         env_file: PathBuf,
         #[command(flatten)]
-        common: Common,
+        common: Box<Common>,
     },
-    /// Reads the inventory queue and prints the live fleet: status, address:port, node, age.
-    /// It consumes the queue and keeps the fleet in --state, so every run shows all of it.
+    /// Reads the inventory queue and prints the live fleet: status, game, address, node, age.
+    /// It consumes the queue and keeps the fleet in --state, so every run shows all of it;
+    /// with --peek it leaves the messages for the queue's real consumer (a matchmaker).
     Inventory {
         /// The inventory queue.
         #[arg(long, env = "QUEUE_URL", value_name = "URL")]
@@ -57,6 +58,11 @@ enum Sub {
         /// Keep reading and reprint every few seconds.
         #[arg(long)]
         watch: bool,
+        /// Do not delete: read with a 1 s visibility timeout, so every message returns to
+        /// the queue for its consumer, a second later. Each read counts towards a dead-letter
+        /// queue's maxReceiveCount, and holds a FIFO group for that second.
+        #[arg(long)]
+        peek: bool,
         /// Where the fleet is kept between runs.
         #[arg(long, default_value = "spotable-fleet.json", value_name = "PATH")]
         state: PathBuf,
@@ -93,6 +99,25 @@ pub struct Common {
     /// Public hostname to advertise instead of the metadata's.
     #[arg(long, env = "SPOTABLE_PUBLIC_HOSTNAME", value_name = "NAME")]
     pub public_hostname: Option<String>,
+    /// Players reach this server through the proxy at HOST:PORT (its load balancer): the
+    /// inventory carries this address, and no public address of the server's own.
+    #[arg(long, env = "SPOTABLE_FRONT_ADDRESS", value_name = "HOST:PORT", value_parser = parse_front)]
+    pub front_address: Option<String>,
+    /// The game (match, world) this server is a replica of, as the proxy knows it (the
+    /// `spotable.io/game` label).
+    #[arg(long, env = "SPOTABLE_GAME", value_name = "NAME")]
+    pub game: Option<String>,
+    /// A token that routes players to the game through the proxy: UTF-8 text or
+    /// `base64:…` (repeatable; the environment variable takes a comma-separated list).
+    #[arg(long = "token", env = "SPOTABLE_TOKENS", value_name = "TOKEN", value_delimiter = ',',
+          value_parser = parse_token)]
+    pub tokens: Vec<String>,
+    /// Agones: tell the SDK sidecar (AGONES_SDK_HTTP_PORT) ready, health and shutdown.
+    #[arg(long)]
+    pub agones: bool,
+    /// Agones: time between health reports (keep it under the fleet's health period).
+    #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub agones_health_interval: Duration,
     /// Stop signal to SIGKILL.
     #[arg(long, default_value = "110s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub grace: Duration,
@@ -107,6 +132,56 @@ pub struct Common {
     pub log_level: String,
 }
 
+/// Empty values (an unset label or annotation through the downward API, an empty
+/// ConfigMap key) mean "not given"; [`Common::settle`] drops them.
+fn parse_front(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or("want HOST:PORT, e.g. play.example.com:7777")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err("want HOST:PORT with a host name or address".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(s.to_string()),
+        _ => Err(format!("{port:?} is not a port (1 to 65535)")),
+    }
+}
+
+fn parse_token(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    match spotable_core::token::parse_token(s) {
+        Ok(bytes) if !bytes.is_empty() => Ok(s.to_string()),
+        Ok(_) => Err("a token cannot be empty".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl Common {
+    /// Drops empty values and checks what clap cannot: one kind of address.
+    fn settle(mut self) -> Result<Self, String> {
+        self.front_address = self.front_address.filter(|a| !a.is_empty());
+        self.game = self.game.filter(|g| !g.is_empty());
+        self.tokens.retain(|t| !t.is_empty());
+        if self.front_address.is_some()
+            && (self.public_ip.is_some() || self.public_hostname.is_some())
+        {
+            return Err(
+                "--front-address cannot be used with --public-ip or --public-hostname: \
+                        behind the proxy players use the proxy's address"
+                    .into(),
+            );
+        }
+        Ok(self)
+    }
+}
+
 /// Runs the wrapper binary.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -117,9 +192,17 @@ pub fn main() -> ExitCode {
         Some(Sub::Inventory {
             queue_url,
             watch,
+            peek,
             state,
-        }) => return inventory(&queue_url, watch, &state),
-        Some(Sub::Init { env_file, common }) => (common, Mode::Init(env_file)),
+        }) => return inventory(&queue_url, watch, peek, &state),
+        Some(Sub::Init { common, .. }) if common.agones => {
+            eprintln!(
+                "spotable-wrapper: --agones: the SDK is told by the wrapper that runs the game, \
+                 not by an init container"
+            );
+            return ExitCode::from(2);
+        }
+        Some(Sub::Init { env_file, common }) => (*common, Mode::Init(env_file)),
         None if cli.command.is_empty() => {
             eprintln!(
                 "spotable-wrapper: no game command: spotable-wrapper [FLAGS] -- COMMAND [ARGS...]"
@@ -127,6 +210,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         None => (cli.common, Mode::Run(cli.command)),
+    };
+    let common = match common.settle() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("spotable-wrapper: {e}");
+            return ExitCode::from(2);
+        }
     };
     if common.ports.is_empty() {
         eprintln!("spotable-wrapper: --port: at least one port is required (e.g. --port game/udp)");
@@ -139,38 +229,47 @@ pub fn main() -> ExitCode {
     spotable_edge::block_on("spotable-wrapper", run(common, mode))
 }
 
-fn inventory(queue_url: &str, watch: bool, state: &std::path::Path) -> ExitCode {
-    spotable_edge::block_on("spotable-wrapper", read_fleet(queue_url, watch, state))
+fn inventory(queue_url: &str, watch: bool, peek: bool, state: &std::path::Path) -> ExitCode {
+    spotable_edge::block_on(
+        "spotable-wrapper",
+        read_fleet(queue_url, watch, peek, state),
+    )
 }
 
 async fn read_fleet(
     queue_url: &str,
     watch: bool,
+    peek: bool,
     state: &std::path::Path,
 ) -> Result<i32, BoxError> {
     let client = spotable_fleet::inventory::sqs_client().await;
     let mut fleet = crate::fleet::Fleet::load(state)?;
     loop {
         let mut read = 0;
+        // Peeking, a message comes back a second later: stop at the first one seen twice.
+        let mut seen = std::collections::HashSet::new();
         loop {
-            let out = client
+            let mut receive = client
                 .receive_message()
                 .queue_url(queue_url)
                 .max_number_of_messages(10)
-                .wait_time_seconds(if watch { 2 } else { 1 })
-                .send()
-                .await
-                .map_err(|e| {
-                    format!(
-                        "cannot read {queue_url}: {}",
-                        aws_sdk_sqs::error::DisplayErrorContext(e)
-                    )
-                })?;
-            let messages = out.messages.unwrap_or_default();
-            if messages.is_empty() {
-                break;
+                .wait_time_seconds(if watch { 2 } else { 1 });
+            if peek {
+                receive = receive.visibility_timeout(1);
             }
+            let out = receive.send().await.map_err(|e| {
+                format!(
+                    "cannot read {queue_url}: {}",
+                    aws_sdk_sqs::error::DisplayErrorContext(e)
+                )
+            })?;
+            let messages = out.messages.unwrap_or_default();
+            let mut fresh = 0;
             for m in &messages {
+                if !seen.insert(m.message_id().unwrap_or_default().to_string()) {
+                    continue;
+                }
+                fresh += 1;
                 match serde_json::from_str::<Message>(m.body().unwrap_or_default()) {
                     Ok(msg) => fleet.apply(&msg),
                     Err(e) => eprintln!("spotable-wrapper: skipping a message: {e}"),
@@ -178,7 +277,15 @@ async fn read_fleet(
                 read += 1;
             }
             // Saved before deleted: a message gone from the queue is never lost.
-            fleet.save(state)?;
+            if fresh > 0 {
+                fleet.save(state)?;
+            }
+            if messages.is_empty() || (peek && fresh < messages.len()) {
+                break;
+            }
+            if peek {
+                continue;
+            }
             for h in messages.iter().filter_map(|m| m.receipt_handle()) {
                 client
                     .delete_message()
@@ -243,6 +350,10 @@ async fn launch(
         tracing::warn!(error = %e, "cannot become a child subreaper; orphans go to PID 1");
     }
     let supervisor = Supervisor::new()?;
+    let sdk = match common.agones {
+        true => Some(crate::agones::Sdk::from_env()?),
+        false => None,
+    };
     alloc.release_binds();
     let env = alloc.env();
     let mut cmd = std::process::Command::new(&command[0]);
@@ -261,6 +372,9 @@ async fn launch(
     };
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
     tracing::info!(pid = pid.as_raw(), "game started");
+    let health = sdk
+        .clone()
+        .map(|sdk| tokio::spawn(sdk.health_loop(common.agones_health_interval)));
     // `ready` once the game holds every port it asked for.
     let ready = {
         let wanted: Vec<(u16, Vec<_>)> = alloc
@@ -271,6 +385,7 @@ async fn launch(
         let message = server.message(Status::Ready);
         let outbox = outbox.clone();
         let timeout = common.ready_timeout;
+        let sdk = sdk.clone();
         tokio::spawn(async move {
             let start = Instant::now();
             loop {
@@ -279,6 +394,13 @@ async fn launch(
                     .all(|(port, protos)| protos.iter().all(|p| ports::in_use(*port, *p)));
                 if all {
                     outbox.send(message);
+                    if let Some(sdk) = sdk {
+                        let left = timeout.saturating_sub(start.elapsed());
+                        match sdk.call_until("/ready", left).await {
+                            Ok(()) => tracing::info!("Agones: ready"),
+                            Err(e) => tracing::error!(error = %e, "Agones: cannot report ready"),
+                        }
+                    }
                     return;
                 }
                 if start.elapsed() > timeout {
@@ -298,8 +420,18 @@ async fn launch(
         })
         .await;
     ready.abort();
+    if let Some(h) = health {
+        h.abort();
+    }
     drop(child);
     tracing::info!(exit = ?exit, "game exited");
+    if let Some(sdk) = &sdk {
+        // The GameServer is done: Agones deletes it rather than wait for a health timeout.
+        match sdk.call_until("/shutdown", Duration::from_secs(5)).await {
+            Ok(()) => tracing::info!("Agones: shutdown"),
+            Err(e) => tracing::warn!(error = %e, "Agones: cannot report shutdown"),
+        }
+    }
     let mut m = server.message(Status::Terminated);
     m.exit_code = Some(exit.code());
     m.reason = Some(match exit {
@@ -321,6 +453,9 @@ async fn identity(common: &Common) -> Result<Identity, BoxError> {
         })?;
         match imds.identity().await {
             Ok(found) => id = found,
+            Err(e) if common.front_address.is_some() => {
+                tracing::warn!(error = %e, "instance metadata unavailable; no region or instance id");
+            }
             Err(e) if common.public_ip.is_some() || common.public_hostname.is_some() => {
                 tracing::warn!(error = %e, "instance metadata unavailable; using the overrides");
             }
@@ -338,6 +473,12 @@ async fn identity(common: &Common) -> Result<Identity, BoxError> {
     }
     if let Some(h) = &common.public_hostname {
         id.public_hostname = Some(h.clone());
+    }
+    if common.front_address.is_some() {
+        // Players cannot reach the server itself: advertising its address would send them
+        // around the proxy, or nowhere.
+        id.public_ipv4 = None;
+        id.public_hostname = None;
     }
     Ok(id)
 }
@@ -379,6 +520,9 @@ impl ServerInfo {
         base.instance_id = identity.instance_id;
         base.node = env("NODE_NAME");
         base.pod = pod;
+        base.game = common.game.clone();
+        base.tokens = common.tokens.clone();
+        base.front_address = common.front_address.clone();
         Self { base, id }
     }
 

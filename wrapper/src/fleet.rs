@@ -26,6 +26,9 @@ pub struct Server {
     pub updated: String,
     /// Game type.
     pub kind: Option<String>,
+    /// The game it is a replica of (behind a token-routing proxy).
+    #[serde(default)]
+    pub game: Option<String>,
 }
 
 /// All servers, by id.
@@ -85,13 +88,22 @@ impl Fleet {
             since: m.ts.clone(),
             updated: m.ts.clone(),
             kind: None,
+            game: None,
         });
-        // Messages can arrive out of order across groups; never move a server backwards.
-        if m.ts >= entry.updated || entry.status != Status::Terminated {
+        // Messages can arrive out of order (a standard queue, a redelivery, clocks that agree
+        // to the second): never move a server backwards, in time or, within one second, in
+        // its lifecycle.
+        if (m.ts.as_str(), lifecycle(m.status)) >= (entry.updated.as_str(), lifecycle(entry.status))
+        {
             entry.status = m.status;
             entry.updated = m.ts.clone();
         }
-        entry.address = format!("{host}:{port}");
+        // Behind the proxy, players use its address (and the game's token).
+        entry.address = m
+            .front_address
+            .clone()
+            .unwrap_or_else(|| format!("{host}:{port}"));
+        entry.game = m.game.clone().or(entry.game.take());
         entry.node = m.node.clone().or(entry.node.take());
         entry.kind = m.kind.clone().or(entry.kind.take());
     }
@@ -110,8 +122,8 @@ impl Fleet {
     /// A table: one row per server.
     pub fn table(&self, now: SystemTime) -> String {
         let mut out = format!(
-            "{:<28} {:<12} {:<28} {:<20} {:>8}\n",
-            "SERVER", "STATUS", "ADDRESS", "NODE", "AGE"
+            "{:<28} {:<12} {:<16} {:<28} {:<20} {:>8}\n",
+            "SERVER", "STATUS", "GAME", "ADDRESS", "NODE", "AGE"
         );
         for (id, s) in &self.servers {
             let age = humantime::parse_rfc3339_weak(&s.since)
@@ -123,15 +135,27 @@ impl Fleet {
                 .and_then(|v| v.as_str().map(String::from))
                 .unwrap_or_default();
             out.push_str(&format!(
-                "{:<28} {:<12} {:<28} {:<20} {:>8}\n",
+                "{:<28} {:<12} {:<16} {:<28} {:<20} {:>8}\n",
                 id,
                 status,
+                s.game.as_deref().unwrap_or("-"),
                 s.address,
                 s.node.as_deref().unwrap_or("-"),
                 age
             ));
         }
         out
+    }
+}
+
+/// A status's place in a server's life.
+fn lifecycle(s: Status) -> u8 {
+    match s {
+        Status::Init => 0,
+        Status::Ready => 1,
+        Status::Interrupted => 2,
+        Status::Terminating => 3,
+        Status::Terminated => 4,
     }
 }
 
@@ -187,6 +211,12 @@ mod tests {
         f.apply(&msg("a", Status::Ready, "2026-11-24T08:00:05Z"));
         f.apply(&msg("b", Status::Ready, "2026-11-24T08:00:05Z"));
         f.apply(&msg("b", Status::Terminated, "2026-11-24T08:01:00Z"));
+        // Late arrivals never move a server back: an older message, or an earlier step of
+        // the same second.
+        f.apply(&msg("b", Status::Ready, "2026-11-24T08:00:30Z"));
+        f.apply(&msg("c", Status::Ready, "2026-11-24T08:00:05Z"));
+        f.apply(&msg("c", Status::Init, "2026-11-24T08:00:05Z"));
+        assert_eq!(f.servers["games/c"].status, Status::Ready);
         let mut interrupted = Message::new("spot:terminate:x", Status::Interrupted);
         interrupted.node = Some("node-1".into());
         interrupted.ts = "2026-11-24T08:02:00Z".into();

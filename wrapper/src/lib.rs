@@ -2,6 +2,7 @@
 //! PID-1 duty for the game process.
 #![forbid(unsafe_code)]
 
+pub mod agones;
 pub mod cli;
 pub mod expand;
 pub mod fleet;

@@ -9,6 +9,12 @@ use std::time::{Duration, Instant};
 use spotable_fixtures::aws::{moto_with_queue, receive_all, receive_until};
 use spotable_fleet::inventory::{Message, Status};
 
+/// A queue message as a consumer reads it: held against the published schema, then typed.
+fn parse(body: &str) -> Message {
+    let value = spotable_fixtures::schema::inventory_message(body).unwrap();
+    serde_json::from_value(value).unwrap()
+}
+
 fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_spotable-wrapper")
 }
@@ -27,24 +33,25 @@ fn range(offset: u16) -> (u16, u16) {
 }
 
 fn wrapper(dir: &Path, offset: u16, extra: &[&str], command: &[&str]) -> Command {
+    let mut args = vec!["--public-ip", "203.0.113.7"];
+    args.extend_from_slice(extra);
+    wrapper_without_address(dir, offset, &args, command)
+}
+
+/// [`wrapper`] without an address of its own: give `--public-ip` or `--front-address`.
+fn wrapper_without_address(dir: &Path, offset: u16, extra: &[&str], command: &[&str]) -> Command {
     let (a, b) = range(offset);
     let mut c = Command::new(exe());
-    c.args([
-        "--no-imds",
-        "--public-ip",
-        "203.0.113.7",
-        "--port",
-        "game/udp",
-    ])
-    .args(["--port-range", &format!("{a}-{b}")])
-    .args(["--lock-dir", dir.join("locks").to_str().unwrap()])
-    .args(extra)
-    .arg("--")
-    .args(command)
-    .env("OUT", dir)
-    .env_remove("QUEUE_URL")
-    .env_remove("RUST_LOG")
-    .stdin(Stdio::null());
+    c.args(["--no-imds", "--port", "game/udp"])
+        .args(["--port-range", &format!("{a}-{b}")])
+        .args(["--lock-dir", dir.join("locks").to_str().unwrap()])
+        .args(extra)
+        .arg("--")
+        .args(command)
+        .env("OUT", dir)
+        .env_remove("QUEUE_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
     c
 }
 
@@ -267,6 +274,45 @@ fn usage_errors() {
             vec!["--port", "game/udp", "--port-range", "9-1", "--", "true"],
             "--port-range",
         ),
+        (
+            vec![
+                "--front-address",
+                "play.example.com",
+                "--port",
+                "game/udp",
+                "--",
+                "true",
+            ],
+            "--front-address",
+        ),
+        (
+            vec![
+                "--front-address",
+                "play.example.com:7777",
+                "--public-ip",
+                "203.0.113.7",
+                "--port",
+                "game/udp",
+                "--",
+                "true",
+            ],
+            "cannot be used with --public-ip",
+        ),
+        (
+            vec!["--token", "base64:!!", "--port", "game/udp", "--", "true"],
+            "not valid base64",
+        ),
+        (
+            vec![
+                "init",
+                "--env-file",
+                "/tmp/x",
+                "--agones",
+                "--port",
+                "game/udp",
+            ],
+            "--agones",
+        ),
     ] {
         let out = Command::new(exe()).args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -314,10 +360,7 @@ async fn sigterm_reaches_the_game_and_the_inventory_hears_every_step_in_order() 
         "TERM\n"
     );
     got.extend(receive_all(&sqs, &queue, Duration::from_millis(1000)).await);
-    let messages: Vec<Message> = got
-        .iter()
-        .map(|r| serde_json::from_str(&r.body).unwrap())
-        .collect();
+    let messages: Vec<Message> = got.iter().map(|r| parse(&r.body)).collect();
     let statuses: Vec<Status> = messages.iter().map(|m| m.status).collect();
     assert_eq!(
         statuses,
@@ -412,7 +455,7 @@ async fn init_container_mode_writes_the_env_file_and_publishes_init() {
     }
     let got = receive_all(&sqs, &queue, Duration::from_millis(800)).await;
     assert_eq!(got.len(), 1);
-    let m: Message = serde_json::from_str(&got[0].body).unwrap();
+    let m = parse(&got[0].body);
     assert_eq!(m.status, Status::Init);
     assert_eq!(m.public_ipv4.as_deref(), Some("203.0.113.9"));
     assert_eq!(m.ports.len(), 2);
@@ -450,23 +493,21 @@ async fn inventory_prints_the_live_fleet_and_remembers_it() {
         .send(&server("mc-0", Status::Ready, 7001))
         .await
         .unwrap();
-    publisher
-        .send(&server("mc-1", Status::Ready, 7002))
-        .await
-        .unwrap();
+    let mut proxied = server("mc-1", Status::Ready, 7002);
+    proxied.public_ipv4 = None;
+    proxied.game = Some("arena-1".into());
+    proxied.tokens = vec!["arena-01".into()];
+    proxied.front_address = Some("play.example.com:7777".into());
+    publisher.send(&proxied).await.unwrap();
     let mut spot = Message::new("spot:terminate:t", Status::Interrupted);
     spot.node = Some("node-mc-1".into());
     publisher.send(&spot).await.unwrap();
     let state = dir.join("fleet.json");
-    let run = || {
+    let inventory = |state: &Path, extra: &[&str]| {
         let out = Command::new(exe())
-            .args([
-                "inventory",
-                "--queue-url",
-                &queue,
-                "--state",
-                state.to_str().unwrap(),
-            ])
+            .args(["inventory", "--queue-url", &queue, "--state"])
+            .arg(state)
+            .args(extra)
             .envs(moto.env())
             .output()
             .unwrap();
@@ -477,7 +518,23 @@ async fn inventory_prints_the_live_fleet_and_remembers_it() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
-    let table = tokio::task::block_in_place(run);
+    // A peek shows the fleet and leaves every message for the queue's consumer.
+    let peeked = tokio::task::block_in_place(|| inventory(&dir.join("peek.json"), &["--peek"]));
+    assert!(
+        peeked.contains("games/mc-0") && peeked.contains("play.example.com:7777"),
+        "{peeked}"
+    );
+    let run = || inventory(&state, &[]);
+    // The peeked messages return to the queue a second later; the consumer reads until it
+    // has them all.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let table = loop {
+        let table = tokio::task::block_in_place(run);
+        let done = table.contains("interrupted") && table.contains("ready");
+        if done || Instant::now() > deadline {
+            break table;
+        }
+    };
     let row = |name: &str| {
         table
             .lines()
@@ -485,8 +542,15 @@ async fn inventory_prints_the_live_fleet_and_remembers_it() {
             .unwrap_or_else(|| panic!("{name} missing:\n{table}"))
             .to_string()
     };
-    assert!(row("mc-0").contains("ready") && row("mc-0").contains("203.0.113.7:7001"));
+    assert!(
+        row("mc-0").contains("ready") && row("mc-0").contains("203.0.113.7:7001"),
+        "{table}"
+    );
     assert!(row("mc-1").contains("interrupted") && row("mc-1").contains("node-mc-1"));
+    assert!(
+        row("mc-1").contains("arena-1") && row("mc-1").contains("play.example.com:7777"),
+        "behind the proxy, the row shows the game and the proxy's address"
+    );
     // The queue was consumed; the fleet is remembered.
     assert!(
         receive_all(&sqs, &queue, Duration::from_millis(500))
@@ -549,7 +613,7 @@ async fn the_address_comes_from_instance_metadata() {
         String::from_utf8_lossy(&out.stderr)
     );
     let got = receive_all(&sqs, &queue, Duration::from_millis(800)).await;
-    let m: Message = serde_json::from_str(&got[0].body).unwrap();
+    let m = parse(&got[0].body);
     assert_eq!(m.public_ipv4.as_deref(), Some("198.51.100.4"));
     assert_eq!(
         m.public_hostname.as_deref(),
@@ -558,4 +622,90 @@ async fn the_address_comes_from_instance_metadata() {
     assert_eq!(m.instance_id.as_deref(), Some("i-0feed"));
     assert_eq!(m.region.as_deref(), Some("ap-south-1"));
     assert!(imds.token_requests() >= 1, "IMDSv2 was used");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_the_proxy_the_inventory_names_game_tokens_and_front_address_and_agones_hears_it_all()
+ {
+    use spotable_fixtures::agones::FakeAgonesSdk;
+    let dir = tempdir("agones");
+    let (moto, sqs, queue) = moto_with_queue("inventory.fifo").await;
+    let sdk = FakeAgonesSdk::start().await.unwrap();
+    // The sidecar starts after the game: ready must be retried until it answers.
+    sdk.set_unavailable(true);
+    let mut cmd = wrapper_without_address(
+        &dir,
+        300,
+        &[
+            "--game",
+            "arena-1",
+            "--front-address",
+            "play.example.com:7777",
+            "--agones",
+            "--agones-health-interval",
+            "100ms",
+        ],
+        &["python3", "-c", GAME],
+    );
+    cmd.env("QUEUE_URL", &queue)
+        .envs(moto.env())
+        .env("SPOTABLE_TOKENS", "arena-01,base64:AAECAwQFBgc=")
+        .env("AGONES_SDK_HTTP_PORT", sdk.port().to_string());
+    let mut child = cmd.spawn().unwrap();
+    let mut got = receive_until(&sqs, &queue, "\"ready\"", Duration::from_secs(10)).await;
+    assert!(
+        eventually(Duration::from_secs(10), || sdk.refused() > 0).await,
+        "the wrapper asked the sidecar while it was down"
+    );
+    sdk.set_unavailable(false);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let calls = sdk.calls();
+            calls.contains(&"/ready".to_string())
+                && calls.iter().filter(|c| *c == "/health").count() >= 3
+        })
+        .await,
+        "ready and periodic health: {:?}",
+        sdk.calls()
+    );
+    signal(&child, "-TERM");
+    let status = tokio::task::spawn_blocking(move || wait(&mut child, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(sdk.calls().last().map(String::as_str), Some("/shutdown"));
+    let health_after_exit = sdk.calls().iter().filter(|c| *c == "/health").count();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        sdk.calls().iter().filter(|c| *c == "/health").count(),
+        health_after_exit,
+        "no health report once the game is gone"
+    );
+
+    got.extend(receive_all(&sqs, &queue, Duration::from_millis(1000)).await);
+    let messages: Vec<Message> = got.iter().map(|r| parse(&r.body)).collect();
+    assert_eq!(messages.len(), 4, "{messages:?}");
+    for m in &messages {
+        assert_eq!(m.game.as_deref(), Some("arena-1"));
+        assert_eq!(m.tokens, ["arena-01", "base64:AAECAwQFBgc="]);
+        assert_eq!(m.front_address.as_deref(), Some("play.example.com:7777"));
+        assert_eq!(
+            (m.public_ipv4.as_deref(), m.public_hostname.as_deref()),
+            (None, None),
+            "players cannot reach the pod: its address is not advertised"
+        );
+    }
+}
+
+/// Polls `ok` until it holds or `within` passes, without blocking the runtime that serves
+/// the fakes.
+async fn eventually(within: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ok()
 }

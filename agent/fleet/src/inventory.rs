@@ -11,11 +11,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-/// Schema version carried in `v`.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Schema version carried in `v`. Version 2 added `game`, `tokens` and `front_address`; the
+/// JSON Schema of the current version is `deploy/schema/inventory.v2.json`.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The keys every message carries (null when unknown), as documented for consumers.
-pub const KEYS: [&str; 15] = [
+pub const KEYS: [&str; 18] = [
     "v",
     "event_id",
     "status",
@@ -30,6 +31,9 @@ pub const KEYS: [&str; 15] = [
     "pod",
     "deadline",
     "exit_code",
+    "game",
+    "tokens",
+    "front_address",
     "ts",
 ];
 
@@ -111,6 +115,18 @@ pub struct Message {
     pub deadline: Option<String>,
     /// Exit code, for `terminated`.
     pub exit_code: Option<i32>,
+    /// The game (match, world) this server is a replica of: the `spotable.io/game` label.
+    #[serde(default)]
+    pub game: Option<String>,
+    /// Tokens that route players to the game through the proxy, as the proxy spells them
+    /// (UTF-8 text, or `base64:…`). Empty when the proxy does not route by token.
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    /// `HOST:PORT` players send to when the server sits behind the proxy (its load
+    /// balancer). Then `public_ipv4` and `public_hostname` are null: players cannot reach
+    /// the server itself.
+    #[serde(default)]
+    pub front_address: Option<String>,
     /// When the message was made (RFC 3339).
     pub ts: String,
 }
@@ -133,6 +149,9 @@ impl Message {
             pod: None,
             deadline: None,
             exit_code: None,
+            game: None,
+            tokens: Vec::new(),
+            front_address: None,
             ts: now_rfc3339(),
         }
     }
@@ -331,9 +350,22 @@ mod tests {
         }
         assert_eq!(v["status"], "interrupted");
         assert_eq!(v["ports"]["game"]["proto"], "udp");
-        assert_eq!(v["v"], 1);
+        assert_eq!(v["v"], 2);
         let back: Message = serde_json::from_value(v).unwrap();
         assert_eq!(back, m);
+    }
+
+    #[test]
+    fn version_1_messages_still_read() {
+        let mut v: serde_json::Value =
+            serde_json::to_value(Message::new("x", Status::Ready)).unwrap();
+        let o = v.as_object_mut().unwrap();
+        for key in ["game", "tokens", "front_address"] {
+            o.remove(key);
+        }
+        o.insert("v".into(), 1.into());
+        let m: Message = serde_json::from_value(v).unwrap();
+        assert_eq!((m.game, m.tokens.len(), m.front_address), (None, 0, None));
     }
 
     #[test]

@@ -221,6 +221,9 @@ async fn an_api_outage_at_the_notice_delays_the_drain_but_does_not_cancel_it() {
         true
     );
     let got = receive_all(&w.sqs, &w.queue, Duration::from_millis(800)).await;
+    for m in &got {
+        spotable_fixtures::schema::inventory_message(&m.body).unwrap();
+    }
     assert_eq!(got.len(), 1, "one inventory message");
     assert!(got[0].sent_at.unwrap() <= actions[0].at);
     // Handled: the next poll does nothing more.
@@ -289,6 +292,9 @@ async fn a_malformed_notice_is_logged_once_and_never_acted_on() {
     let verbs: Vec<_> = w.api.actions().into_iter().map(|a| a.verb).collect();
     assert_eq!(verbs, ["PATCH", "EVICT"]);
     let got = receive_all(&w.sqs, &w.queue, Duration::from_millis(800)).await;
+    for m in &got {
+        spotable_fixtures::schema::inventory_message(&m.body).unwrap();
+    }
     assert_eq!(got.len(), 1, "one interrupted message");
 }
 
@@ -351,6 +357,9 @@ async fn sqs_down_does_not_block_the_drain_and_the_message_follows() {
         if !got.is_empty() {
             break;
         }
+    }
+    for m in &got {
+        spotable_fixtures::schema::inventory_message(&m.body).unwrap();
     }
     assert_eq!(got.len(), 1);
 }
@@ -580,6 +589,9 @@ async fn the_binary_handles_a_spot_notice_end_to_end() {
         );
     }
     let got = receive_all(&w.sqs, &w.queue, Duration::from_millis(800)).await;
+    for m in &got {
+        spotable_fixtures::schema::inventory_message(&m.body).unwrap();
+    }
     assert_eq!(got.len(), 1);
     let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
         .await

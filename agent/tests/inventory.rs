@@ -60,6 +60,9 @@ async fn standard_queues_work_too() {
         .await
         .unwrap();
     let got = receive_all(&client, &url, Duration::from_millis(500)).await;
+    for m in &got {
+        spotable_fixtures::schema::inventory_message(&m.body).unwrap();
+    }
     assert_eq!(got.len(), 1);
 }
 
@@ -101,5 +104,8 @@ async fn an_outage_is_retried_within_bounds_and_sent_once_sqs_is_back() {
     let attempts = sender.await.unwrap().unwrap();
     assert!(attempts > 1, "{attempts}");
     let got = receive_all(&client, &url, Duration::from_millis(800)).await;
+    for m in &got {
+        spotable_fixtures::schema::inventory_message(&m.body).unwrap();
+    }
     assert_eq!(got.len(), 1);
 }

@@ -193,6 +193,9 @@ async fn a_spot_warning_drains_the_instances_node_only() {
     );
     // The inventory heard once; the event is gone from the interruption queue.
     let told = receive_all(&w.sqs, &w.inventory, Duration::from_millis(800)).await;
+    for m in &told {
+        spotable_fixtures::schema::inventory_message(&m.body).unwrap();
+    }
     assert_eq!(told.len(), 1);
     assert!(told[0].body.contains("\"node\":\"n1\""), "{}", told[0].body);
     assert!(

@@ -91,6 +91,7 @@ fn session_lookup(c: &mut Criterion) {
             max_datagram: 1500,
             fanout: REPLICAS,
             late_join: false,
+            replica_header: None,
             token: None,
         };
         let mut table =

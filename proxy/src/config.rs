@@ -31,6 +31,28 @@ pub enum DedupeKind {
     Primary,
 }
 
+/// What goes before every datagram sent to replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+pub enum ReplicaHeaderName {
+    /// Nothing: replicas see the proxy's address.
+    #[value(name = "none")]
+    #[serde(rename = "none")]
+    None,
+    /// A PROXY protocol v2 header (binary, DGRAM) naming the player and the listener.
+    #[value(name = "proxy-v2")]
+    #[serde(rename = "proxy-v2")]
+    ProxyV2,
+}
+
+impl ReplicaHeaderName {
+    fn header(self) -> Option<crate::proxy_header::ReplicaHeader> {
+        match self {
+            ReplicaHeaderName::None => None,
+            ReplicaHeaderName::ProxyV2 => Some(crate::proxy_header::ReplicaHeader::ProxyV2),
+        }
+    }
+}
+
 /// Byte order names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,6 +118,8 @@ pub struct GameConfig {
     pub dedupe: Option<DedupeKind>,
     /// Its own fan-out; else the global one.
     pub fanout: Option<usize>,
+    /// Its own replica header; else the global one.
+    pub replica_header: Option<ReplicaHeaderName>,
     /// `sequence`: as the global setting (inherited when the modes match).
     pub sequence_offset: Option<usize>,
     /// `sequence`: as the global setting (inherited when the modes match).
@@ -225,6 +249,11 @@ pub struct Args {
     /// games).
     #[arg(long, num_args = 0, default_missing_value = "true")]
     pub late_join: Option<bool>,
+    /// Put a header before every datagram sent to replicas: `proxy-v2` names the player
+    /// (PROXY protocol v2), so a game (or the wrapper's anchor) knows it whichever proxy
+    /// carries it [default: none].
+    #[arg(long, value_enum, value_name = "none|proxy-v2")]
+    pub replica_header: Option<ReplicaHeaderName>,
     /// Data-plane threads [default: number of CPUs].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
@@ -609,6 +638,7 @@ impl Config {
             fanout,
             late_join: a.late_join.unwrap_or(false),
             token,
+            replica_header: a.replica_header.and_then(ReplicaHeaderName::header),
         };
         let replicas = match token {
             Some(spec) => {
@@ -804,6 +834,10 @@ impl GameTemplate {
             )));
         }
         let mode = self.dedupe.under(g).mode().map_err(in_game)?;
+        let replica_header = match g.replica_header {
+            Some(h) => h.header(),
+            None => self.settings.replica_header,
+        };
         Ok(GameSpec {
             name: g.name.as_str().into(),
             tokens,
@@ -811,6 +845,7 @@ impl GameTemplate {
             settings: std::sync::Arc::new(Settings {
                 mode,
                 fanout,
+                replica_header,
                 ..self.settings.clone()
             }),
         })

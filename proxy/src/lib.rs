@@ -9,13 +9,14 @@
 pub mod kernel;
 pub mod server;
 pub mod stats;
-pub mod udp;
 mod worker;
 
 pub use server::{Proxy, ProxyConfig, ServerError};
 pub use spotable_core::{
-    Replica, ReplicaSet, ReplicaState, dedupe, loglimit, ratelimit, replicas, session, token,
+    Replica, ReplicaSet, ReplicaState, dedupe, loglimit, proxy_header, ratelimit, replicas,
+    session, token,
 };
+pub use spotable_udp as udp;
 pub mod admin;
 pub mod cli;
 pub mod config;

@@ -33,6 +33,7 @@ fn start(replicas: &ReplicaSet, late_join: bool, listen: &[&str]) -> Proxy {
             fanout: MAX_SLOTS,
             late_join,
             token: None,
+            replica_header: None,
         },
     };
     Proxy::start(config, replicas.clone()).unwrap()

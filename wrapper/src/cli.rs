@@ -48,6 +48,10 @@ enum Sub {
         #[command(flatten)]
         common: Box<Common>,
     },
+    /// The identity anchor: reads the PROXY v2 header proxies put before each datagram
+    /// (`--replica-header proxy-v2`) and gives the game one stable peer per player,
+    /// whichever proxy carries the player. Run it beside the game, in its pod.
+    Anchor(AnchorArgs),
     /// Reads the inventory queue and prints the live fleet: status, game, address, node, age.
     /// It consumes the queue and keeps the fleet in --state, so every run shows all of it;
     /// with --peek it leaves the messages for the queue's real consumer (a matchmaker).
@@ -67,6 +71,37 @@ enum Sub {
         #[arg(long, default_value = "spotable-fleet.json", value_name = "PATH")]
         state: PathBuf,
     },
+}
+
+/// `spotable-wrapper anchor` flags.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct AnchorArgs {
+    /// Where proxies send (the address the game's Service names).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// The game's own address, on loopback.
+    #[arg(long, value_name = "ADDR")]
+    pub game: std::net::SocketAddr,
+    /// A network whose sources may speak for players: the proxies' pod network
+    /// (repeatable). Nothing is trusted until this is given.
+    #[arg(long, value_name = "CIDR")]
+    pub trust: Vec<ipnet::IpNet>,
+    /// A player without a datagram for this long is forgotten (keep it above the proxy's
+    /// --session-timeout).
+    #[arg(long, default_value = "2m", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Most players at once; each holds a socket.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub max_players: usize,
+    /// Serve /metrics and /healthz here.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<std::net::SocketAddr>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (RUST_LOG wins when set).
+    #[arg(long, default_value = "info", value_name = "FILTER")]
+    pub log_level: String,
 }
 
 /// Settings shared by run and init modes.
@@ -195,6 +230,7 @@ pub fn main() -> ExitCode {
             peek,
             state,
         }) => return inventory(&queue_url, watch, peek, &state),
+        Some(Sub::Anchor(args)) => return anchor(args),
         Some(Sub::Init { common, .. }) if common.agones => {
             eprintln!(
                 "spotable-wrapper: --agones: the SDK is told by the wrapper that runs the game, \
@@ -227,6 +263,94 @@ pub fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     spotable_edge::block_on("spotable-wrapper", run(common, mode))
+}
+
+fn anchor(args: AnchorArgs) -> ExitCode {
+    if args.max_players == 0 {
+        eprintln!("spotable-wrapper: --max-players: must be at least 1");
+        return ExitCode::from(2);
+    }
+    if args.idle_timeout.is_zero() {
+        eprintln!("spotable-wrapper: --idle-timeout: must be greater than zero");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = spotable_edge::init_logging(args.log_format, &args.log_level) {
+        eprintln!("spotable-wrapper: {e}");
+        return ExitCode::from(2);
+    }
+    spotable_edge::block_on("spotable-wrapper", run_anchor(args))
+}
+
+async fn run_anchor(args: AnchorArgs) -> Result<i32, BoxError> {
+    use crate::anchor::{Anchor, Config};
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "cannot raise the open-file limit");
+    }
+    let metrics = spotable_edge::install_metrics("spotable-wrapper")?;
+    let config = Config {
+        listen: args.listen,
+        game: args.game,
+        trust: args.trust.clone(),
+        idle_timeout: args.idle_timeout,
+        max_players: args.max_players,
+    };
+    // The anchor's batches hold raw pointers into its own buffers: it is built on the
+    // thread that runs it, which reports back how binding went.
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("spotable-anchor".into())
+        .spawn(move || match Anchor::bind(config) {
+            Ok((anchor, handle)) => {
+                let local = anchor.local_addr();
+                let _ = bound_tx.send(local.map(|l| (l, handle)));
+                anchor.run()
+            }
+            Err(e) => {
+                let _ = bound_tx.send(Err(e));
+                Ok(())
+            }
+        })?;
+    let (local, handle) = bound_rx
+        .recv()
+        .map_err(|_| "the anchor thread ended before binding")?
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let admin = match args.admin {
+        Some(addr) => Some(
+            spotable_edge::serve(addr, admin_router(metrics))
+                .await
+                .map_err(|e| format!("cannot serve admin on {addr}: {e}"))?
+                .1,
+        ),
+        None => None,
+    };
+    tracing::info!(listen = %local, game = %args.game, trust = ?args.trust, "anchor running");
+    println!("listening {local}");
+    let mut signals = spotable_edge::Signals::new()?;
+    let signal = signals.next().await;
+    tracing::info!(signal, "anchor stopping");
+    handle.stop();
+    if let Some(task) = admin {
+        task.abort();
+    }
+    match thread.join() {
+        Ok(Ok(())) => Ok(0),
+        Ok(Err(e)) => Err(format!("anchor failed: {e}").into()),
+        Err(_) => Err("anchor panicked".into()),
+    }
+}
+
+/// `/metrics` and `/healthz` for the wrapper's admin listener.
+fn admin_router(metrics: metrics_exporter_prometheus::PrometheusHandle) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { spotable_edge::render(&metrics) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
 }
 
 fn inventory(queue_url: &str, watch: bool, peek: bool, state: &std::path::Path) -> ExitCode {

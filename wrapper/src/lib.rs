@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agones;
+pub mod anchor;
 pub mod cli;
 pub mod expand;
 pub mod fleet;

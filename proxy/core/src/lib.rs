@@ -5,6 +5,7 @@
 
 pub mod dedupe;
 pub mod loglimit;
+pub mod proxy_header;
 pub mod ratelimit;
 pub mod replicas;
 pub mod session;

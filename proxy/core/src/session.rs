@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use crate::dedupe::{Deduper, MAX_SLOTS, Mode, Slot, SlotState, Verdict};
+use crate::proxy_header::ReplicaHeader;
 use crate::ratelimit::{Limiter, Rate};
 use crate::replicas::{GameCounters, GameTally, ReplicaState, Snapshot};
 use crate::token::{TokenRouter, TokenSpec};
@@ -155,6 +156,8 @@ pub struct Settings {
     pub late_join: bool,
     /// Token routing: the token every client datagram carries; `None` for one implicit game.
     pub token: Option<TokenSpec>,
+    /// A header to put before every datagram sent to replicas (the player's identity).
+    pub replica_header: Option<ReplicaHeader>,
 }
 
 /// The global session budget, shared by all workers' tables. One atomic touched per session
@@ -369,6 +372,8 @@ pub enum ClientVerdict<'a> {
         targets: &'a [SocketAddr],
         /// The part of the datagram to send: all of it, or all but the routing token.
         body: Range<usize>,
+        /// A header to send before `body` (the session's game asks for one).
+        header: Option<ReplicaHeader>,
     },
     /// Drop it, counting the reason.
     Drop(DropReason),
@@ -607,14 +612,19 @@ impl SessionTable {
         if session.members.targets.is_empty() {
             return ClientVerdict::Drop(DropReason::NoReplicas);
         }
-        if let Some(g) = self.games.get_mut(game) {
-            g.tally.drops -= 1;
-        }
+        let header = match self.games.get_mut(game) {
+            Some(g) => {
+                g.tally.drops -= 1;
+                g.settings.replica_header
+            }
+            None => None,
+        };
         ClientVerdict::Forward {
             id,
             opened,
             targets: &session.members.targets,
             body,
+            header,
         }
     }
 
@@ -926,6 +936,7 @@ mod tests {
             max_datagram: 1500,
             fanout: MAX_SLOTS,
             late_join: false,
+            replica_header: None,
             token: None,
         }
     }
@@ -989,6 +1000,7 @@ mod tests {
             opened: true,
             targets,
             body,
+            header: None,
         } = t.on_client(0, addr(5000), 10, now)
         else {
             panic!("first datagram must open session 0");

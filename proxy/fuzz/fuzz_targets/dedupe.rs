@@ -69,6 +69,7 @@ fn table_ops(data: &[u8], start: Instant) {
         max_datagram: 64,
         fanout: 4,
         late_join: data.get(1).is_some_and(|b| b & 1 == 1),
+        replica_header: None,
         token: None,
     };
     let admission = Admission::new(6);

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::config::{DedupeKind, GameConfig, GameTemplate};
+use crate::config::{DedupeKind, GameConfig, GameTemplate, ReplicaHeaderName};
 use crate::replicas::{GameSpec, Replica};
 
 /// The label naming an object's game.
@@ -20,6 +20,8 @@ pub const TOKENS: &str = "spotable.io/tokens";
 pub const DEDUPE: &str = "spotable.io/dedupe";
 /// Annotation: the game's fan-out (replicas per session).
 pub const FANOUT: &str = "spotable.io/fanout";
+/// Annotation: the game's replica header (`none`, `proxy-v2`).
+pub const REPLICA_HEADER: &str = "spotable.io/replica-header";
 
 /// One object's share of a game.
 #[derive(Debug, Clone)]
@@ -161,6 +163,25 @@ fn read_annotations(m: &Member<'_>, table: &mut GameConfig) -> Result<(), GamePr
             return Err(problem(DEDUPE, "differs from another object's".into()));
         }
         table.dedupe = Some(kind);
+    }
+    if let Some(v) = a.get(REPLICA_HEADER) {
+        let header = match v.trim() {
+            "none" => ReplicaHeaderName::None,
+            "proxy-v2" => ReplicaHeaderName::ProxyV2,
+            other => {
+                return Err(problem(
+                    REPLICA_HEADER,
+                    format!("{other:?} is not one of none, proxy-v2"),
+                ));
+            }
+        };
+        if table.replica_header.is_some_and(|h| h != header) {
+            return Err(problem(
+                REPLICA_HEADER,
+                "differs from another object's".into(),
+            ));
+        }
+        table.replica_header = Some(header);
     }
     if let Some(v) = a.get(FANOUT) {
         let n = v

@@ -25,6 +25,7 @@ use mio::Token;
 pub(crate) use sockets::{Front, Sockets};
 
 use crate::loglimit::LogLimit;
+use crate::proxy_header::{self, ReplicaHeader};
 use crate::server::Shared;
 use crate::session::{
     AnswerVerdict, ClientVerdict, CloseReason, Closed, DropReason, ListenerId, RateLimited,
@@ -73,6 +74,8 @@ pub(crate) trait Net {
 
     /// How many front sockets (listeners) this worker reads.
     fn listeners(&self) -> usize;
+    /// The address front `listener` is bound to (for replica headers).
+    fn listen_addr(&self, listener: usize) -> SocketAddr;
     /// Reads client datagrams from front `listener` into slots `start..` of `batch`.
     fn recv_front(
         &mut self,
@@ -204,6 +207,8 @@ pub(crate) struct Worker<N: Net> {
     /// When the injected fault fires (tests only).
     fault_at: Option<Instant>,
     next_tick: Instant,
+    /// A replica header and the datagram it goes before.
+    scratch: Vec<u8>,
 }
 
 impl<N: Net> Worker<N> {
@@ -238,6 +243,7 @@ impl<N: Net> Worker<N> {
             logs: Logs::default(),
             fault_at,
             next_tick: now + TICK,
+            scratch: Vec::with_capacity(proxy_header::MAX_ENCODED + max_datagram),
         }
     }
 
@@ -331,13 +337,14 @@ impl<N: Net> Worker<N> {
         let verdict = self
             .table
             .on_datagram(listener, client, d.payload, d.truncated, now);
-        let (id, opened, targets, body) = match verdict {
+        let (id, opened, targets, body, header) = match verdict {
             ClientVerdict::Forward {
                 id,
                 opened,
                 targets,
                 body,
-            } => (id, opened, targets, body),
+                header,
+            } => (id, opened, targets, body, header),
             ClientVerdict::Drop(reason) => {
                 self.local.drop(reason, 1);
                 return;
@@ -375,7 +382,18 @@ impl<N: Net> Worker<N> {
             self.local.drop(DropReason::SocketError, 1);
             return;
         };
-        let payload = d.payload.get(body).unwrap_or_default();
+        let mut payload = d.payload.get(body).unwrap_or_default();
+        if let Some(ReplicaHeader::ProxyV2) = header {
+            // Header and body in one buffer: one copy of the datagram, no allocation (the
+            // scratch buffer is the worker's, sized once).
+            let mut h = [0u8; proxy_header::MAX_ENCODED];
+            let n =
+                proxy_header::encode(client, self.net.listen_addr(usize::from(listener)), &mut h);
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&h[..n]);
+            self.scratch.extend_from_slice(payload);
+            payload = &self.scratch;
+        }
         let out = send_upstream(&mut self.net, up, payload, targets, &mut self.logs, now);
         self.local.upstream_packets += out.sent;
         self.local.upstream_bytes += out.bytes;

@@ -195,6 +195,11 @@ impl Net for SimNet {
         self.fronts.len()
     }
 
+    /// Listener `i` is 127.0.0.1:(7777 + i).
+    fn listen_addr(&self, listener: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 7777 + listener as u16))
+    }
+
     fn recv_front(
         &mut self,
         listener: usize,

@@ -20,14 +20,16 @@ use crate::udp::{self, RecvBatch, SendBatch, SendOutcome};
 pub(crate) struct Front {
     socket: UdpSocket,
     v6: bool,
+    addr: SocketAddr,
 }
 
 impl Front {
     pub(crate) fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
-        let v6 = socket.local_addr()?.is_ipv6();
+        let addr = socket.local_addr()?;
         Ok(Self {
             socket: UdpSocket::from_std(socket),
-            v6,
+            v6: addr.is_ipv6(),
+            addr,
         })
     }
 }
@@ -39,6 +41,9 @@ pub(crate) struct Upstream {
     socket: UdpSocket,
     v6: bool,
 }
+
+const UNSPECIFIED: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// One worker's sockets and its poll.
 #[derive(Debug)]
@@ -84,6 +89,10 @@ impl Net for Sockets {
 
     fn listeners(&self) -> usize {
         self.fronts.len()
+    }
+
+    fn listen_addr(&self, listener: usize) -> SocketAddr {
+        self.fronts.get(listener).map_or(UNSPECIFIED, |f| f.addr)
     }
 
     fn recv_front(

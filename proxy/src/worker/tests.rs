@@ -45,6 +45,7 @@ impl Rig {
             max_datagram: 1500,
             fanout: 3,
             late_join: true,
+            replica_header: None,
             token: None,
         };
         change(&mut settings);
@@ -394,4 +395,33 @@ fn answers_from_strangers_and_truncated_answers_never_reach_the_client() {
     assert!(Rig::delivered(&r.net().take_sent()).is_empty());
     assert_eq!(r.w.local.drops(DropReason::NotReplica), 1);
     assert_eq!(r.w.local.drops(DropReason::Oversized), 1);
+}
+
+#[test]
+fn with_proxy_v2_every_copy_names_the_player_and_answers_come_back_bare() {
+    use crate::proxy_header::{self, Header, ReplicaHeader};
+    let mut r = Rig::with(&[A, B], |s| s.replica_header = Some(ReplicaHeader::ProxyV2));
+    r.client_sends(b"move left");
+    r.settle();
+    let sent = Rig::upstream(&r.net().take_sent());
+    assert_eq!(sent.len(), 2, "one copy per replica");
+    for (_, _, payload) in &sent {
+        let (header, at) = proxy_header::decode(payload).expect("a header");
+        assert_eq!(
+            header,
+            Header::Proxy {
+                source: addr(CLIENT),
+                destination: "127.0.0.1:7777".parse().unwrap(),
+            }
+        );
+        assert_eq!(&payload[at..], b"move left");
+    }
+    // The answer reaches the player as the replica sent it.
+    let port = r.session_port();
+    r.net().answer_at(port, addr(A), b"state");
+    r.settle();
+    assert_eq!(
+        Rig::delivered(&r.net().take_sent()),
+        vec![(CLIENT, b"state".to_vec())]
+    );
 }

@@ -1,6 +1,7 @@
-//! Batched datagram I/O on Linux: `recvmmsg` and `sendmmsg`.
+//! Batched datagram I/O on Linux: `recvmmsg` and `sendmmsg`, for the proxy's workers and the
+//! wrapper's anchor.
 //!
-//! The only `unsafe` code of the crate lives here. The public API is safe: receive buffers are
+//! The only `unsafe` code of the workspace lives here. The public API is safe: receive buffers are
 //! owned by [`RecvBatch`], and [`SendBatch`] borrows payloads only for the duration of one call,
 //! so no raw pointer outlives the memory it points to.
 #![allow(unsafe_code)]
@@ -143,10 +144,9 @@ impl RecvBatch {
         }
     }
 
-    /// Puts a datagram in slot `i` as `recv` would have (truncated to the slot size): the
-    /// in-memory network of the worker's tests.
-    #[cfg(test)]
-    pub(crate) fn fill(&mut self, i: usize, from: SocketAddr, payload: &[u8]) {
+    /// Puts a datagram in slot `i` as `recv` would have (truncated to the slot size): for
+    /// in-memory networks, such as the one the proxy's worker is tested on.
+    pub fn fill(&mut self, i: usize, from: SocketAddr, payload: &[u8]) {
         let len = payload.len().min(self.slot_size);
         let start = i * self.slot_size;
         self.bufs[start..start + len].copy_from_slice(&payload[..len]);

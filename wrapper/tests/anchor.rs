@@ -1,0 +1,324 @@
+//! The identity anchor with real processes: proxies with `--replica-header proxy-v2`, an
+//! anchor (`spotable-wrapper anchor`) in front of each copy of a stateful test game, and a
+//! player who moves from one proxy to another as the first dies.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use spotable_fixtures::metrics_text;
+use spotable_fixtures::process::{
+    ProxyProcess, ReplicaProcess, http_get, spawn_proxy, spawn_replica, workspace_binary,
+};
+
+fn wrapper() -> &'static str {
+    env!("CARGO_BIN_EXE_spotable-wrapper")
+}
+
+fn game() -> ReplicaProcess {
+    spawn_replica(&spotable_fixtures::replica::exe(), &["--stateful"]).unwrap()
+}
+
+/// A free loopback TCP port for an admin listener.
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// An anchor in front of `game`, reporting on `admin`.
+fn anchor(game: SocketAddr, admin: SocketAddr, extra: &[&str]) -> ReplicaProcess {
+    let game = game.to_string();
+    let admin = admin.to_string();
+    let mut args = vec![
+        "anchor",
+        "--listen",
+        "127.0.0.1:0",
+        "--game",
+        &game,
+        "--admin",
+        &admin,
+    ];
+    args.extend_from_slice(extra);
+    spawn_replica(std::path::Path::new(wrapper()), &args).unwrap()
+}
+
+fn proxy(replicas: &[SocketAddr]) -> ProxyProcess {
+    let exe = workspace_binary("spotable-proxy", "spotable-proxy");
+    let mut args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--replica-header",
+        "proxy-v2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for r in replicas {
+        args.push("--replica".into());
+        args.push(r.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn_proxy(&exe, &[], &args, true).unwrap()
+}
+
+fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (status, body) = http_get(admin, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    metrics_text::value(&body, name, labels).unwrap_or(0.0)
+}
+
+fn wait_metric(
+    admin: SocketAddr,
+    name: &str,
+    labels: &[(&str, &str)],
+    ok: impl Fn(f64) -> bool,
+) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = metric(admin, name, labels);
+        if ok(v) || Instant::now() >= deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One answer of the stateful game: the sequence number it echoes, and the game's count of
+/// datagrams from this peer and of peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Answer {
+    seq: u64,
+    count: u64,
+    peers: u64,
+}
+
+fn parse(answer: &[u8]) -> Answer {
+    let seq = u64::from_be_bytes(answer[..8].try_into().unwrap());
+    let text = std::str::from_utf8(&answer[8..]).unwrap();
+    let (count, peers) = text
+        .strip_prefix('#')
+        .and_then(|t| t.split_once('/'))
+        .unwrap_or_else(|| panic!("not a stateful answer: {text:?}"));
+    Answer {
+        seq,
+        count: count.parse().unwrap(),
+        peers: peers.parse().unwrap(),
+    }
+}
+
+/// Sends `seqs` to `to` at a steady pace, then reads answers until every sequence number
+/// has one or the deadline passes.
+fn play(c: &UdpSocket, to: SocketAddr, seqs: std::ops::Range<u64>) -> Vec<Answer> {
+    let want = (seqs.end - seqs.start) as usize;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    for seq in seqs {
+        c.send_to(&seq.to_be_bytes(), to).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+        while let Ok(n) = c.recv(&mut buf) {
+            got.push(parse(&buf[..n]));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    c.set_nonblocking(false).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    while got.len() < want && Instant::now() < deadline {
+        if let Ok(n) = c.recv(&mut buf) {
+            got.push(parse(&buf[..n]));
+        }
+    }
+    c.set_nonblocking(true).unwrap();
+    got
+}
+
+#[test]
+fn a_player_moving_to_another_proxy_stays_one_peer_and_keeps_its_state() {
+    let games = [game(), game()];
+    let admins = [free_port(), free_port()];
+    let anchors: Vec<ReplicaProcess> = games
+        .iter()
+        .zip(admins)
+        .map(|(g, admin)| anchor(g.addr, admin, &["--trust", "127.0.0.0/8"]))
+        .collect();
+    let replicas: Vec<SocketAddr> = anchors.iter().map(|a| a.addr).collect();
+    let mut a = proxy(&replicas);
+    let b = proxy(&replicas);
+
+    let player = UdpSocket::bind("127.0.0.1:0").unwrap();
+    player.set_nonblocking(true).unwrap();
+    // Through proxy A: both copies see one peer and count on.
+    let first = play(&player, a.addr, 0..200);
+    // A dies under the player, who goes on through B (as an NLB re-hash would send it).
+    a.process.kill().unwrap();
+    let second = play(&player, b.addr, 200..400);
+
+    let all: Vec<Answer> = first.iter().chain(&second).copied().collect();
+    let mut per_seq: HashMap<u64, usize> = HashMap::new();
+    for x in &all {
+        *per_seq.entry(x.seq).or_default() += 1;
+    }
+    assert!(
+        per_seq.values().all(|&n| n == 1),
+        "a duplicate reached the player"
+    );
+    assert_eq!(per_seq.len(), 400, "lost answers: {}", 400 - per_seq.len());
+    assert!(
+        all.iter().all(|x| x.peers == 1),
+        "a game saw the player as a second peer"
+    );
+    // The game's state for the player continues: its count goes on from where A left it.
+    for x in &all {
+        assert_eq!(x.count, x.seq + 1, "state reset at {x:?}");
+    }
+    for admin in admins {
+        assert_eq!(
+            wait_metric(admin, "spotable_anchor_players", &[], |v| v == 1.0),
+            1.0
+        );
+        assert_eq!(
+            metric(
+                admin,
+                "spotable_anchor_drops_total",
+                &[("reason", "untrusted")]
+            ),
+            0.0
+        );
+    }
+}
+
+fn header(player: SocketAddr) -> Vec<u8> {
+    let mut h = [0u8; spotable_core::proxy_header::MAX_ENCODED];
+    let n = spotable_core::proxy_header::encode(player, "127.0.0.1:7777".parse().unwrap(), &mut h);
+    h[..n].to_vec()
+}
+
+#[test]
+fn untrusted_sources_and_headerless_datagrams_are_dropped_and_counted() {
+    let g = game();
+    let admin = free_port();
+    // Only 10.0.0.0/8 may speak for players: loopback may not.
+    let a = anchor(g.addr, admin, &["--trust", "10.0.0.0/8"]);
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut forged = header("192.0.2.7:4000".parse().unwrap());
+    forged.extend_from_slice(b"I am 192.0.2.7");
+    for _ in 0..5 {
+        s.send_to(&forged, a.addr).unwrap();
+    }
+    assert_eq!(
+        wait_metric(
+            admin,
+            "spotable_anchor_drops_total",
+            &[("reason", "untrusted")],
+            |v| v == 5.0
+        ),
+        5.0
+    );
+    // Nothing trusted at all: everything is dropped, and the anchor says why at start.
+    let admin = free_port();
+    let none = anchor(g.addr, admin, &[]);
+    s.send_to(&forged, none.addr).unwrap();
+    wait_metric(
+        admin,
+        "spotable_anchor_drops_total",
+        &[("reason", "untrusted")],
+        |v| v == 1.0,
+    );
+    // A trusted source without a header is not a player.
+    let admin = free_port();
+    let trusting = anchor(g.addr, admin, &["--trust", "127.0.0.0/8"]);
+    s.send_to(b"no header here", trusting.addr).unwrap();
+    assert_eq!(
+        wait_metric(
+            admin,
+            "spotable_anchor_drops_total",
+            &[("reason", "no_signature")],
+            |v| v == 1.0
+        ),
+        1.0
+    );
+    assert_eq!(metric(admin, "spotable_anchor_players", &[]), 0.0);
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn a_flood_of_player_addresses_stays_within_the_table_limit_and_expires() {
+    let g = game();
+    let admin = free_port();
+    let a = anchor(
+        g.addr,
+        admin,
+        &[
+            "--trust",
+            "127.0.0.0/8",
+            "--max-players",
+            "50",
+            "--idle-timeout",
+            // Longer than the flood takes, so no player leaves before the table is full.
+            "8s",
+        ],
+    );
+    let before = open_fds(a.process.pid());
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // In rounds of 50, each read before the next is sent (the kernel drops what overflows a
+    // socket buffer, and this test is about the table, not the buffer).
+    let handled = || {
+        metric(
+            admin,
+            "spotable_anchor_datagrams_total",
+            &[("direction", "to_game")],
+        ) + metric(
+            admin,
+            "spotable_anchor_drops_total",
+            &[("reason", "table_full")],
+        )
+    };
+    for round in 0..10u32 {
+        for i in round * 50..(round + 1) * 50 {
+            let player = SocketAddr::from(([198, 51, (i >> 8) as u8, i as u8], 4000));
+            let mut d = header(player);
+            d.extend_from_slice(b"hello");
+            s.send_to(&d, a.addr).unwrap();
+        }
+        let want = f64::from((round + 1) * 50);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handled() < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let full = wait_metric(
+        admin,
+        "spotable_anchor_drops_total",
+        &[("reason", "table_full")],
+        |v| v == 450.0,
+    );
+    assert_eq!(full, 450.0, "every player beyond the limit is refused");
+    assert_eq!(metric(admin, "spotable_anchor_players", &[]), 50.0);
+    let during = open_fds(a.process.pid());
+    assert!(
+        during <= before + 50 + 2,
+        "{during} descriptors for 50 players (from {before})"
+    );
+    // Idle players are forgotten, and their sockets closed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(admin, "spotable_anchor_players", &[]) > 0.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(metric(admin, "spotable_anchor_players", &[]), 0.0);
+    assert_eq!(
+        metric(admin, "spotable_anchor_players_expired_total", &[]),
+        50.0
+    );
+    assert!(open_fds(a.process.pid()) <= before + 2);
+}

@@ -977,3 +977,52 @@ fn the_readme_second_game_follows_its_own_service() {
         vec!["game-server".to_string()]
     );
 }
+
+/// Where proxies put a PROXY v2 header before each datagram, every game they serve has an
+/// anchor in front of its port (the wrapper's `--anchor`, or an `anchor` sidecar) that trusts
+/// some network: a game that got the header unread would take it for game data.
+#[test]
+fn where_proxies_send_headers_every_game_has_an_anchor_that_trusts_the_pod_network() {
+    let mut checked = 0;
+    for (overlay, objects) in rendered() {
+        let headers = objects
+            .iter()
+            .flat_map(pod_specs)
+            .flat_map(containers)
+            .map(container_argv)
+            .any(|a| {
+                a.first().is_some_and(|p| p == "spotable-proxy")
+                    && a.iter().any(|x| x == "--replica-header=proxy-v2")
+            });
+        if !headers {
+            continue;
+        }
+        let games: Vec<&Value> = objects
+            .iter()
+            .filter(|o| str_at(o, "/metadata/name").starts_with("game-server"))
+            .filter(|o| !pod_specs(o).is_empty())
+            .collect();
+        assert!(!games.is_empty(), "{overlay}: no game");
+        for g in games {
+            let argvs: Vec<Vec<String>> = pod_specs(g)
+                .into_iter()
+                .flat_map(containers)
+                .map(container_argv)
+                .collect();
+            let has = |a: &[String], flag: &str| a.iter().any(|x| x.starts_with(flag));
+            let anchored = argvs.iter().any(|a| {
+                let wrapper = a.first().is_some_and(|p| p == "spotable-wrapper");
+                let sidecar = wrapper && a.get(1).is_some_and(|s| s == "anchor");
+                (wrapper && has(a, "--anchor=") && has(a, "--anchor-trust="))
+                    || (sidecar && has(a, "--trust="))
+            });
+            assert!(
+                anchored,
+                "{overlay}: {} gets PROXY v2 headers without an anchor that trusts the pods",
+                id(g)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "only {checked} games checked");
+}

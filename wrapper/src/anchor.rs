@@ -210,6 +210,55 @@ impl Handle {
     }
 }
 
+/// A running anchor thread.
+#[derive(Debug)]
+pub struct Running {
+    /// The bound listen address.
+    pub local: SocketAddr,
+    /// Stops it.
+    pub handle: Handle,
+    /// The thread; its result is the loop's.
+    pub thread: std::thread::JoinHandle<io::Result<()>>,
+}
+
+impl Running {
+    /// Stops the loop and waits for it.
+    pub fn stop(self) -> io::Result<()> {
+        self.handle.stop();
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the anchor thread panicked")))
+    }
+}
+
+/// Binds and runs an anchor on a thread of its own. Its batches hold raw pointers into its
+/// own buffers, so it is built on the thread that runs it, which reports back how binding
+/// went.
+pub fn spawn(config: Config) -> io::Result<Running> {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("spotable-anchor".into())
+        .spawn(move || match Anchor::bind(config) {
+            Ok((anchor, handle)) => {
+                let local = anchor.local_addr();
+                let _ = bound_tx.send(local.map(|l| (l, handle)));
+                anchor.run()
+            }
+            Err(e) => {
+                let _ = bound_tx.send(Err(e));
+                Ok(())
+            }
+        })?;
+    let (local, handle) = bound_rx
+        .recv()
+        .map_err(|_| io::Error::other("the anchor thread ended before binding"))??;
+    Ok(Running {
+        local,
+        handle,
+        thread,
+    })
+}
+
 /// The anchor's sockets and table.
 #[derive(Debug)]
 pub struct Anchor {

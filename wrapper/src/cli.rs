@@ -147,6 +147,24 @@ pub struct Common {
     #[arg(long = "token", env = "SPOTABLE_TOKENS", value_name = "TOKEN", value_delimiter = ',',
           value_parser = parse_token)]
     pub tokens: Vec<String>,
+    /// Run the identity anchor on this port (a UDP port named with --port): proxies with
+    /// --replica-header proxy-v2 send there, and the game gets an internal loopback port in
+    /// the same variables, where the anchor passes each player on from one stable peer.
+    #[arg(long, value_name = "PORTNAME")]
+    pub anchor: Option<String>,
+    /// With --anchor: a network whose sources may speak for players, the proxies' pod
+    /// network (repeatable). Nothing is trusted until this is given.
+    #[arg(long, value_name = "CIDR")]
+    pub anchor_trust: Vec<ipnet::IpNet>,
+    /// With --anchor: a player without a datagram for this long is forgotten.
+    #[arg(long, default_value = "2m", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub anchor_idle_timeout: Duration,
+    /// With --anchor: most players at once; each holds a socket.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub anchor_max_players: usize,
+    /// Serve /metrics (the anchor's) and /healthz here.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<std::net::SocketAddr>,
     /// Agones: tell the SDK sidecar (AGONES_SDK_HTTP_PORT) ready, health and shutdown.
     #[arg(long)]
     pub agones: bool,
@@ -204,6 +222,21 @@ impl Common {
         self.front_address = self.front_address.filter(|a| !a.is_empty());
         self.game = self.game.filter(|g| !g.is_empty());
         self.tokens.retain(|t| !t.is_empty());
+        if let Some(name) = &self.anchor {
+            let udp = self.ports.iter().any(|p| {
+                p.name == *name && p.protos.contains(&spotable_fleet::inventory::Proto::Udp)
+            });
+            if !udp {
+                return Err(format!(
+                    "--anchor {name}: no UDP port of that name (add --port {name}/udp)"
+                ));
+            }
+            if self.anchor_max_players == 0 || self.anchor_idle_timeout.is_zero() {
+                return Err(
+                    "--anchor-max-players and --anchor-idle-timeout must be above zero".into(),
+                );
+            }
+        }
         if self.front_address.is_some()
             && (self.public_ip.is_some() || self.public_hostname.is_some())
         {
@@ -231,6 +264,13 @@ pub fn main() -> ExitCode {
             state,
         }) => return inventory(&queue_url, watch, peek, &state),
         Some(Sub::Anchor(args)) => return anchor(args),
+        Some(Sub::Init { common, .. }) if common.anchor.is_some() => {
+            eprintln!(
+                "spotable-wrapper: --anchor: the anchor runs beside the game, in run mode, not \
+                 in an init container (run `spotable-wrapper anchor` as a sidecar instead)"
+            );
+            return ExitCode::from(2);
+        }
         Some(Sub::Init { common, .. }) if common.agones => {
             eprintln!(
                 "spotable-wrapper: --agones: the SDK is told by the wrapper that runs the game, \
@@ -282,7 +322,7 @@ fn anchor(args: AnchorArgs) -> ExitCode {
 }
 
 async fn run_anchor(args: AnchorArgs) -> Result<i32, BoxError> {
-    use crate::anchor::{Anchor, Config};
+    use crate::anchor::Config;
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "cannot raise the open-file limit");
     }
@@ -294,26 +334,9 @@ async fn run_anchor(args: AnchorArgs) -> Result<i32, BoxError> {
         idle_timeout: args.idle_timeout,
         max_players: args.max_players,
     };
-    // The anchor's batches hold raw pointers into its own buffers: it is built on the
-    // thread that runs it, which reports back how binding went.
-    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name("spotable-anchor".into())
-        .spawn(move || match Anchor::bind(config) {
-            Ok((anchor, handle)) => {
-                let local = anchor.local_addr();
-                let _ = bound_tx.send(local.map(|l| (l, handle)));
-                anchor.run()
-            }
-            Err(e) => {
-                let _ = bound_tx.send(Err(e));
-                Ok(())
-            }
-        })?;
-    let (local, handle) = bound_rx
-        .recv()
-        .map_err(|_| "the anchor thread ended before binding")?
+    let running = crate::anchor::spawn(config)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let local = running.local;
     let admin = match args.admin {
         Some(addr) => Some(
             spotable_edge::serve(addr, admin_router(metrics))
@@ -328,14 +351,19 @@ async fn run_anchor(args: AnchorArgs) -> Result<i32, BoxError> {
     let mut signals = spotable_edge::Signals::new()?;
     let signal = signals.next().await;
     tracing::info!(signal, "anchor stopping");
-    handle.stop();
     if let Some(task) = admin {
         task.abort();
     }
-    match thread.join() {
-        Ok(Ok(())) => Ok(0),
-        Ok(Err(e)) => Err(format!("anchor failed: {e}").into()),
-        Err(_) => Err("anchor panicked".into()),
+    running.stop().map_err(|e| format!("anchor failed: {e}"))?;
+    Ok(0)
+}
+
+/// Ends a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -441,6 +469,16 @@ enum Mode {
 type BoxError = Box<dyn std::error::Error>;
 
 async fn run(common: Common, mode: Mode) -> Result<i32, BoxError> {
+    let _admin = match common.admin {
+        Some(addr) => {
+            let metrics = spotable_edge::install_metrics("spotable-wrapper")?;
+            let (_, task) = spotable_edge::serve(addr, admin_router(metrics))
+                .await
+                .map_err(|e| format!("cannot serve admin on {addr}: {e}"))?;
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     let mut alloc = ports::allocate(&common.ports, common.port_range, &common.lock_dir)?;
     tracing::info!(ports = ?alloc.ports, "ports allocated");
     let identity = identity(&common).await?;
@@ -478,8 +516,43 @@ async fn launch(
         true => Some(crate::agones::Sdk::from_env()?),
         false => None,
     };
+    // With --anchor, the game's port for that name is an internal loopback one, held until
+    // the game starts like the others.
+    let internal = match &common.anchor {
+        Some(name) => {
+            let hold = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            let port = hold.local_addr()?.port();
+            Some((name.clone(), port, hold))
+        }
+        None => None,
+    };
     alloc.release_binds();
-    let env = alloc.env();
+    let anchor = match &internal {
+        Some((name, port, _)) => {
+            let listen = alloc
+                .ports
+                .get(name)
+                .map(|p| p.port)
+                .ok_or("no anchored port")?;
+            let config = crate::anchor::Config {
+                listen: (std::net::Ipv4Addr::UNSPECIFIED, listen).into(),
+                game: (std::net::Ipv4Addr::LOCALHOST, *port).into(),
+                trust: common.anchor_trust.clone(),
+                idle_timeout: common.anchor_idle_timeout,
+                max_players: common.anchor_max_players,
+            };
+            let running = crate::anchor::spawn(config)
+                .map_err(|e| format!("anchor: cannot listen on port {listen}: {e}"))?;
+            tracing::info!(listen = %running.local, game_port = port, "anchor running");
+            Some(running)
+        }
+        None => None,
+    };
+    let env = alloc.env_for_game(internal.as_ref().map(|(n, p, _)| (n.as_str(), *p)));
+    let internal = internal.map(|(name, port, hold)| {
+        drop(hold);
+        (name, port)
+    });
     let mut cmd = std::process::Command::new(&command[0]);
     cmd.args(command[1..].iter().map(|a| expand::expand(a, &env)))
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -501,10 +574,17 @@ async fn launch(
         .map(|sdk| tokio::spawn(sdk.health_loop(common.agones_health_interval)));
     // `ready` once the game holds every port it asked for.
     let ready = {
+        // An anchored port is the anchor's: the game's is the internal one.
         let wanted: Vec<(u16, Vec<_>)> = alloc
             .ports
             .iter()
-            .map(|(n, p)| (p.port, alloc.protos.get(n).cloned().unwrap_or_default()))
+            .map(|(n, p)| {
+                let port = match &internal {
+                    Some((a, internal)) if a == n => *internal,
+                    _ => p.port,
+                };
+                (port, alloc.protos.get(n).cloned().unwrap_or_default())
+            })
             .collect();
         let message = server.message(Status::Ready);
         let outbox = outbox.clone();
@@ -546,6 +626,11 @@ async fn launch(
     ready.abort();
     if let Some(h) = health {
         h.abort();
+    }
+    if let Some(a) = anchor
+        && let Err(e) = a.stop()
+    {
+        tracing::warn!(error = %e, "anchor failed");
     }
     drop(child);
     tracing::info!(exit = ?exit, "game exited");

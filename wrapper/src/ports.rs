@@ -144,10 +144,20 @@ impl Allocation {
     /// Environment for the game: `SPOTABLE_PORT_<NAME>` for every port, and the conventional
     /// `SERVER_PORT` (`game` or `server`), `RCON_PORT`, `QUERY_PORT`.
     pub fn env(&self) -> Vec<(String, String)> {
+        self.env_for_game(None)
+    }
+
+    /// [`env`](Self::env), with the port `name` given to the game as `port` instead: the
+    /// anchor holds the real one and passes the game's traffic on to `port` on loopback.
+    pub fn env_for_game(&self, anchored: Option<(&str, u16)>) -> Vec<(String, String)> {
         let mut env = Vec::new();
         for (name, p) in &self.ports {
             let upper = name.to_ascii_uppercase().replace('-', "_");
-            env.push((format!("SPOTABLE_PORT_{upper}"), p.port.to_string()));
+            let port = match anchored {
+                Some((a, internal)) if a == name => internal,
+                _ => p.port,
+            };
+            env.push((format!("SPOTABLE_PORT_{upper}"), port.to_string()));
             let conventional = match name.as_str() {
                 "game" | "server" => Some("SERVER_PORT"),
                 "rcon" => Some("RCON_PORT"),
@@ -155,7 +165,7 @@ impl Allocation {
                 _ => None,
             };
             if let Some(var) = conventional {
-                env.push((var.to_string(), p.port.to_string()));
+                env.push((var.to_string(), port.to_string()));
             }
         }
         env

@@ -322,3 +322,63 @@ fn a_flood_of_player_addresses_stays_within_the_table_limit_and_expires() {
     );
     assert!(open_fds(a.process.pid()) <= before + 2);
 }
+
+/// Reads one answer, waiting up to `within`.
+fn answer(s: &UdpSocket, within: Duration) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 512];
+    s.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+}
+
+#[test]
+fn in_run_mode_the_anchor_holds_the_port_and_the_game_gets_an_internal_one() {
+    let dir = std::env::temp_dir().join(format!("spotable-anchor-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // One port in the range: the anchor's, known to the test.
+    let port = 21_000 + u16::try_from(std::process::id() % 5000).unwrap();
+    let admin = free_port();
+    let replica = spotable_fixtures::replica::exe();
+    let child = std::process::Command::new(wrapper())
+        .args(["--no-imds", "--port", "game/udp"])
+        .args(["--port-range", &format!("{port}-{port}")])
+        .args(["--lock-dir", dir.join("locks").to_str().unwrap()])
+        .args(["--anchor", "game", "--anchor-trust", "127.0.0.0/8"])
+        .args(["--admin", &admin.to_string()])
+        .arg("--")
+        .arg(&replica)
+        .args(["--stateful", "--listen", "127.0.0.1:${SERVER_PORT}"])
+        .env_remove("QUEUE_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = spotable_fixtures::process::Guard::new(child);
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut d = header("192.0.2.7:4000".parse().unwrap());
+    d.extend_from_slice(&7u64.to_be_bytes());
+    // The anchor and the game start together: ask until the game answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        let _ = s.send_to(&d, ("127.0.0.1", port));
+        if let Some(a) = answer(&s, Duration::from_millis(100)) {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "no answer through the anchor");
+    };
+    // The game answered the anchor's peer for the player, on its internal port.
+    let first = parse(&got);
+    assert_eq!((first.seq, first.peers), (7, 1));
+    assert_eq!(
+        wait_metric(admin, "spotable_anchor_players", &[], |v| v == 1.0),
+        1.0
+    );
+    // SIGTERM stops the game and the anchor with it (a SIGKILL would orphan the game).
+    guard.signal(15).unwrap();
+    let status = guard.wait_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "the game died of the SIGTERM passed on"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

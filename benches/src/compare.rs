@@ -100,6 +100,9 @@ pub struct Route {
     pub dedupe: Option<String>,
     #[serde(default)]
     pub token: bool,
+    /// PROXY v2 headers to an identity anchor in front of each replica.
+    #[serde(default)]
+    pub anchor: bool,
 }
 
 /// The routing token of the token paths: one game behind the proxy, as a fleet would have
@@ -109,6 +112,13 @@ pub const TOKEN: &str = "bench-01";
 impl Route {
     pub fn name(&self) -> String {
         match &self.dedupe {
+            Some(d) if self.anchor => {
+                format!(
+                    "{} ×{} ({d}, PROXY v2 + anchor)",
+                    self.proxy.label(),
+                    self.fanout
+                )
+            }
             Some(d) if self.token => {
                 format!("{} ×{} ({d}, token)", self.proxy.label(), self.fanout)
             }
@@ -130,6 +140,10 @@ pub struct PathResult {
     pub latency: Report,
     /// Closed-loop report with the large payload (median round), if that pass ran.
     pub large: Option<Report>,
+    /// Anchor paths: the anchors' CPU time per datagram they carried (each direction
+    /// counted), in µs, over the median closed-loop round.
+    #[serde(default)]
+    pub anchor_cpu_us: Option<f64>,
 }
 
 /// A failover run.
@@ -197,7 +211,22 @@ impl Env {
 struct Running {
     target: SocketAddr,
     replicas: Vec<ReplicaProcess>,
+    anchors: Vec<ReplicaProcess>,
     _proxy: Option<process::Guard>,
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields.get(i).context("short /proc stat")?.parse::<f64>()?)
+    };
+    // utime and stime are fields 14 and 15: indices 11 and 12 after the name.
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
 }
 
 fn on_loopback(r: &ReplicaProcess) -> SocketAddr {
@@ -206,7 +235,24 @@ fn on_loopback(r: &ReplicaProcess) -> SocketAddr {
 
 fn start(env: &Env, path: &Route, workers: usize) -> anyhow::Result<Running> {
     let replicas = env.replicas(path.fanout)?;
-    let upstreams: Vec<SocketAddr> = replicas.iter().map(on_loopback).collect();
+    let mut upstreams: Vec<SocketAddr> = replicas.iter().map(on_loopback).collect();
+    // An identity anchor in front of each replica; the proxy then sends PROXY v2 headers.
+    let anchors = if path.anchor {
+        let anchors = upstreams
+            .iter()
+            .map(|u| {
+                let game = u.to_string();
+                process::spawn_replica(
+                    &env.exe,
+                    &["anchor", "--listen", "127.0.0.1:0", "--game", &game],
+                )
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        upstreams = anchors.iter().map(|a| a.addr).collect();
+        anchors
+    } else {
+        Vec::new()
+    };
     let (target, proxy) = match path.proxy {
         Proxy::Direct => (
             SocketAddr::new(env.front_ip.into(), replicas[0].addr.port()),
@@ -245,6 +291,9 @@ fn start(env: &Env, path: &Route, workers: usize) -> anyhow::Result<Running> {
                 for u in &upstreams {
                     args.extend(["--replica".into(), u.to_string()]);
                 }
+            }
+            if path.anchor {
+                args.extend(["--replica-header".into(), "proxy-v2".into()]);
             }
             let dedupe = path.dedupe.as_deref().unwrap_or("copies");
             args.extend(["--dedupe".into(), dedupe.into()]);
@@ -287,6 +336,7 @@ fn start(env: &Env, path: &Route, workers: usize) -> anyhow::Result<Running> {
     Ok(Running {
         target,
         replicas,
+        anchors,
         _proxy: proxy,
     })
 }
@@ -303,6 +353,7 @@ pub fn paths() -> Vec<Route> {
         fanout,
         dedupe: dedupe.map(String::from),
         token: false,
+        anchor: false,
     };
     vec![
         p(Proxy::Direct, 1, None),
@@ -317,6 +368,10 @@ pub fn paths() -> Vec<Route> {
         Route {
             token: true,
             ..p(Proxy::Spotable, 2, Some("copies"))
+        },
+        Route {
+            anchor: true,
+            ..p(Proxy::Spotable, 1, Some("copies"))
         },
     ]
 }
@@ -412,6 +467,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let large = |p: &Route| {
         args.large_payload > 0
             && !p.token
+            && !p.anchor
             && p.fanout <= 2
             && matches!(p.dedupe.as_deref(), None | Some("copies"))
     };
@@ -424,6 +480,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let mut closed: Vec<Vec<Report>> = vec![Vec::new(); todo.len()];
     let mut open: Vec<Vec<Report>> = vec![Vec::new(); todo.len()];
     let mut big: Vec<Vec<Report>> = vec![Vec::new(); todo.len()];
+    let mut anchor_cpu: Vec<Vec<f64>> = vec![Vec::new(); todo.len()];
     let mut failed: Vec<Option<String>> = vec![None; todo.len()];
     for round in 0..args.rounds {
         for (i, path) in todo.iter().enumerate() {
@@ -451,10 +508,20 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
                 }
                 v
             };
-            closed[i].push(env.loadgen(
+            let pids: Vec<u32> = running.anchors.iter().map(|a| a.process.pid()).collect();
+            let cpu =
+                |pids: &[u32]| -> f64 { pids.iter().filter_map(|p| cpu_seconds(*p).ok()).sum() };
+            let (cpu0, wall0) = (cpu(&pids), Instant::now());
+            let report = env.loadgen(
                 running.target,
                 &with_token(load("closed", tp, args.payload)),
-            )?);
+            )?;
+            if !pids.is_empty() {
+                // Datagrams through the anchors per second: every answer went in and out.
+                let carried = 2.0 * report.received_per_sec * wall0.elapsed().as_secs_f64();
+                anchor_cpu[i].push((cpu(&pids) - cpu0) * 1e6 / carried.max(1.0));
+            }
+            closed[i].push(report);
             open[i].push(env.loadgen(
                 running.target,
                 &with_token(load("open", args.latency_time, args.payload)),
@@ -490,18 +557,24 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         if let Some(l) = large.as_mut() {
             l.cdf.clear();
         }
+        anchor_cpu[i].sort_by(f64::total_cmp);
+        let anchor_cpu_us = anchor_cpu[i].get(anchor_cpu[i].len() / 2).copied();
         results.push(PathResult {
             path: path.clone(),
             throughput,
             throughput_rounds: rounds,
             latency,
             large,
+            anchor_cpu_us,
         });
     }
 
     let mut failover = Vec::new();
     for path in results.iter().map(|r| &r.path).filter(|p| {
-        p.fanout == 2 && !p.token && matches!(p.dedupe.as_deref(), None | Some("copies"))
+        p.fanout == 2
+            && !p.token
+            && !p.anchor
+            && matches!(p.dedupe.as_deref(), None | Some("copies"))
     }) {
         bar.set_message(format!("failover · {}", path.name()));
         let mut running = start(&env, path, args.workers)?;

@@ -37,6 +37,10 @@ pub struct DemoArgs {
     /// Dedupe mode handed to the proxy.
     #[arg(long, default_value = "copies")]
     pub dedupe: String,
+    /// Instead: two proxies and a player moving from one to the other as the first is
+    /// SIGKILLed at --kill-at; each copy of a stateful game sits behind the identity anchor.
+    #[arg(long)]
+    pub switch_proxy: bool,
 }
 
 fn humantime_parse(s: &str) -> Result<Duration, String> {

@@ -7,3 +7,4 @@ pub mod loadgen;
 pub mod netns;
 pub mod peers;
 pub mod results;
+pub mod switch;

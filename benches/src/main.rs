@@ -27,6 +27,16 @@ enum Cmd {
     Loadgen(loadgen::LoadArgs),
     /// The full comparison: direct, Spotable, nginx, Quilkin; writes BENCHMARKS.md and plots.
     Compare(compare::CompareArgs),
+    /// The identity anchor (the wrapper's, in-process) in front of one game, trusting loopback;
+    /// prints `listening ADDR`, runs until killed.
+    Anchor {
+        /// Where proxies send.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// The game.
+        #[arg(long)]
+        game: std::net::SocketAddr,
+    },
     /// Runs spotable-proxy itself (same code as the spotable-proxy binary); flags follow.
     #[command(disable_help_flag = true)]
     Proxy {
@@ -35,9 +45,30 @@ enum Cmd {
     },
 }
 
+fn run_anchor(listen: std::net::SocketAddr, game: std::net::SocketAddr) -> anyhow::Result<()> {
+    use std::io::Write;
+    let running = spotable_wrapper::anchor::spawn(spotable_wrapper::anchor::Config {
+        listen,
+        game,
+        trust: vec!["127.0.0.0/8".parse()?],
+        idle_timeout: std::time::Duration::from_secs(600),
+        max_players: 100_000,
+    })?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening {}", running.local)?;
+    out.flush()?;
+    drop(out);
+    running
+        .thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("anchor panicked"))??;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Cmd::Demo(args) if args.switch_proxy => spotable_bench::switch::run(&args).map(|_| ()),
         Cmd::Demo(args) => demo::run(&args).map(|_| ()),
         Cmd::Replica(args) => replica::run(&args),
         Cmd::Loadgen(args) => loadgen::run(&args).and_then(|r| {
@@ -49,6 +80,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Cmd::Compare(args) => compare::run(&args),
+        Cmd::Anchor { listen, game } => run_anchor(listen, game),
         Cmd::Proxy { args } => {
             let argv = std::iter::once("spotable-proxy".into()).chain(args);
             return spotable_proxy::cli::main_from(argv);

@@ -75,6 +75,7 @@ fn find<'a>(
         p.path.proxy == proxy
             && p.path.fanout == fanout
             && !p.path.token
+            && !p.path.anchor
             && (dedupe.is_none() || p.path.dedupe.as_deref() == dedupe)
     })
 }
@@ -284,6 +285,36 @@ pub fn markdown(r: &Results) -> String {
                 base.map_or(f64::NAN, |b| l.answers_per_sec / b.max(1.0)),
                 l.received_per_sec,
                 l.answers_per_sec * size as f64 / 1e6
+            );
+        }
+    }
+
+    let plain = find(r, Proxy::Spotable, 1, Some("copies"));
+    if let Some(a) = r.paths.iter().find(|p| p.path.anchor) {
+        let _ = writeln!(
+            md,
+            "\n### The identity anchor's cost\n\n\
+             `Spotable ×1 (copies, PROXY v2 + anchor)` puts a PROXY v2 header before every \
+             datagram and an anchor (`spotable-wrapper anchor`, in-process in `spotable-bench \
+             anchor`) in front of the replica; `Spotable ×1 (copies)` is the same path without \
+             them, in the same rounds. CPU is the anchor process's user and system time over \
+             the closed-loop pass, per datagram it carried (in and out each count).\n\n\
+             | | answers/s | × plain | p50 µs | added p50 µs vs plain | p99 µs | anchor CPU µs per datagram |\n\
+             |---|---:|---:|---:|---:|---:|---:|"
+        );
+        for p in [plain, Some(a)].into_iter().flatten() {
+            let base = plain.map_or(f64::NAN, |b| b.throughput.answers_per_sec.max(1.0));
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.2} | {:.0} | {:+.0} | {:.0} | {} |",
+                p.path.name(),
+                p.throughput.answers_per_sec,
+                p.throughput.answers_per_sec / base,
+                p.latency.rtt_us.p50,
+                plain.map_or(f64::NAN, |b| p.latency.rtt_us.p50 - b.latency.rtt_us.p50),
+                p.latency.rtt_us.p99,
+                p.anchor_cpu_us
+                    .map_or("-".to_string(), |c| format!("{c:.1}")),
             );
         }
     }
@@ -639,11 +670,13 @@ mod tests {
                 fanout,
                 dedupe: dedupe.map(String::from),
                 token: false,
+                anchor: false,
             },
             throughput,
             throughput_rounds: vec![tput],
             latency,
             large: None,
+            anchor_cpu_us: None,
         }
     }
 
@@ -664,6 +697,14 @@ mod tests {
                     },
                     ..path(Proxy::Spotable, 2, Some("copies"), 58.0, 150.0)
                 },
+                PathResult {
+                    path: Route {
+                        anchor: true,
+                        ..path(Proxy::Spotable, 1, Some("copies"), 80.0, 160.0).path
+                    },
+                    anchor_cpu_us: Some(3.5),
+                    ..path(Proxy::Spotable, 1, Some("copies"), 80.0, 160.0)
+                },
             ],
             failover: vec![FailoverResult {
                 path: Route {
@@ -671,6 +712,7 @@ mod tests {
                     fanout: 2,
                     dedupe: Some("copies".into()),
                     token: false,
+                    anchor: false,
                 },
                 kill_at_ms: 2000.0,
                 report: Report {
@@ -729,5 +771,12 @@ mod tests {
         assert!(md.contains("| Quilkin ×1 | not measured: not installed |"));
         assert!(md.contains("| **not met** |"));
         assert!(md.contains("+40 |"), "added p50 of Spotable x1: {md}");
+        // The anchor's cost against the plain path of the same run.
+        assert!(
+            md.contains(
+                "| Spotable ×1 (copies, PROXY v2 + anchor) | 80 | 1.00 | 160 | +20 | 0 | 3.5 |"
+            ),
+            "{md}"
+        );
     }
 }

@@ -57,3 +57,40 @@ fn demo_rejects_a_kill_after_the_end() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--kill-at"));
 }
+
+#[test]
+fn switch_demo_shows_one_peer_per_game_when_a_proxy_dies_under_the_player() {
+    let out = Command::new(exe())
+        .args([
+            "demo",
+            "--switch-proxy",
+            "--duration",
+            "3s",
+            "--kill-at",
+            "1500ms",
+            "--rate",
+            "300",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |name: &str| -> u64 {
+        stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from:\n{stdout}"))
+    };
+    assert_eq!(field("sent"), 900);
+    assert_eq!(field("peers each game saw"), 1);
+    assert_eq!(field("game state resets"), 0);
+    assert_eq!(field("duplicates delivered"), 0);
+    // Only what was in flight to A at the kill may be lost.
+    assert!(field("lost (in flight to A)") <= 5, "{stdout}");
+    assert!(stdout.contains("SIGKILL proxy A"), "{stdout}");
+}

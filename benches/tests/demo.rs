@@ -8,33 +8,28 @@ fn exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_spotable-bench"))
 }
 
-#[test]
-fn demo_reports_no_loss_and_no_duplicate_across_a_replica_kill() {
-    let out = Command::new(exe())
-        .args([
-            "demo",
-            "--duration",
-            "3s",
-            "--kill-at",
-            "1500ms",
-            "--rate",
-            "300",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+/// Runs the demo with `args`; returns its output and a reader of its summary's numbers.
+fn demo(args: &[&str]) -> (String, impl Fn(&str) -> u64) {
+    let out = Command::new(exe()).arg("demo").args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let field = |name: &str| -> u64 {
-        stdout
-            .lines()
+    let text = stdout.clone();
+    let field = move |name: &str| -> u64 {
+        text.lines()
             .find_map(|l| l.trim().strip_prefix(name))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from:\n{stdout}"))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
     };
+    (stdout, field)
+}
+
+#[test]
+fn demo_reports_no_loss_and_no_duplicate_across_a_replica_kill() {
+    let (stdout, field) = demo(&["--duration", "3s", "--kill-at", "1500ms", "--rate", "300"]);
     assert_eq!(field("sent"), 900);
     assert_eq!(field("received"), 900);
     assert_eq!(field("lost"), 0);
@@ -60,32 +55,15 @@ fn demo_rejects_a_kill_after_the_end() {
 
 #[test]
 fn switch_demo_shows_one_peer_per_game_when_a_proxy_dies_under_the_player() {
-    let out = Command::new(exe())
-        .args([
-            "demo",
-            "--switch-proxy",
-            "--duration",
-            "3s",
-            "--kill-at",
-            "1500ms",
-            "--rate",
-            "300",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let field = |name: &str| -> u64 {
-        stdout
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from:\n{stdout}"))
-    };
+    let (stdout, field) = demo(&[
+        "--switch-proxy",
+        "--duration",
+        "3s",
+        "--kill-at",
+        "1500ms",
+        "--rate",
+        "300",
+    ]);
     assert_eq!(field("sent"), 900);
     assert_eq!(field("peers each game saw"), 1);
     assert_eq!(field("game state resets"), 0);

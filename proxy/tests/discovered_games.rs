@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use spotable_fixtures::kube::FakeApi;
-use spotable_fixtures::process::{ProxyProcess, ReplicaProcess, http_get, spawn_proxy_env};
+use spotable_fixtures::process::{ProxyProcess, ReplicaProcess, http_get};
 
 const SERVICES: &str = "/api/v1/namespaces/games/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/games/endpointslices";
@@ -95,48 +94,20 @@ fn game_server(name: &str, game: &str, tokens: &str, state: &str, addr: (IpAddr,
     })
 }
 
-struct Cluster {
-    api: FakeApi,
-    dir: std::path::PathBuf,
-}
-
-impl Cluster {
-    fn new(tag: &str) -> Self {
-        let api = FakeApi::start().unwrap();
-        let dir =
-            std::env::temp_dir().join(format!("spotable-games-kube-{}-{tag}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self { api, dir }
-    }
-
-    fn proxy(&self, source: &str) -> ProxyProcess {
-        let kubeconfig = self.api.write_kubeconfig(&self.dir, "games").unwrap();
-        let args = [
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--token-bytes",
-            "8",
-            source,
-        ];
-        spawn_proxy_env(
-            &proxy_exe(),
-            &[],
-            &args,
-            true,
-            &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-        )
-        .expect("proxy starts")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// The proxy routing by 8-byte tokens, its games from `source` (`--kubernetes-games` or
+/// `--agones-games`) in the fake cluster.
+fn games_proxy(cluster: &Cluster, source: &str) -> ProxyProcess {
+    cluster.proxy(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--token-bytes",
+        "8",
+        source,
+    ])
 }
 
 fn games(proxy: &ProxyProcess) -> Value {
@@ -181,7 +152,7 @@ fn unknown_tokens(proxy: &ProxyProcess) -> f64 {
 
 #[test]
 fn games_follow_labelled_services_as_they_come_and_go() {
-    let cluster = Cluster::new("services");
+    let cluster = Cluster::new();
     let (mut a, port_a) = pods(31, "/A");
     let (mut b, port_b) = pods(41, "/B");
     cluster
@@ -201,7 +172,7 @@ fn games_follow_labelled_services_as_they_come_and_go() {
     let mut plain = service("other", "x", "zzzzzzzz", &[]);
     plain["metadata"]["labels"] = json!({});
     cluster.api.apply(SERVICES, plain);
-    let proxy = cluster.proxy("--kubernetes-games");
+    let proxy = games_proxy(&cluster, "--kubernetes-games");
     let view = wait_games(&proxy, |v| {
         v["games"].as_array().is_some_and(|g| g.len() == 2)
     });
@@ -310,7 +281,7 @@ fn games_follow_labelled_services_as_they_come_and_go() {
 
 #[test]
 fn games_follow_agones_game_servers_through_their_states() {
-    let cluster = Cluster::new("agones");
+    let cluster = Cluster::new();
     let (a, port_a) = pods(51, "/A");
     let (_b, port_b) = pods(61, "/B");
     let gs = |name: &str, game: &str, token: &str, state: &str, addr: (IpAddr, u16)| {
@@ -323,7 +294,7 @@ fn games_follow_agones_game_servers_through_their_states() {
     gs("b-1", "arena-2", "arena-02", "Reserved", (ip(61), port_b));
     // Not serving yet: not a member.
     gs("b-2", "arena-2", "arena-02", "Scheduled", (ip(62), port_b));
-    let proxy = cluster.proxy("--agones-games");
+    let proxy = games_proxy(&cluster, "--agones-games");
     let view = wait_games(&proxy, |v| {
         v["games"].as_array().is_some_and(|g| g.len() == 2)
     });

@@ -11,7 +11,7 @@ use common::*;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use spotable_fixtures::kube::FakeApi;
-use spotable_fixtures::process::{ProxyProcess, ReplicaProcess, http_get, spawn_proxy_env};
+use spotable_fixtures::process::{ProxyProcess, ReplicaProcess, http_get};
 
 const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/games/endpointslices";
 const MS: Duration = Duration::from_millis(1);
@@ -76,53 +76,22 @@ fn pods(n: usize, first_octet: u8, extra: &[&[&str]]) -> (Vec<ReplicaProcess>, u
     (out, port)
 }
 
-struct Cluster {
-    api: FakeApi,
-    dir: std::path::PathBuf,
-}
-
-impl Cluster {
-    fn new() -> Self {
-        let api = FakeApi::start().unwrap();
-        let dir = std::env::temp_dir().join(format!(
-            "spotable-kube-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self { api, dir }
-    }
-
-    fn proxy(&self, extra: &[&str]) -> ProxyProcess {
-        let kubeconfig = self.api.write_kubeconfig(&self.dir, "games").unwrap();
-        let mut args = vec![
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--kubernetes-service",
-            "game",
-            "--port-name",
-            "game",
-        ];
-        args.extend_from_slice(extra);
-        spawn_proxy_env(
-            &proxy_exe(),
-            &[],
-            &args,
-            true,
-            &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-        )
-        .expect("proxy starts")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// The proxy following Service `game` (port `game`) in the fake cluster, with `extra` flags.
+fn service_proxy(cluster: &Cluster, extra: &[&str]) -> ProxyProcess {
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--kubernetes-service",
+        "game",
+        "--port-name",
+        "game",
+    ];
+    args.extend_from_slice(extra);
+    cluster.proxy(&args)
 }
 
 fn wait_replicas(proxy: &ProxyProcess, ready: f64, draining: f64) {
@@ -151,7 +120,10 @@ fn discovery_drives_dedupe_draining_removal_and_new_endpoints() {
             &[(ip(10), Cond::Ready), (ip(11), Cond::Ready)],
         ),
     );
-    let proxy = cluster.proxy(&["--dedupe", "primary", "--failover-after", "30ms"]);
+    let proxy = service_proxy(
+        &cluster,
+        &["--dedupe", "primary", "--failover-after", "30ms"],
+    );
     wait_replicas(&proxy, 2.0, 0.0);
     assert_eq!(http_get(proxy.admin.unwrap(), "/readyz").unwrap().0, 200);
 
@@ -254,7 +226,7 @@ fn a_rolling_replacement_never_leaves_a_streaming_player_deaf() {
     cluster
         .api
         .apply(SLICES, step(&[(a, Cond::Ready), (b, Cond::Ready)]));
-    let proxy = cluster.proxy(&[]);
+    let proxy = service_proxy(&cluster, &[]);
     wait_replicas(&proxy, 2.0, 0.0);
 
     // A player streams at 400 datagrams/s while the Deployment rolls (no --late-join):
@@ -351,7 +323,7 @@ fn a_rolling_replacement_never_leaves_a_streaming_player_deaf() {
 fn not_ready_until_the_first_complete_list() {
     let cluster = Cluster::new();
     cluster.api.stop();
-    let proxy = cluster.proxy(&[]);
+    let proxy = service_proxy(&cluster, &[]);
     let admin = proxy.admin.unwrap();
     // Once the proxy has tried the API and failed, it must still say not ready.
     let tried = wait_metric(&proxy, "spotable_discovery_watch_errors_total", &[], |v| {
@@ -440,8 +412,8 @@ fn fanout_picks_the_same_replicas_on_every_proxy_and_removal_moves_only_its_sess
     let cluster = Cluster::new();
     let (eps, port) = endpoint_sockets(20, 6);
     cluster.api.apply(SLICES, ready_slice(port, 20, 0..6));
-    let p1 = cluster.proxy(&["--fanout", "2"]);
-    let p2 = cluster.proxy(&["--fanout", "2"]);
+    let p1 = service_proxy(&cluster, &["--fanout", "2"]);
+    let p2 = service_proxy(&cluster, &["--fanout", "2"]);
     wait_replicas(&p1, 6.0, 0.0);
     wait_replicas(&p2, 6.0, 0.0);
 
@@ -536,7 +508,7 @@ fn an_abruptly_closed_watch_resumes() {
     let cluster = Cluster::new();
     let (_eps, port) = endpoint_sockets(40, 2);
     cluster.api.apply(SLICES, ready_slice(port, 40, 0..2));
-    let proxy = cluster.proxy(&[]);
+    let proxy = service_proxy(&cluster, &[]);
     wait_replicas(&proxy, 2.0, 0.0);
     cluster.api.drop_watches();
     cluster.api.apply(SLICES, ready_slice(port, 40, 0..1));
@@ -561,7 +533,7 @@ fn an_expired_resource_version_leads_to_a_relist() {
     let cluster = Cluster::new();
     let (_eps, port) = endpoint_sockets(50, 3);
     cluster.api.apply(SLICES, ready_slice(port, 50, 0..1));
-    let proxy = cluster.proxy(&[]);
+    let proxy = service_proxy(&cluster, &[]);
     wait_replicas(&proxy, 1.0, 0.0);
     // While the watch is down, the change it would resume from is compacted away.
     cluster.api.drop_watches();
@@ -588,7 +560,7 @@ fn traffic_keeps_flowing_on_the_last_known_set_while_the_api_is_down() {
     let cluster = Cluster::new();
     let (pods, port) = pods(2, 60, &[]);
     cluster.api.apply(SLICES, ready_slice(port, 60, 0..2));
-    let proxy = cluster.proxy(&[]);
+    let proxy = service_proxy(&cluster, &[]);
     wait_replicas(&proxy, 2.0, 0.0);
     let admin = proxy.admin.unwrap();
 
@@ -642,7 +614,7 @@ fn ipv6_endpoints_are_used() {
         }]),
     };
     cluster.api.apply(SLICES, serde_json::to_value(s).unwrap());
-    let proxy = cluster.proxy(&[]);
+    let proxy = service_proxy(&cluster, &[]);
     wait_replicas(&proxy, 1.0, 0.0);
     // An IPv4 player reaches an IPv6 replica through the proxy.
     let c = client(&proxy);

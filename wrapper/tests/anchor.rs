@@ -7,9 +7,8 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use spotable_fixtures::metrics_text;
 use spotable_fixtures::process::{
-    ProxyProcess, ReplicaProcess, http_get, spawn_proxy, spawn_replica, workspace_binary,
+    ProxyProcess, ReplicaProcess, spawn_proxy, spawn_replica, workspace_binary,
 };
 
 fn wrapper() -> &'static str {
@@ -69,9 +68,7 @@ fn proxy(replicas: &[SocketAddr]) -> ProxyProcess {
 }
 
 fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let (status, body) = http_get(admin, "/metrics").unwrap();
-    assert_eq!(status, 200);
-    metrics_text::value(&body, name, labels).unwrap_or(0.0)
+    spotable_fixtures::process::scrape(admin, name, labels).unwrap()
 }
 
 fn wait_metric(
@@ -80,14 +77,7 @@ fn wait_metric(
     labels: &[(&str, &str)],
     ok: impl Fn(f64) -> bool,
 ) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = metric(admin, name, labels);
-        if ok(v) || Instant::now() >= deadline {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    spotable_fixtures::process::scrape_until(admin, name, labels, ok).unwrap()
 }
 
 /// One answer of the stateful game: the sequence number it echoes, and the game's count of

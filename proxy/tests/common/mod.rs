@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use spotable_fixtures::metrics_text;
 use spotable_fixtures::process::{
     ProxyProcess, ReplicaProcess, http_get, loopback_proxy_args, spawn_proxy, spawn_replica,
 };
@@ -51,7 +50,7 @@ pub fn metrics(proxy: &ProxyProcess) -> String {
 }
 
 pub fn metric(proxy: &ProxyProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metrics_text::value(&metrics(proxy), name, labels).unwrap_or(0.0)
+    spotable_fixtures::process::scrape(proxy.admin.expect("admin"), name, labels).expect("scrape")
 }
 
 /// Polls a metric until `ok` holds (workers flush every 100 ms); returns the last value.
@@ -61,14 +60,8 @@ pub fn wait_metric(
     labels: &[(&str, &str)],
     ok: impl Fn(f64) -> bool,
 ) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = metric(proxy, name, labels);
-        if ok(v) || Instant::now() >= deadline {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    spotable_fixtures::process::scrape_until(proxy.admin.expect("admin"), name, labels, ok)
+        .expect("scrape")
 }
 
 pub fn client(proxy: &ProxyProcess) -> UdpSocket {
@@ -222,4 +215,43 @@ pub fn log_count(proxy: &ProxyProcess, needle: &str) -> usize {
         .iter()
         .filter(|l| l.contains(needle))
         .count()
+}
+
+/// The fake Kubernetes API server and a kubeconfig pointing at it (namespace `games`),
+/// removed with the test.
+pub struct Cluster {
+    pub api: spotable_fixtures::kube::FakeApi,
+    dir: PathBuf,
+}
+
+impl Cluster {
+    pub fn new() -> Self {
+        let api = spotable_fixtures::kube::FakeApi::start().unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "spotable-kube-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { api, dir }
+    }
+
+    /// The proxy binary with `args`, its Kubernetes client pointed at the fake.
+    pub fn proxy(&self, args: &[&str]) -> ProxyProcess {
+        let kubeconfig = self.api.write_kubeconfig(&self.dir, "games").unwrap();
+        spotable_fixtures::process::spawn_proxy_env(
+            &proxy_exe(),
+            &[],
+            args,
+            true,
+            &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+        )
+        .expect("proxy starts")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -76,6 +76,9 @@ fn run(config: Config) -> anyhow::Result<()> {
     let replicas = ReplicaSet::new();
     let stopping = Arc::new(AtomicBool::new(false));
     runtime.block_on(async {
+        // Before anything is announced: a SIGTERM that comes as soon as the admin listener
+        // answers must start the drain, not kill the process with the default action.
+        let mut signals = spotable_edge::Signals::new()?;
         let discovery = match &config.replicas {
             ReplicaSource::Static(list) => {
                 replicas.publish(list.iter().copied().map(Replica::ready).collect());
@@ -132,6 +135,7 @@ fn run(config: Config) -> anyhow::Result<()> {
                     health: proxy.health(),
                     session_limit: proxy.session_limit(),
                     front_inodes: proxy.front_inodes().into(),
+                    replica_stats: proxy.replica_stats(),
                 };
                 let (_, task) = spotable_edge::serve(addr, admin::router(state))
                     .await
@@ -140,7 +144,6 @@ fn run(config: Config) -> anyhow::Result<()> {
             }
             None => None,
         };
-        let mut signals = spotable_edge::Signals::new()?;
         let health = proxy.health();
         // A lost worker ends the process (after the drain delay, with /healthz failing) so
         // that Kubernetes restarts it: its players would otherwise be rehashed as strangers.

@@ -34,6 +34,8 @@ pub struct AdminState {
     pub session_limit: usize,
     /// Front socket inodes, for their kernel drop counters.
     pub front_inodes: Arc<[u64]>,
+    /// Per-replica counts.
+    pub replica_stats: Arc<crate::replica_stats::Registry>,
 }
 
 impl AdminState {
@@ -72,7 +74,13 @@ async fn metrics(State(state): State<AdminState>) -> String {
     let (front, rcvbuf) = crate::kernel::read(&state.front_inodes);
     metrics::counter!(names::FRONT_KERNEL_DROPS).absolute(front);
     metrics::counter!(names::UDP_RCVBUF_ERRORS).absolute(rcvbuf);
-    spotable_edge::render(&state.metrics)
+    let mut text = spotable_edge::render(&state.metrics);
+    text.push_str(
+        &state
+            .replica_stats
+            .render(&snapshot, std::time::Instant::now()),
+    );
+    text
 }
 
 async fn healthz(State(state): State<AdminState>) -> (StatusCode, String) {

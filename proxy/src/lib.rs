@@ -7,6 +7,7 @@
 //! and stops it all.
 
 pub mod kernel;
+pub mod replica_stats;
 pub mod server;
 pub mod stats;
 mod worker;

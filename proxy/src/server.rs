@@ -63,6 +63,8 @@ pub(crate) struct Shared {
     pub(crate) replicas: ReplicaSet,
     pub(crate) shutdown: AtomicBool,
     pub(crate) health: Arc<Health>,
+    /// Per-replica counts, added by each worker on its tick.
+    pub(crate) replica_stats: Arc<crate::replica_stats::Registry>,
 }
 
 #[cfg(test)]
@@ -73,6 +75,7 @@ impl Shared {
             replicas: ReplicaSet::new(),
             shutdown: AtomicBool::new(false),
             health: Arc::new(Health::new()),
+            replica_stats: Arc::default(),
         })
     }
 }
@@ -187,6 +190,7 @@ impl Proxy {
             replicas: replicas.clone(),
             shutdown: AtomicBool::new(false),
             health: Arc::new(Health::new()),
+            replica_stats: Arc::default(),
         });
         let admission = Admission::new(session_limit);
         let settings = Arc::new(config.settings);
@@ -302,6 +306,11 @@ impl Proxy {
     /// Whether the data plane is whole.
     pub fn health(&self) -> Arc<Health> {
         self.shared.health.clone()
+    }
+
+    /// Per-replica counts, for the admin endpoint.
+    pub fn replica_stats(&self) -> Arc<crate::replica_stats::Registry> {
+        self.shared.replica_stats.clone()
     }
 
     /// Inodes of the front sockets, to find their kernel counters.

@@ -30,6 +30,62 @@ fn two_replicas_every_answer_exactly_once() {
 }
 
 #[test]
+fn each_replica_has_its_series_and_a_silent_one_shows_its_silence_growing() {
+    let live = replica(&[]);
+    // Bound, but never answers: a game server hung on a reclaimed node's last seconds.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let proxy = start_proxy(&[live.addr, silent_addr], &[]);
+    let c = client(&proxy);
+    let rx = Collector::start(&c);
+    stream(&c, 100, MS, |_| {});
+    assert_each(&rx.finish(100), 100, 1);
+    let (l, s) = (live.addr.to_string(), silent_addr.to_string());
+    let answers = wait_metric(
+        &proxy,
+        "spotable_replica_answers_total",
+        &[("replica", &l)],
+        |v| v >= 100.0,
+    );
+    assert_eq!(answers, 100.0);
+    assert_eq!(
+        metric(
+            &proxy,
+            "spotable_replica_first_answers_total",
+            &[("replica", &l)]
+        ),
+        100.0
+    );
+    assert_eq!(
+        metric(&proxy, "spotable_replica_answers_total", &[("replica", &s)]),
+        0.0
+    );
+    let quiet = |p: &spotable_fixtures::process::ProxyProcess| {
+        metric(p, "spotable_replica_silence_seconds", &[("replica", &s)])
+    };
+    let first = quiet(&proxy);
+    let grew = wait_metric(
+        &proxy,
+        "spotable_replica_silence_seconds",
+        &[("replica", &s)],
+        |v| v >= first + 0.5,
+    );
+    assert!(grew >= first + 0.5, "silence {first} then {grew}");
+    assert!(
+        metric(
+            &proxy,
+            "spotable_replica_silence_seconds",
+            &[("replica", &l)]
+        ) < grew,
+        "the live replica is less silent"
+    );
+    assert!(
+        spotable_fixtures::metrics_text::without_help(&metrics(&proxy)).is_empty(),
+        "every series has HELP"
+    );
+}
+
+#[test]
 fn three_replicas_every_answer_exactly_once() {
     let s = setup(&[&[], &[], &[]], &[]);
     let c = client(&s.proxy);
@@ -255,7 +311,8 @@ fn drain_delay_keeps_forwarding_while_not_ready() {
     s.proxy.process.signal(libc::SIGTERM).unwrap();
     // Readiness drops at once…
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while http_get(admin, "/readyz").unwrap().0 != 503 {
+    // (A connection the server resets while it begins to drain is asked again.)
+    while http_get(admin, "/readyz").map_or(true, |(status, _)| status != 503) {
         assert!(
             std::time::Instant::now() < deadline,
             "/readyz still ready after SIGTERM"

@@ -190,6 +190,12 @@ fn discovery_drives_dedupe_draining_removal_and_new_endpoints() {
     });
     assert_each(&rx.finish(200), 200, 1);
     wait_replicas(&proxy, 1.0, 0.0);
+    // The removed replica's series left /metrics with it; the survivor's stay.
+    let gone = format!("replica=\"{}:{port}\"", ip(10 + primary as u8));
+    let kept = format!("replica=\"{}:{port}\"", ip(10 + other as u8));
+    let text = metrics(&proxy);
+    assert!(!text.contains(&gone), "{gone} still reported");
+    assert!(text.contains(&kept), "{kept} not reported");
 
     // A new endpoint is added: new sessions use it, the running one does not.
     let newcomer = UdpSocket::bind((ip(12), port)).unwrap();

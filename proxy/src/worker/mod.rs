@@ -209,6 +209,10 @@ pub(crate) struct Worker<N: Net> {
     next_tick: Instant,
     /// A replica header and the datagram it goes before.
     scratch: Vec<u8>,
+    /// Answers per replica since the last tick.
+    per_replica: crate::replica_stats::Tally,
+    /// The replica-set version whose replicas were last registered as seen.
+    per_replica_version: u64,
 }
 
 impl<N: Net> Worker<N> {
@@ -223,6 +227,9 @@ impl<N: Net> Worker<N> {
         now: Instant,
     ) -> Self {
         applied.store(table.snapshot().version, Ordering::Release);
+        // Replicas are silent from when they join: the first set, from the start.
+        shared.replica_stats.seen(table.snapshot(), now);
+        let per_replica_version = table.snapshot().version;
         Self {
             net,
             ready: Vec::with_capacity(1024),
@@ -244,6 +251,8 @@ impl<N: Net> Worker<N> {
             fault_at,
             next_tick: now + TICK,
             scratch: Vec::with_capacity(proxy_header::MAX_ENCODED + max_datagram),
+            per_replica: crate::replica_stats::Tally::default(),
+            per_replica_version,
         }
     }
 
@@ -444,6 +453,7 @@ impl<N: Net> Worker<N> {
                         client,
                         failover,
                     } => {
+                        self.per_replica.answer(from, true, now);
                         if failover {
                             self.local.failovers += 1;
                         }
@@ -453,7 +463,10 @@ impl<N: Net> Worker<N> {
                             slot,
                         });
                     }
-                    AnswerVerdict::Duplicate => self.local.duplicates += 1,
+                    AnswerVerdict::Duplicate => {
+                        self.per_replica.answer(from, false, now);
+                        self.local.duplicates += 1;
+                    }
                     AnswerVerdict::Drop(reason) => self.local.drop(reason, 1),
                 }
             }
@@ -506,6 +519,12 @@ impl<N: Net> Worker<N> {
         self.local.resyncs += self.table.take_resyncs();
         self.sink.flush(&mut self.local);
         self.table.flush_games();
+        let snapshot = self.table.snapshot();
+        if snapshot.version != self.per_replica_version {
+            self.per_replica_version = snapshot.version;
+            self.shared.replica_stats.seen(snapshot, now);
+        }
+        self.shared.replica_stats.flush(&mut self.per_replica);
         if self.fault_at.is_some_and(|at| now >= at) {
             panic!("injected fault (SPOTABLE_TEST_FAULT)");
         }

@@ -1,0 +1,258 @@
+//! Per-replica series: which copy of which game answers, wins, or has gone silent.
+//!
+//! Workers count each replica's answers into a plain map and add it here on their tick; the
+//! admin endpoint renders one series per replica of the current set at scrape time, so a
+//! replica that leaves the set leaves `/metrics` with it. Cardinality is the replica set's
+//! size, bounded by discovery.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::replicas::{ReplicaState, Snapshot};
+
+/// Series names.
+pub mod names {
+    /// Answers received from a replica.
+    pub const ANSWERS: &str = "spotable_replica_answers_total";
+    /// Answers of a replica that were the first copy and reached the player.
+    pub const FIRSTS: &str = "spotable_replica_first_answers_total";
+    /// Seconds since a replica last answered (since it joined, if it never has).
+    pub const SILENCE: &str = "spotable_replica_silence_seconds";
+    /// A replica's state (1 for the state it is in).
+    pub const STATE: &str = "spotable_replica_state";
+}
+
+/// One worker's counts since its last flush, by replica.
+#[derive(Debug, Default)]
+pub struct Tally {
+    by_replica: HashMap<SocketAddr, Counts, foldhash::fast::RandomState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Counts {
+    answers: u64,
+    firsts: u64,
+    last: Instant,
+}
+
+impl Tally {
+    /// One answer from `replica` at `now`; `first` when it was delivered.
+    pub fn answer(&mut self, replica: SocketAddr, first: bool, now: Instant) {
+        let c = self.by_replica.entry(canonical(replica)).or_insert(Counts {
+            answers: 0,
+            firsts: 0,
+            last: now,
+        });
+        c.answers += 1;
+        c.firsts += u64::from(first);
+        c.last = now;
+    }
+}
+
+/// An IPv4-mapped address (as a dual-stack socket reports it) as the IPv4 address it is.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(a, |v4| SocketAddr::new(v4.into(), a.port())),
+        IpAddr::V4(_) => a,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Totals {
+    answers: u64,
+    firsts: u64,
+    /// Last answer, or when the replica was first seen.
+    last: Instant,
+}
+
+/// The workers' counts summed, by replica.
+#[derive(Debug, Default)]
+pub struct Registry {
+    totals: Mutex<HashMap<SocketAddr, Totals>>,
+}
+
+impl Registry {
+    /// Adds a worker's tally and empties it (keeping its memory).
+    pub fn flush(&self, tally: &mut Tally) {
+        if tally.by_replica.is_empty() {
+            return;
+        }
+        let mut totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
+        for (addr, c) in tally.by_replica.drain() {
+            let t = totals.entry(addr).or_insert(Totals {
+                answers: 0,
+                firsts: 0,
+                last: c.last,
+            });
+            t.answers += c.answers;
+            t.firsts += c.firsts;
+            t.last = t.last.max(c.last);
+        }
+    }
+
+    /// Notes when each replica of `snapshot` was first seen, so a replica that never answers
+    /// is silent from when it joined (workers call this when their set changes).
+    pub fn seen(&self, snapshot: &Snapshot, now: Instant) {
+        let mut totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
+        for r in &snapshot.replicas {
+            totals.entry(canonical(r.addr)).or_insert(Totals {
+                answers: 0,
+                firsts: 0,
+                last: now,
+            });
+        }
+    }
+
+    /// The series of every replica in `snapshot` (each game's, labelled with it) at `now`;
+    /// forgets replicas no longer in it.
+    pub fn render(&self, snapshot: &Snapshot, now: Instant) -> String {
+        let mut totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut rows: Vec<(&str, SocketAddr, ReplicaState)> = Vec::new();
+        if snapshot.games.is_empty() {
+            rows.extend(snapshot.replicas.iter().map(|r| ("", r.addr, r.state)));
+        } else {
+            for g in &snapshot.games {
+                rows.extend(
+                    g.replicas
+                        .replicas
+                        .iter()
+                        .map(|r| (&*g.name, r.addr, r.state)),
+                );
+            }
+        }
+        let present: std::collections::HashSet<SocketAddr> =
+            rows.iter().map(|(_, a, _)| canonical(*a)).collect();
+        totals.retain(|a, _| present.contains(a));
+        let mut out = String::new();
+        let mut series = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Totals) -> f64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (game, addr, _) in &rows {
+                let t = *totals.entry(canonical(*addr)).or_insert(Totals {
+                    answers: 0,
+                    firsts: 0,
+                    last: now,
+                });
+                let _ = writeln!(out, "{name}{{{}}} {}", labels(game, *addr), value(&t));
+            }
+        };
+        series(
+            names::ANSWERS,
+            "counter",
+            "Answers received from a replica",
+            &|t| t.answers as f64,
+        );
+        series(
+            names::FIRSTS,
+            "counter",
+            "Answers of a replica that were the first copy and reached the player",
+            &|t| t.firsts as f64,
+        );
+        series(
+            names::SILENCE,
+            "gauge",
+            "Seconds since a replica last answered (since it joined, if it never has)",
+            &|t| {
+                now.saturating_duration_since(t.last)
+                    .max(Duration::ZERO)
+                    .as_secs_f64()
+            },
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {s} A replica's state: 1 for the state it is in\n# TYPE {s} gauge",
+            s = names::STATE
+        );
+        for (game, addr, state) in &rows {
+            for s in [ReplicaState::Ready, ReplicaState::Draining] {
+                let _ = writeln!(
+                    out,
+                    "{}{{{},state=\"{}\"}} {}",
+                    names::STATE,
+                    labels(game, *addr),
+                    s.as_str(),
+                    u8::from(*state == s)
+                );
+            }
+        }
+        out
+    }
+}
+
+fn labels(game: &str, addr: SocketAddr) -> String {
+    if game.is_empty() {
+        format!("replica=\"{addr}\"")
+    } else {
+        format!("game=\"{}\",replica=\"{addr}\"", escape(game))
+    }
+}
+
+/// A label value as the exposition format quotes it.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicas::{Replica, ReplicaSet};
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn counts_add_up_silence_grows_and_leavers_vanish() {
+        let t0 = Instant::now();
+        let set = ReplicaSet::new();
+        set.publish(vec![
+            Replica::ready(addr(7001)),
+            Replica {
+                addr: addr(7002),
+                state: ReplicaState::Draining,
+            },
+        ]);
+        let registry = Registry::default();
+        registry.seen(&set.snapshot(), t0);
+        let (mut w1, mut w2) = (Tally::default(), Tally::default());
+        w1.answer(addr(7001), true, t0);
+        w1.answer(addr(7001), false, t0);
+        // A dual-stack socket reports the same replica IPv4-mapped.
+        w2.answer("[::ffff:127.0.0.1]:7001".parse().unwrap(), true, t0);
+        registry.flush(&mut w1);
+        registry.flush(&mut w2);
+        let text = registry.render(&set.snapshot(), t0 + Duration::from_secs(3));
+        let v = |name, labels: &[(&str, &str)]| {
+            spotable_fixtures::metrics_text::value(&text, name, labels).unwrap()
+        };
+        let a = [("replica", "127.0.0.1:7001")];
+        let b = [("replica", "127.0.0.1:7002")];
+        assert_eq!(v(names::ANSWERS, &a), 3.0);
+        assert_eq!(v(names::FIRSTS, &a), 2.0);
+        assert_eq!(v(names::SILENCE, &a), 3.0);
+        assert_eq!(v(names::ANSWERS, &b), 0.0, "present at zero");
+        assert_eq!(
+            v(
+                names::STATE,
+                &[("replica", "127.0.0.1:7002"), ("state", "draining")]
+            ),
+            1.0
+        );
+        assert!(spotable_fixtures::metrics_text::without_help(&text).is_empty());
+        // 7002 never answers: its silence grows from when it joined.
+        assert_eq!(v(names::SILENCE, &b), 3.0);
+        let later = registry.render(&set.snapshot(), t0 + Duration::from_secs(10));
+        let silence_b = spotable_fixtures::metrics_text::value(&later, names::SILENCE, &b);
+        assert_eq!(silence_b, Some(10.0));
+        // 7001 leaves the set: its series go.
+        set.publish(vec![Replica::ready(addr(7002))]);
+        let gone = registry.render(&set.snapshot(), t0 + Duration::from_secs(11));
+        assert!(!gone.contains("127.0.0.1:7001"), "{gone}");
+    }
+}

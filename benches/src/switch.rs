@@ -8,7 +8,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use spotable_fixtures::process::{ProxyProcess, spawn_proxy, spawn_replica};
+use spotable_fixtures::process::{ProxyProcess, loopback_proxy_args, spawn_proxy, spawn_replica};
 use spotable_fixtures::wire;
 use spotable_wrapper::anchor;
 
@@ -64,24 +64,11 @@ pub fn summarize(sent: u64, answers: &[(u64, u64, u64)]) -> SwitchSummary {
 }
 
 fn proxy(exe: &std::path::Path, anchors: &[SocketAddr]) -> anyhow::Result<ProxyProcess> {
-    let mut args: Vec<String> = [
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-        "--rate-limit",
-        "0",
-        "--replica-header",
-        "proxy-v2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for a in anchors {
-        args.extend(["--replica".to_string(), a.to_string()]);
-    }
+    let args = loopback_proxy_args(
+        anchors,
+        1,
+        &["--rate-limit", "0", "--replica-header", "proxy-v2"],
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     spawn_proxy(exe, &["proxy"], &args, false)
 }

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use spotable_fixtures::process::{
-    ProxyProcess, ReplicaProcess, spawn_proxy, spawn_replica, workspace_binary,
+    ProxyProcess, ReplicaProcess, loopback_proxy_args, spawn_proxy, spawn_replica, workspace_binary,
 };
 
 fn wrapper() -> &'static str {
@@ -46,23 +46,7 @@ fn anchor(game: SocketAddr, admin: SocketAddr, extra: &[&str]) -> ReplicaProcess
 
 fn proxy(replicas: &[SocketAddr]) -> ProxyProcess {
     let exe = workspace_binary("spotable-proxy", "spotable-proxy");
-    let mut args: Vec<String> = [
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-        "--replica-header",
-        "proxy-v2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for r in replicas {
-        args.push("--replica".into());
-        args.push(r.to_string());
-    }
+    let args = loopback_proxy_args(replicas, 1, &["--replica-header", "proxy-v2"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     spawn_proxy(&exe, &[], &args, true).unwrap()
 }

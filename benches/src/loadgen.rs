@@ -317,12 +317,13 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Report> {
             }
         }
     }
+    // A turn of this loop that the scheduler delays past the end still owes what fell due
+    // before it; those datagrams then get their own drain time rather than being dropped.
+    let drain_ns = args.drain.as_nanos() as u64;
+    let mut end_ns = total_ns;
     loop {
         let now = Instant::now();
         let now_ns = elapsed_ns(now);
-        if now_ns >= total_ns {
-            break;
-        }
         let sending = now_ns < send_ns;
         if now_ns / 1_000_000 >= shown_ms + 100 {
             shown_ms = now_ns / 1_000_000;
@@ -331,8 +332,8 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Report> {
         }
         let mut timeout = Duration::from_millis(20);
         if args.mode == Mode::Open {
-            // Everything due by now goes out, however late; a slow turn of this loop near
-            // the end still sends all that was due before it.
+            // Everything due by now goes out, however late.
+            let mut late = false;
             loop {
                 let due = (next_k as f64 * interval_ns) as u64;
                 if due > now_ns || due >= send_ns {
@@ -341,7 +342,16 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Report> {
                 let i = (next_k % flows.len() as u64) as usize;
                 flows[i].send(due, warmup_ns, size, suffix, &mut payload);
                 next_k += 1;
+                late = !sending;
             }
+            if late {
+                end_ns = end_ns.max(now_ns + drain_ns);
+            }
+        }
+        if now_ns >= end_ns {
+            break;
+        }
+        if args.mode == Mode::Open {
             let due = (next_k as f64 * interval_ns) as u64;
             if due < send_ns {
                 timeout = timeout.min(Duration::from_nanos(
@@ -360,14 +370,18 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Report> {
         }
         // epoll counts in whole milliseconds (mio rounds up), too coarse for pacing: below
         // one, look without waiting and sleep briefly (hrtimer-precise) instead.
-        if timeout >= Duration::from_millis(1) {
-            let whole_ms = Duration::from_millis(timeout.as_millis() as u64);
-            poll.poll(&mut events, Some(whole_ms))?;
+        let wait = if timeout >= Duration::from_millis(1) {
+            Duration::from_millis(timeout.as_millis() as u64)
         } else {
-            poll.poll(&mut events, Some(Duration::ZERO))?;
-            if events.is_empty() && !timeout.is_zero() {
-                std::thread::sleep(timeout.min(Duration::from_micros(100)));
-            }
+            Duration::ZERO
+        };
+        // A signal (SIGCONT after a stop, a profiler's) interrupts the wait: look again.
+        match poll.poll(&mut events, Some(wait)) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => events.clear(),
+            other => other?,
+        }
+        if wait.is_zero() && events.is_empty() && !timeout.is_zero() {
+            std::thread::sleep(timeout.min(Duration::from_micros(100)));
         }
         for ev in &events {
             let f = &mut flows[ev.token().0];

@@ -170,6 +170,61 @@ fn with_nobody_behind_the_port_everything_is_lost() {
     assert_eq!(r.answers_per_sec, 0.0);
 }
 
+/// The machine stalls the generator across the end of its sending time (SIGSTOP, as a busy
+/// host's scheduler might): what fell due is still sent, and still given time to be answered.
+#[test]
+fn a_stall_across_the_end_still_sends_and_drains_all_that_was_due() {
+    let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+    echo.set_read_timeout(Some(Duration::from_millis(10)))
+        .unwrap();
+    let target = echo.local_addr().unwrap();
+    let child = Command::new(exe())
+        .args(["loadgen", "--target", &target.to_string()])
+        .args(["--bind", "127.0.0.1:0", "--flows", "2", "--rate", "500"])
+        .args(["--duration", "1s", "--warmup", "0s", "--drain", "200ms"])
+        .arg("--json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guard = spotable_fixtures::process::Guard::new(child);
+    // Read the report as it comes, so a full pipe never holds the child up.
+    let mut stdout = guard.child_mut().stdout.take().unwrap();
+    let report = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut out).map(|_| out)
+    });
+    let mut buf = [0u8; 2048];
+    let mut first = None;
+    let mut stalled = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "the generator never finished");
+        if let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+            first.get_or_insert_with(Instant::now);
+        }
+        // Stop it from 0.7 s into its run until well past its end at 1.2 s.
+        if !stalled && first.is_some_and(|t: Instant| t.elapsed() >= Duration::from_millis(700)) {
+            guard.signal(libc::SIGSTOP).unwrap();
+            std::thread::sleep(Duration::from_millis(900));
+            guard.signal(libc::SIGCONT).unwrap();
+            stalled = true;
+        }
+        if let Some(status) = guard.child_mut().try_wait().unwrap() {
+            let mut err = String::new();
+            let _ =
+                std::io::Read::read_to_string(guard.child_mut().stderr.as_mut().unwrap(), &mut err);
+            assert!(status.success(), "{status}: {err}");
+            break;
+        }
+    }
+    assert!(stalled, "the generator finished before the stall");
+    let r: Report = serde_json::from_slice(&report.join().unwrap().unwrap()).unwrap();
+    assert_eq!(r.sent, 500, "{r:?}");
+    assert_eq!(r.lost, 0, "{r:?}");
+}
+
 #[test]
 fn closed_loop_keeps_its_window_full_and_reports_json() {
     let replica = spawn_replica(exe(), &["replica"]).unwrap();

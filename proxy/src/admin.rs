@@ -36,6 +36,8 @@ pub struct AdminState {
     pub front_inodes: Arc<[u64]>,
     /// Per-replica counts.
     pub replica_stats: Arc<crate::replica_stats::Registry>,
+    /// Time-in-proxy histograms.
+    pub transit: Arc<crate::transit::Registry>,
 }
 
 impl AdminState {
@@ -80,6 +82,7 @@ async fn metrics(State(state): State<AdminState>) -> String {
             .replica_stats
             .render(&snapshot, std::time::Instant::now()),
     );
+    text.push_str(&state.transit.render());
     text
 }
 

@@ -136,6 +136,7 @@ fn run(config: Config) -> anyhow::Result<()> {
                     session_limit: proxy.session_limit(),
                     front_inodes: proxy.front_inodes().into(),
                     replica_stats: proxy.replica_stats(),
+                    transit: proxy.transit(),
                 };
                 let (_, task) = spotable_edge::serve(addr, admin::router(state))
                     .await

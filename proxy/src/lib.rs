@@ -10,12 +10,13 @@ pub mod kernel;
 pub mod replica_stats;
 pub mod server;
 pub mod stats;
+pub mod transit;
 mod worker;
 
 pub use server::{Proxy, ProxyConfig, ServerError};
 pub use spotable_core::{
-    Replica, ReplicaSet, ReplicaState, dedupe, loglimit, proxy_header, ratelimit, replicas,
-    session, token,
+    Replica, ReplicaSet, ReplicaState, dedupe, histogram, loglimit, proxy_header, ratelimit,
+    replicas, session, token,
 };
 pub use spotable_udp as udp;
 pub mod admin;

@@ -11,6 +11,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use spotable_core::histogram::Histogram;
+
 use crate::replicas::{ReplicaState, Snapshot};
 
 /// Series names.
@@ -23,6 +25,8 @@ pub mod names {
     pub const SILENCE: &str = "spotable_replica_silence_seconds";
     /// A replica's state (1 for the state it is in).
     pub const STATE: &str = "spotable_replica_state";
+    /// How far behind the delivered copy a replica's suppressed copies arrive.
+    pub const LAG: &str = "spotable_replica_lag_seconds";
 }
 
 /// One worker's counts since its last flush, by replica.
@@ -36,19 +40,40 @@ struct Counts {
     answers: u64,
     firsts: u64,
     last: Instant,
+    lag: Histogram,
+}
+
+impl Counts {
+    fn new(last: Instant) -> Self {
+        Self {
+            answers: 0,
+            firsts: 0,
+            last,
+            lag: Histogram::default(),
+        }
+    }
 }
 
 impl Tally {
-    /// One answer from `replica` at `now`; `first` when it was delivered.
-    pub fn answer(&mut self, replica: SocketAddr, first: bool, now: Instant) {
-        let c = self.by_replica.entry(canonical(replica)).or_insert(Counts {
-            answers: 0,
-            firsts: 0,
-            last: now,
-        });
+    /// One answer from `replica` at `now`: delivered (`first`), or a copy that arrived
+    /// `behind` the delivered one.
+    pub fn answer(
+        &mut self,
+        replica: SocketAddr,
+        first: bool,
+        behind: Option<Duration>,
+        now: Instant,
+    ) {
+        let c = self
+            .by_replica
+            .entry(canonical(replica))
+            .or_insert_with(|| Counts::new(now));
         c.answers += 1;
         c.firsts += u64::from(first);
         c.last = now;
+        if let Some(b) = behind {
+            c.lag.record(b);
+        }
     }
 }
 
@@ -62,18 +87,12 @@ fn canonical(a: SocketAddr) -> SocketAddr {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Totals {
-    answers: u64,
-    firsts: u64,
-    /// Last answer, or when the replica was first seen.
-    last: Instant,
-}
-
 /// The workers' counts summed, by replica.
 #[derive(Debug, Default)]
 pub struct Registry {
-    totals: Mutex<HashMap<SocketAddr, Totals>>,
+    /// Answers, wins and lag since the replica was first seen; `last`: its last answer, or
+    /// when it was first seen.
+    totals: Mutex<HashMap<SocketAddr, Counts>>,
 }
 
 impl Registry {
@@ -84,14 +103,11 @@ impl Registry {
         }
         let mut totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
         for (addr, c) in tally.by_replica.drain() {
-            let t = totals.entry(addr).or_insert(Totals {
-                answers: 0,
-                firsts: 0,
-                last: c.last,
-            });
+            let t = totals.entry(addr).or_insert_with(|| Counts::new(c.last));
             t.answers += c.answers;
             t.firsts += c.firsts;
             t.last = t.last.max(c.last);
+            t.lag.merge(&c.lag);
         }
     }
 
@@ -100,11 +116,9 @@ impl Registry {
     pub fn seen(&self, snapshot: &Snapshot, now: Instant) {
         let mut totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
         for r in &snapshot.replicas {
-            totals.entry(canonical(r.addr)).or_insert(Totals {
-                answers: 0,
-                firsts: 0,
-                last: now,
-            });
+            totals
+                .entry(canonical(r.addr))
+                .or_insert_with(|| Counts::new(now));
         }
     }
 
@@ -129,14 +143,12 @@ impl Registry {
             rows.iter().map(|(_, a, _)| canonical(*a)).collect();
         totals.retain(|a, _| present.contains(a));
         let mut out = String::new();
-        let mut series = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Totals) -> f64| {
+        let mut series = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Counts) -> f64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (game, addr, _) in &rows {
-                let t = *totals.entry(canonical(*addr)).or_insert(Totals {
-                    answers: 0,
-                    firsts: 0,
-                    last: now,
-                });
+                let t = *totals
+                    .entry(canonical(*addr))
+                    .or_insert_with(|| Counts::new(now));
                 let _ = writeln!(out, "{name}{{{}}} {}", labels(game, *addr), value(&t));
             }
         };
@@ -162,6 +174,17 @@ impl Registry {
                     .as_secs_f64()
             },
         );
+        let _ = writeln!(
+            out,
+            "# HELP {s} How far behind the delivered copy a replica's suppressed copies arrive \
+             (copies and sequence modes; a replica that always wins has none)\n# TYPE {s} histogram",
+            s = names::LAG
+        );
+        for (game, addr, _) in &rows {
+            if let Some(t) = totals.get(&canonical(*addr)) {
+                t.lag.write(&mut out, names::LAG, &labels(game, *addr));
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP {s} A replica's state: 1 for the state it is in\n# TYPE {s} gauge",
@@ -221,14 +244,14 @@ mod tests {
         let registry = Registry::default();
         registry.seen(&set.snapshot(), t0);
         let (mut w1, mut w2) = (Tally::default(), Tally::default());
-        w1.answer(addr(7001), true, t0);
-        w1.answer(addr(7001), false, t0);
+        w1.answer(addr(7001), true, None, t0);
+        w1.answer(addr(7001), false, Some(Duration::from_millis(3)), t0);
         // A dual-stack socket reports the same replica IPv4-mapped.
-        w2.answer("[::ffff:127.0.0.1]:7001".parse().unwrap(), true, t0);
+        w2.answer("[::ffff:127.0.0.1]:7001".parse().unwrap(), true, None, t0);
         registry.flush(&mut w1);
         registry.flush(&mut w2);
         let text = registry.render(&set.snapshot(), t0 + Duration::from_secs(3));
-        let v = |name, labels: &[(&str, &str)]| {
+        let v = |name: &str, labels: &[(&str, &str)]| {
             spotable_fixtures::metrics_text::value(&text, name, labels).unwrap()
         };
         let a = [("replica", "127.0.0.1:7001")];
@@ -236,6 +259,13 @@ mod tests {
         assert_eq!(v(names::ANSWERS, &a), 3.0);
         assert_eq!(v(names::FIRSTS, &a), 2.0);
         assert_eq!(v(names::SILENCE, &a), 3.0);
+        let lag = format!("{}_bucket", names::LAG);
+        let le = |le| [("replica", "127.0.0.1:7001"), ("le", le)];
+        assert_eq!(v(&lag, &le("0.0025")), 0.0);
+        assert_eq!(v(&lag, &le("0.005")), 1.0);
+        let lag_count = format!("{}_count", names::LAG);
+        assert_eq!(v(&lag_count, &a), 1.0);
+        assert_eq!(v(&lag_count, &b), 0.0, "present at zero");
         assert_eq!(v(names::ANSWERS, &b), 0.0, "present at zero");
         assert_eq!(
             v(

@@ -65,6 +65,8 @@ pub(crate) struct Shared {
     pub(crate) health: Arc<Health>,
     /// Per-replica counts, added by each worker on its tick.
     pub(crate) replica_stats: Arc<crate::replica_stats::Registry>,
+    /// Time in the proxy, added by each worker on its tick.
+    pub(crate) transit: Arc<crate::transit::Registry>,
 }
 
 #[cfg(test)]
@@ -76,6 +78,7 @@ impl Shared {
             shutdown: AtomicBool::new(false),
             health: Arc::new(Health::new()),
             replica_stats: Arc::default(),
+            transit: Arc::default(),
         })
     }
 }
@@ -191,6 +194,7 @@ impl Proxy {
             shutdown: AtomicBool::new(false),
             health: Arc::new(Health::new()),
             replica_stats: Arc::default(),
+            transit: Arc::default(),
         });
         let admission = Admission::new(session_limit);
         let settings = Arc::new(config.settings);
@@ -311,6 +315,11 @@ impl Proxy {
     /// Per-replica counts, for the admin endpoint.
     pub fn replica_stats(&self) -> Arc<crate::replica_stats::Registry> {
         self.shared.replica_stats.clone()
+    }
+
+    /// Time-in-proxy histograms, for the admin endpoint.
+    pub fn transit(&self) -> Arc<crate::transit::Registry> {
+        self.shared.transit.clone()
     }
 
     /// Inodes of the front sockets, to find their kernel counters.

@@ -86,6 +86,61 @@ fn each_replica_has_its_series_and_a_silent_one_shows_its_silence_growing() {
 }
 
 #[test]
+fn a_slow_replica_shows_its_lag_and_the_proxy_its_own_time_both_ways() {
+    let fast = replica(&[]);
+    // On a slower node: every answer 5 ms late.
+    let slow = replica(&["--delay", "5ms"]);
+    let proxy = start_proxy(&[fast.addr, slow.addr], &[]);
+    let c = client(&proxy);
+    let rx = Collector::start(&c);
+    stream(&c, 100, MS, |_| {});
+    assert_each(&rx.finish(100), 100, 1);
+    let (f, s) = (fast.addr.to_string(), slow.addr.to_string());
+    let lag_count = "spotable_replica_lag_seconds_count";
+    let lagged = wait_metric(&proxy, lag_count, &[("replica", &s)], |v| v >= 100.0);
+    assert_eq!(
+        lagged, 100.0,
+        "every copy of the slow one was suppressed behind the fast one"
+    );
+    assert_eq!(
+        metric(&proxy, lag_count, &[("replica", &f)]),
+        0.0,
+        "the fast one always won"
+    );
+    let mean = metric(
+        &proxy,
+        "spotable_replica_lag_seconds_sum",
+        &[("replica", &s)],
+    ) / lagged;
+    assert!((0.004..0.5).contains(&mean), "mean lag {mean} s");
+    let under = metric(
+        &proxy,
+        "spotable_replica_lag_seconds_bucket",
+        &[("replica", &s), ("le", "0.0025")],
+    );
+    assert!(
+        under <= 10.0,
+        "{under} of 100 copies less than 2.5 ms behind"
+    );
+    // Time in the proxy, both ways: every datagram forwarded and every answer delivered.
+    for direction in ["to_replicas", "to_clients"] {
+        let n = wait_metric(
+            &proxy,
+            "spotable_transit_seconds_count",
+            &[("direction", direction)],
+            |v| v >= 100.0,
+        );
+        assert_eq!(n, 100.0, "{direction}");
+        let inf = metric(
+            &proxy,
+            "spotable_transit_seconds_bucket",
+            &[("direction", direction), ("le", "1")],
+        );
+        assert_eq!(inf, 100.0, "{direction}: all within a second");
+    }
+}
+
+#[test]
 fn three_replicas_every_answer_exactly_once() {
     let s = setup(&[&[], &[], &[]], &[]);
     let c = client(&s.proxy);

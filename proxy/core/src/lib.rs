@@ -4,6 +4,7 @@
 //! fuzzers with simulated time. The proxy crate's worker does the I/O around it.
 
 pub mod dedupe;
+pub mod histogram;
 pub mod loglimit;
 pub mod proxy_header;
 pub mod ratelimit;

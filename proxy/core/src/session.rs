@@ -392,7 +392,10 @@ pub enum AnswerVerdict {
         failover: bool,
     },
     /// Suppressed: already delivered, or not the primary's.
-    Duplicate,
+    Duplicate {
+        /// How far behind the delivered copy this one arrived, when known.
+        behind: Option<Duration>,
+    },
     /// Dropped for a reason worth counting.
     Drop(DropReason),
 }
@@ -703,7 +706,9 @@ impl SessionTable {
                     failover: verdict == Verdict::ForwardAfterFailover,
                 }
             }
-            Verdict::Duplicate => AnswerVerdict::Duplicate,
+            Verdict::Duplicate => AnswerVerdict::Duplicate {
+                behind: session.dedupe.lag(),
+            },
             Verdict::Stale => AnswerVerdict::Drop(DropReason::StaleSequence),
         }
     }
@@ -1041,7 +1046,9 @@ mod tests {
         assert_eq!(t.on_answer(id, addr(7002), b"a", now), deliver);
         assert_eq!(
             t.on_answer(id, addr(7001), b"a", now),
-            AnswerVerdict::Duplicate
+            AnswerVerdict::Duplicate {
+                behind: Some(Duration::ZERO)
+            }
         );
         assert_eq!(
             t.on_answer(id, addr(6666), b"b", now),
@@ -1322,7 +1329,7 @@ mod tests {
         );
         assert_eq!(
             t.on_answer(id, addr(7001), b"y", now + 2 * MS),
-            AnswerVerdict::Duplicate
+            AnswerVerdict::Duplicate { behind: None }
         );
         assert!(matches!(
             t.on_answer(id, addr(7002), b"y", now + 2 * MS),
@@ -1379,7 +1386,9 @@ mod tests {
         ));
         assert_eq!(
             t.on_answer(id, addr(7002), b"\x01\x00 at 11ms", now),
-            AnswerVerdict::Duplicate
+            AnswerVerdict::Duplicate {
+                behind: Some(Duration::ZERO)
+            }
         );
     }
 
@@ -1795,7 +1804,9 @@ mod tests {
         ));
         assert_eq!(
             t.on_answer(a, addr(7002), b"s1", now),
-            AnswerVerdict::Duplicate
+            AnswerVerdict::Duplicate {
+                behind: Some(Duration::ZERO)
+            }
         );
         assert!(matches!(
             t.on_answer(a, addr(7002), b"s2", now),
@@ -1812,7 +1823,10 @@ mod tests {
             t.on_answer(b, primary, b"p1", now),
             AnswerVerdict::Deliver { .. }
         ));
-        assert_eq!(t.on_answer(b, other, b"o1", now), AnswerVerdict::Duplicate);
+        assert_eq!(
+            t.on_answer(b, other, b"o1", now),
+            AnswerVerdict::Duplicate { behind: None }
+        );
     }
 
     #[test]
@@ -1877,7 +1891,9 @@ mod tests {
         ));
         assert_eq!(
             t1.on_answer(a, addr(7002), b"s1", now),
-            AnswerVerdict::Duplicate
+            AnswerVerdict::Duplicate {
+                behind: Some(Duration::ZERO)
+            }
         );
         assert_eq!(
             counted(&set, "arena"),

@@ -32,6 +32,7 @@ use crate::session::{
     SessionId, SessionTable,
 };
 use crate::stats::{self, UpstreamError};
+use crate::transit::Direction;
 use crate::udp::{MAX_UDP_PAYLOAD, RecvBatch, SendOutcome};
 
 const WAKER: Token = Token(0);
@@ -74,6 +75,8 @@ pub(crate) trait Net {
 
     /// How many front sockets (listeners) this worker reads.
     fn listeners(&self) -> usize;
+    /// The realtime clock, as the kernel stamps received datagrams (since the Unix epoch).
+    fn clock(&self) -> Duration;
     /// The address front `listener` is bound to (for replica headers).
     fn listen_addr(&self, listener: usize) -> SocketAddr;
     /// Reads client datagrams from front `listener` into slots `start..` of `batch`.
@@ -211,6 +214,10 @@ pub(crate) struct Worker<N: Net> {
     scratch: Vec<u8>,
     /// Answers per replica since the last tick.
     per_replica: crate::replica_stats::Tally,
+    /// Time in the proxy since the last tick.
+    transit: crate::transit::Local,
+    /// Receive times of the client datagrams of the batch being forwarded.
+    forwarded_at: Vec<Duration>,
     /// The replica-set version whose replicas were last registered as seen.
     per_replica_version: u64,
 }
@@ -253,6 +260,8 @@ impl<N: Net> Worker<N> {
             scratch: Vec::with_capacity(proxy_header::MAX_ENCODED + max_datagram),
             per_replica: crate::replica_stats::Tally::default(),
             per_replica_version,
+            transit: crate::transit::Local::default(),
+            forwarded_at: Vec::with_capacity(FRONT_BATCH),
         }
     }
 
@@ -326,8 +335,18 @@ impl<N: Net> Worker<N> {
                     return true;
                 }
             };
+            self.forwarded_at.clear();
             for i in 0..n {
-                self.on_client(listener as ListenerId, i, now);
+                if self.on_client(listener as ListenerId, i, now) {
+                    self.forwarded_at.extend(self.front_rx.get(i).received);
+                }
+            }
+            // One clock read per batch: each datagram counts until the batch's last send.
+            if !self.forwarded_at.is_empty() {
+                let sent = self.net.clock();
+                for &at in &self.forwarded_at {
+                    self.transit.record(Direction::ToReplicas, at, sent);
+                }
             }
             if n < self.front_rx.capacity() {
                 return true;
@@ -336,12 +355,13 @@ impl<N: Net> Worker<N> {
         false
     }
 
-    fn on_client(&mut self, listener: ListenerId, i: usize, now: Instant) {
+    /// Handles client datagram `i` of the front batch; true when it was sent on.
+    fn on_client(&mut self, listener: ListenerId, i: usize, now: Instant) -> bool {
         let d = self.front_rx.get(i);
         self.local.client_packets += 1;
         self.local.client_bytes += d.payload.len() as u64;
         let Some(client) = d.from else {
-            return;
+            return false;
         };
         let verdict = self
             .table
@@ -356,7 +376,7 @@ impl<N: Net> Worker<N> {
             } => (id, opened, targets, body, header),
             ClientVerdict::Drop(reason) => {
                 self.local.drop(reason, 1);
-                return;
+                return false;
             }
         };
         if opened {
@@ -383,13 +403,13 @@ impl<N: Net> Worker<N> {
                     }
                     self.table.close(id);
                     self.local.drop(DropReason::SocketError, 1);
-                    return;
+                    return false;
                 }
             }
         }
         let Some(up) = self.upstreams.get_mut(id).and_then(Option::as_mut) else {
             self.local.drop(DropReason::SocketError, 1);
-            return;
+            return false;
         };
         let mut payload = d.payload.get(body).unwrap_or_default();
         if let Some(ReplicaHeader::ProxyV2) = header {
@@ -407,6 +427,7 @@ impl<N: Net> Worker<N> {
         self.local.upstream_packets += out.sent;
         self.local.upstream_bytes += out.bytes;
         self.local.drop(DropReason::SendFailed, out.failed);
+        out.sent > 0
     }
 
     /// Reads a session's replica answers; false when data remained after our turn.
@@ -453,7 +474,7 @@ impl<N: Net> Worker<N> {
                         client,
                         failover,
                     } => {
-                        self.per_replica.answer(from, true, now);
+                        self.per_replica.answer(from, true, None, now);
                         if failover {
                             self.local.failovers += 1;
                         }
@@ -463,8 +484,8 @@ impl<N: Net> Worker<N> {
                             slot,
                         });
                     }
-                    AnswerVerdict::Duplicate => {
-                        self.per_replica.answer(from, false, now);
+                    AnswerVerdict::Duplicate { behind } => {
+                        self.per_replica.answer(from, false, behind, now);
                         self.local.duplicates += 1;
                     }
                     AnswerVerdict::Drop(reason) => self.local.drop(reason, 1),
@@ -491,6 +512,12 @@ impl<N: Net> Worker<N> {
                 self.local.delivered_packets += out.sent;
                 self.local.delivered_bytes += out.bytes;
                 self.local.drop(DropReason::SendFailed, out.failed);
+            }
+            let sent = self.net.clock();
+            for d in &self.deliveries {
+                if let Some(at) = self.answers.get(d.slot).received {
+                    self.transit.record(Direction::ToClients, at, sent);
+                }
             }
             self.deliveries.clear();
         }
@@ -525,6 +552,7 @@ impl<N: Net> Worker<N> {
             self.shared.replica_stats.seen(snapshot, now);
         }
         self.shared.replica_stats.flush(&mut self.per_replica);
+        self.shared.transit.flush(&mut self.transit);
         if self.fault_at.is_some_and(|at| now >= at) {
             panic!("injected fault (SPOTABLE_TEST_FAULT)");
         }

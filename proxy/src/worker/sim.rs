@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use mio::Token;
 
@@ -35,13 +36,19 @@ struct SimSocket {
     port: u16,
     open: bool,
     connected: Option<SocketAddr>,
-    inbox: VecDeque<(SocketAddr, Vec<u8>)>,
+    inbox: VecDeque<Queued>,
 }
+
+/// A datagram waiting to be read: its sender, its bytes, and when it "arrived".
+type Queued = (SocketAddr, Vec<u8>, Duration);
 
 /// The network. Sockets are never reused, so a closed session's port stays closed.
 #[derive(Debug, Default)]
 pub(crate) struct SimNet {
-    fronts: Vec<VecDeque<(SocketAddr, Vec<u8>)>>,
+    fronts: Vec<VecDeque<Queued>>,
+    /// The realtime clock: datagrams are stamped with it as they arrive, and the worker
+    /// reads it as it sends. Tests move it.
+    pub(crate) clock: Duration,
     sockets: Vec<SimSocket>,
     ready: Vec<Token>,
     sent: Vec<Sent>,
@@ -69,7 +76,7 @@ impl SimNet {
 
     /// A client datagram arrives on front `listener`.
     pub(crate) fn client_datagram(&mut self, listener: usize, client: SocketAddr, payload: &[u8]) {
-        self.fronts[listener].push_back((client, payload.to_vec()));
+        self.fronts[listener].push_back((client, payload.to_vec(), self.clock));
         self.mark(front_token(listener));
     }
 
@@ -84,7 +91,7 @@ impl SimNet {
             self.filtered += 1;
             return;
         }
-        s.inbox.push_back((from, payload.to_vec()));
+        s.inbox.push_back((from, payload.to_vec(), self.clock));
         let token = session_token(s.id);
         self.mark(token);
     }
@@ -169,20 +176,16 @@ impl SimNet {
     }
 }
 
-fn fill(
-    batch: &mut RecvBatch,
-    start: usize,
-    queue: &mut VecDeque<(SocketAddr, Vec<u8>)>,
-) -> io::Result<usize> {
+fn fill(batch: &mut RecvBatch, start: usize, queue: &mut VecDeque<Queued>) -> io::Result<usize> {
     if queue.is_empty() {
         return Err(io::ErrorKind::WouldBlock.into());
     }
     let mut n = 0;
     while start + n < batch.capacity() {
-        let Some((from, payload)) = queue.pop_front() else {
+        let Some((from, payload, at)) = queue.pop_front() else {
             break;
         };
-        batch.fill(start + n, from, &payload);
+        batch.fill(start + n, from, &payload, Some(at));
         n += 1;
     }
     Ok(n)
@@ -193,6 +196,10 @@ impl Net for SimNet {
 
     fn listeners(&self) -> usize {
         self.fronts.len()
+    }
+
+    fn clock(&self) -> Duration {
+        self.clock
     }
 
     /// Listener `i` is 127.0.0.1:(7777 + i).

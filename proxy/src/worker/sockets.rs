@@ -26,6 +26,9 @@ pub(crate) struct Front {
 impl Front {
     pub(crate) fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
         let addr = socket.local_addr()?;
+        if let Err(e) = udp::enable_receive_timestamps(socket.as_fd()) {
+            tracing::warn!(%addr, error = %e, "no kernel receive timestamps: time in the proxy goes unmeasured");
+        }
         Ok(Self {
             socket: UdpSocket::from_std(socket),
             v6: addr.is_ipv6(),
@@ -91,6 +94,12 @@ impl Net for Sockets {
         self.fronts.len()
     }
 
+    fn clock(&self) -> Duration {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+    }
+
     fn listen_addr(&self, listener: usize) -> SocketAddr {
         self.fronts.get(listener).map_or(UNSPECIFIED, |f| f.addr)
     }
@@ -125,7 +134,11 @@ impl Net for Sockets {
         } else {
             IpAddr::V4(Ipv4Addr::UNSPECIFIED)
         };
-        let mut socket = UdpSocket::from_std(udp::bind_ephemeral(any)?.into());
+        let socket = udp::bind_ephemeral(any)?;
+        // Without timestamps, answers still flow; only their transit goes unmeasured (the
+        // front sockets' warning says so once).
+        let _ = udp::enable_receive_timestamps(socket.as_fd());
+        let mut socket = UdpSocket::from_std(socket.into());
         self.poll
             .registry()
             .register(&mut socket, session_token(id), Interest::READABLE)?;

@@ -425,3 +425,66 @@ fn with_proxy_v2_every_copy_names_the_player_and_answers_come_back_bare() {
         vec![(CLIENT, b"state".to_vec())]
     );
 }
+
+#[test]
+fn a_slow_copy_shows_its_lag_and_time_in_the_proxy_is_measured_both_ways() {
+    let mut r = Rig::new(&[A, B, C]);
+    let us = Duration::from_micros;
+    let epoch = Duration::from_secs(1_700_000_000);
+    r.net().clock = epoch;
+    for i in 0..10u32 {
+        // The client's datagram waits 40 µs in the socket before the worker's turn.
+        r.client_sends(&numbered(i));
+        r.net().clock += us(40);
+        r.settle();
+        let port = r.session_port();
+        // A answers at once, B 3 ms later, C 20 ms later; each answer waits 70 µs.
+        for (rep, delay) in [(A, 0), (B, 3_000), (C, 20_000)] {
+            r.now += us(delay);
+            r.net().answer_at(port, addr(rep), &numbered(i));
+            r.net().clock += us(70);
+            r.settle();
+            r.now -= us(delay);
+        }
+        r.now += Duration::from_millis(25);
+    }
+    let got = Rig::delivered(&r.net().take_sent());
+    assert_eq!(got.len(), 10, "each answer once");
+    r.now += TICK;
+    r.turn(); // the tick adds this worker's counts to the shared ones
+    let text = r
+        .shared
+        .replica_stats
+        .render(&r.shared.replicas.snapshot(), r.now);
+    let text = text + &r.shared.transit.render();
+    let v = |name: &str, labels: &[(&str, &str)]| {
+        spotable_fixtures::metrics_text::value(&text, name, labels)
+            .unwrap_or_else(|| panic!("no {name}{labels:?} in\n{text}"))
+    };
+    let lag = crate::replica_stats::names::LAG;
+    let (bucket, count) = (format!("{lag}_bucket"), format!("{lag}_count"));
+    let replica = |p: u16| addr(p).to_string();
+    let b = replica(B);
+    let c = replica(C);
+    let a = replica(A);
+    assert_eq!(v(&count, &[("replica", &a)]), 0.0, "A always wins: no lag");
+    assert_eq!(v(&count, &[("replica", &b)]), 10.0);
+    assert_eq!(v(&bucket, &[("replica", &b), ("le", "0.0025")]), 0.0);
+    assert_eq!(v(&bucket, &[("replica", &b), ("le", "0.005")]), 10.0);
+    assert_eq!(v(&bucket, &[("replica", &c), ("le", "0.01")]), 0.0);
+    assert_eq!(v(&bucket, &[("replica", &c), ("le", "0.025")]), 10.0);
+    assert_eq!(
+        v(crate::replica_stats::names::FIRSTS, &[("replica", &a)]),
+        10.0
+    );
+    let transit = crate::transit::names::TRANSIT;
+    let (bucket, count) = (format!("{transit}_bucket"), format!("{transit}_count"));
+    let to_replicas = ("direction", "to_replicas");
+    let to_clients = ("direction", "to_clients");
+    assert_eq!(v(&count, &[to_replicas]), 10.0);
+    assert_eq!(v(&bucket, &[to_replicas, ("le", "0.000025")]), 0.0);
+    assert_eq!(v(&bucket, &[to_replicas, ("le", "0.00005")]), 10.0);
+    assert_eq!(v(&count, &[to_clients]), 10.0, "delivered answers only");
+    assert_eq!(v(&bucket, &[to_clients, ("le", "0.00005")]), 0.0);
+    assert_eq!(v(&bucket, &[to_clients, ("le", "0.0001")]), 10.0);
+}

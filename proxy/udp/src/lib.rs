@@ -11,6 +11,7 @@ use std::mem;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{BorrowedFd, RawFd};
 use std::ptr;
+use std::time::Duration;
 
 use socket2::{SockAddr, SockAddrStorage};
 
@@ -26,7 +27,15 @@ pub struct Datagram<'a> {
     pub payload: &'a [u8],
     /// The datagram was larger than the buffer.
     pub truncated: bool,
+    /// When the kernel received it (`CLOCK_REALTIME`, since the Unix epoch), on sockets with
+    /// [`enable_receive_timestamps`].
+    pub received: Option<Duration>,
 }
+
+/// Control-message room per datagram, in 8-byte words (so `cmsghdr`s stay aligned): one
+/// `SCM_TIMESTAMPNS` needs `CMSG_SPACE(16)` = 32 bytes; the rest is margin for others the
+/// socket may carry, which are skipped.
+const CONTROL_WORDS: usize = 8;
 
 /// `mmsghdr`s with one address and one iovec each: what both directions hand the kernel.
 struct Headers {
@@ -80,6 +89,7 @@ impl Headers {
 pub struct RecvBatch {
     slot_size: usize,
     bufs: Box<[u8]>,
+    control: Box<[u64]>,
     headers: Headers,
 }
 
@@ -100,6 +110,7 @@ impl RecvBatch {
         Self {
             slot_size,
             bufs: vec![0u8; capacity * slot_size].into_boxed_slice(),
+            control: vec![0u64; capacity * CONTROL_WORDS].into_boxed_slice(),
             headers: Headers::new(capacity),
         }
     }
@@ -122,6 +133,7 @@ impl RecvBatch {
             // SAFETY: i < capacity, so the offset stays inside `bufs`.
             let slot = unsafe { base.add(i * self.slot_size) };
             self.headers.set(i, slot, self.slot_size, namelen);
+            self.set_control(i);
         }
         loop {
             // SAFETY: headers start..end point at live buffers owned by self, sized as declared.
@@ -146,11 +158,13 @@ impl RecvBatch {
 
     /// Puts a datagram in slot `i` as `recv` would have (truncated to the slot size): for
     /// in-memory networks, such as the one the proxy's worker is tested on.
-    pub fn fill(&mut self, i: usize, from: SocketAddr, payload: &[u8]) {
+    /// `received`, when given, is written as the kernel's `SCM_TIMESTAMPNS` would be.
+    pub fn fill(&mut self, i: usize, from: SocketAddr, payload: &[u8], received: Option<Duration>) {
         let len = payload.len().min(self.slot_size);
         let start = i * self.slot_size;
         self.bufs[start..start + len].copy_from_slice(&payload[..len]);
         let namelen = encode(from, false, &mut self.headers.addrs[i]);
+        self.set_control(i);
         let hdr = &mut self.headers.hdrs[i];
         hdr.msg_len = u32::try_from(len).unwrap_or(u32::MAX);
         hdr.msg_hdr.msg_namelen = namelen;
@@ -159,6 +173,63 @@ impl RecvBatch {
         } else {
             0
         };
+        hdr.msg_hdr.msg_controllen = 0;
+        if let Some(at) = received {
+            let ts = libc::timespec {
+                tv_sec: at.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(at.subsec_nanos()),
+            };
+            let msg = &mut hdr.msg_hdr;
+            // SAFETY: set_control pointed msg_control at this slot's CONTROL_WORDS words,
+            // which hold CMSG_SPACE(size_of::<timespec>()) bytes; FIRSTHDR is non-null for a
+            // buffer that large, and DATA has room for the timespec (written unaligned-safe).
+            unsafe {
+                let space = libc::CMSG_SPACE(mem::size_of::<libc::timespec>() as u32);
+                msg.msg_controllen = space as _;
+                let cmsg = libc::CMSG_FIRSTHDR(msg);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_TIMESTAMPNS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<libc::timespec>() as u32) as _;
+                ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>(), ts);
+            }
+        }
+    }
+
+    /// Points header `i` at its slot's control buffer, all of it offered to the kernel.
+    fn set_control(&mut self, i: usize) {
+        let words = &mut self.control[i * CONTROL_WORDS..(i + 1) * CONTROL_WORDS];
+        let msg = &mut self.headers.hdrs[i].msg_hdr;
+        msg.msg_control = words.as_mut_ptr().cast();
+        msg.msg_controllen = mem::size_of_val(words) as _;
+    }
+
+    /// The `SCM_TIMESTAMPNS` among slot `i`'s control messages, if any.
+    fn received(&self, i: usize) -> Option<Duration> {
+        let msg = &self.headers.hdrs[i].msg_hdr;
+        if msg.msg_control.is_null() || msg.msg_controllen < mem::size_of::<libc::cmsghdr>() {
+            return None;
+        }
+        // SAFETY: msg_control points at this slot's control words (set_control), and
+        // msg_controllen is what the kernel (or `fill`) wrote there, never more than the
+        // buffer; the CMSG_* macros walk only within [msg_control, msg_control + controllen).
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET
+                    && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
+                    && (*cmsg).cmsg_len as usize
+                        >= libc::CMSG_LEN(mem::size_of::<libc::timespec>() as u32) as usize
+                {
+                    let ts: libc::timespec =
+                        ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>());
+                    let secs = u64::try_from(ts.tv_sec).ok()?;
+                    let nanos = u32::try_from(ts.tv_nsec).ok()?;
+                    return Some(Duration::new(secs, nanos));
+                }
+                cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+            }
+        }
+        None
     }
 
     /// The datagram in slot `i` (as filled by the last [`recv`](Self::recv) covering it).
@@ -170,6 +241,7 @@ impl RecvBatch {
             from: decode(&self.headers.addrs[i], hdr.msg_hdr.msg_namelen),
             payload: &self.bufs[start..start + len],
             truncated: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+            received: self.received(i),
         }
     }
 }
@@ -334,6 +406,29 @@ pub fn bind_ephemeral(any: std::net::IpAddr) -> io::Result<socket2::Socket> {
     Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
 }
 
+/// Asks the kernel to stamp each datagram with its receive time (`SO_TIMESTAMPNS`), which
+/// [`RecvBatch`] reads back as [`Datagram::received`]: time spent queued in the socket then
+/// counts as time spent in the program, as it should.
+pub fn enable_receive_timestamps(socket: BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid descriptor (borrowed), and a pointer to a live c_int of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            ptr::from_ref(&on).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Dissolves a UDP socket's association (`connect` with `AF_UNSPEC`), so that it receives
 /// from every address again and sends to the address each datagram names. The local port
 /// stays only if it was bound by number ([`bind_ephemeral`]).
@@ -437,6 +532,41 @@ mod tests {
         assert_eq!(got, vec![vec![0; 10], vec![1; 10], vec![2; 10]]);
         let err = recv.recv(rx.as_raw_fd(), 0).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn receive_timestamps_are_read_when_asked_for() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let mut recv = RecvBatch::new(2, 64);
+        let mut peek = [0u8; 1];
+        tx.send_to(b"plain", to).unwrap();
+        rx.peek_from(&mut peek).unwrap();
+        assert_eq!(recv.recv(rx.as_raw_fd(), 0).unwrap(), 1);
+        assert_eq!(recv.get(0).received, None, "not asked for");
+        enable_receive_timestamps(rx.as_fd()).unwrap();
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        tx.send_to(b"stamped", to).unwrap();
+        rx.peek_from(&mut peek).unwrap();
+        assert_eq!(recv.recv(rx.as_raw_fd(), 1).unwrap(), 1);
+        let after = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let d = recv.get(1);
+        assert_eq!(d.payload, b"stamped");
+        let at = d.received.expect("a kernel timestamp");
+        assert!(
+            before <= at && at <= after,
+            "{before:?} <= {at:?} <= {after:?}"
+        );
+        // A filled slot carries the same control message, read back the same way.
+        recv.fill(0, to, b"sim", Some(Duration::new(5, 7)));
+        assert_eq!(recv.get(0).received, Some(Duration::new(5, 7)));
+        recv.fill(0, to, b"sim", None);
+        assert_eq!(recv.get(0).received, None);
     }
 
     #[test]

@@ -17,6 +17,8 @@ struct Entry {
     forwarded: u32,
     counts: [u32; MAX_SLOTS],
     last_seen: Instant,
+    /// When a copy was last forwarded: later copies lag behind it by their arrival's distance.
+    forwarded_at: Instant,
     /// Insertion number, matching this entry's item in the eviction queue.
     serial: u64,
 }
@@ -34,6 +36,8 @@ pub struct Copies {
     seed: u64,
     last_sweep: Instant,
     evictions: u64,
+    /// How far the last answer judged a duplicate arrived behind the copy that was delivered.
+    lag: Option<Duration>,
 }
 
 impl Copies {
@@ -49,6 +53,7 @@ impl Copies {
             seed,
             last_sweep: now,
             evictions: 0,
+            lag: None,
         }
     }
 
@@ -58,14 +63,17 @@ impl Copies {
         let slot = slot.min(MAX_SLOTS - 1);
         self.maybe_sweep(now);
         let key = xxhash_rust::xxh3::xxh3_64_with_seed(payload, self.seed);
+        self.lag = None;
         if let Some(entry) = self.entries.get_mut(&key) {
             entry.last_seen = now;
             let count = &mut entry.counts[slot];
             *count = count.saturating_add(1);
             if *count > entry.forwarded {
                 entry.forwarded = *count;
+                entry.forwarded_at = now;
                 return Verdict::Forward;
             }
+            self.lag = Some(now.saturating_duration_since(entry.forwarded_at));
             return Verdict::Duplicate;
         }
         while self.entries.len() >= self.max_entries {
@@ -81,6 +89,7 @@ impl Copies {
                 forwarded: 1,
                 counts,
                 last_seen: now,
+                forwarded_at: now,
                 serial,
             },
         );
@@ -96,6 +105,11 @@ impl Copies {
         for entry in self.entries.values_mut() {
             entry.counts[slot] = entry.forwarded;
         }
+    }
+
+    /// How far behind the delivered copy the last answer arrived, when it was a duplicate.
+    pub fn lag(&self) -> Option<Duration> {
+        self.lag
     }
 
     /// Payloads currently remembered.
@@ -168,6 +182,20 @@ mod tests {
         assert_eq!(c.on_answer(0, b"state 1", t), Duplicate);
         assert_eq!(c.on_answer(2, b"state 1", t), Duplicate);
         assert_eq!(c.on_answer(0, b"state 2", t), Forward);
+    }
+
+    #[test]
+    fn a_duplicate_reports_how_far_behind_the_delivered_copy_it_came() {
+        let (mut c, t) = copies();
+        let ms = Duration::from_millis;
+        assert_eq!(c.on_answer(1, b"s1", t), Forward);
+        assert_eq!(c.lag(), None);
+        assert_eq!(c.on_answer(0, b"s1", t + ms(2)), Duplicate);
+        assert_eq!(c.lag(), Some(ms(2)));
+        assert_eq!(c.on_answer(2, b"s1", t + ms(7)), Duplicate);
+        assert_eq!(c.lag(), Some(ms(7)));
+        assert_eq!(c.on_answer(2, b"s2", t + ms(8)), Forward);
+        assert_eq!(c.lag(), None, "a delivered answer lags nothing");
     }
 
     #[test]

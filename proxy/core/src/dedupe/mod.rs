@@ -132,6 +132,7 @@ impl Deduper {
                 spec,
                 Copies::new(window, max_entries, seed, now),
                 resync_after,
+                now,
             ))),
             Mode::Primary { failover_after } => {
                 Deduper::Primary(Primary::new(failover_after, now, slots))
@@ -151,6 +152,16 @@ impl Deduper {
             Deduper::Copies(c) => c.on_answer(slot, payload, now),
             Deduper::Sequence(s) => s.on_answer(slot, payload, now),
             Deduper::Primary(p) => p.on_answer(slot, now, slots),
+        }
+    }
+
+    /// When the last answer was a duplicate, how far behind the delivered copy it arrived
+    /// (`primary` mode, where standby answers are not copies of delivered ones: never).
+    pub fn lag(&self) -> Option<Duration> {
+        match self {
+            Deduper::Copies(c) => c.lag(),
+            Deduper::Sequence(s) => s.lag(),
+            Deduper::Primary(_) => None,
         }
     }
 

@@ -12,7 +12,7 @@
 //! SMPTE ST 2022-7 streams do: after a few consecutive rejected answers that agree on a new
 //! numbering far behind the current one, the new numbering is accepted.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Copies, MAX_SLOTS, Slot, Verdict};
 
@@ -222,11 +222,20 @@ pub struct Sequence {
     run: u32,
     run_at: u64,
     resyncs: u64,
+    /// When the last numbers were delivered, by number modulo the ring's size: a copy of one
+    /// of them lags behind it by its arrival's distance.
+    delivered: [(u64, Instant); DELIVERED_RING],
+    /// See [`Copies::lag`].
+    lag: Option<Duration>,
 }
+
+/// Delivery times remembered per session: a copy further behind than this many numbers has
+/// no lag recorded (it is far behind either way, and its silence and wins show it).
+const DELIVERED_RING: usize = 32;
 
 impl Sequence {
     /// State for one session; see [`Sequence`] for `resync_after`.
-    pub fn new(spec: SequenceSpec, short: Copies, resync_after: u32) -> Self {
+    pub fn new(spec: SequenceSpec, short: Copies, resync_after: u32, now: Instant) -> Self {
         Self {
             spec,
             window: ReplayWindow::new(spec.width),
@@ -237,15 +246,40 @@ impl Sequence {
             run: 0,
             run_at: 0,
             resyncs: 0,
+            delivered: [(u64::MAX, now); DELIVERED_RING],
+            lag: None,
         }
     }
 
-    /// Decides the fate of one answer. Answers rejected because they belong to a restarted
-    /// numbering are [`Verdict::Stale`], not duplicates: they were never delivered.
+    /// See [`Copies::lag`].
+    pub fn lag(&self) -> Option<Duration> {
+        self.lag
+    }
+
+    /// Judges an answer and notes when a delivered number went out, or how far a copy of
+    /// one lags behind it.
     pub fn on_answer(&mut self, slot: Slot, payload: &[u8], now: Instant) -> Verdict {
+        self.lag = None;
         let Some(seq) = self.spec.read(payload) else {
-            return self.short.on_answer(slot, payload, now);
+            let verdict = self.short.on_answer(slot, payload, now);
+            self.lag = self.short.lag();
+            return verdict;
         };
+        let verdict = self.judge(slot, seq);
+        let cell = &mut self.delivered[(seq % DELIVERED_RING as u64) as usize];
+        match verdict {
+            Verdict::Forward | Verdict::ForwardAfterFailover => *cell = (seq, now),
+            Verdict::Duplicate if cell.0 == seq => {
+                self.lag = Some(now.saturating_duration_since(cell.1));
+            }
+            Verdict::Duplicate | Verdict::Stale => {}
+        }
+        verdict
+    }
+
+    /// Decides the fate of answer number `seq`. Answers rejected because they belong to a
+    /// restarted numbering are [`Verdict::Stale`], not duplicates: they were never delivered.
+    fn judge(&mut self, slot: Slot, seq: u64) -> Verdict {
         let slot = slot.min(MAX_SLOTS - 1);
         let bit = 1u32 << slot;
         let previous = self.last[slot].replace(seq);
@@ -422,6 +456,7 @@ mod tests {
             spec,
             Copies::new(std::time::Duration::from_secs(1), 64, 3, now),
             2,
+            now,
         );
         assert_eq!(s.on_answer(0, b"hi", now), Forward);
         assert_eq!(s.on_answer(1, b"hi", now), Duplicate);
@@ -440,7 +475,32 @@ mod tests {
             spec,
             Copies::new(std::time::Duration::from_secs(1), 64, 3, now),
             resync_after,
+            now,
         )
+    }
+
+    #[test]
+    fn a_copy_lags_behind_the_delivered_number_short_ones_too() {
+        let t0 = crate::epoch();
+        let ms = std::time::Duration::from_millis;
+        let mut s = stream(0);
+        assert_eq!(s.on_answer(0, &7u32.to_be_bytes(), t0), Forward);
+        assert_eq!(s.lag(), None);
+        assert_eq!(s.on_answer(0, &8u32.to_be_bytes(), t0 + ms(1)), Forward);
+        assert_eq!(s.on_answer(1, &7u32.to_be_bytes(), t0 + ms(3)), Duplicate);
+        assert_eq!(s.lag(), Some(ms(3)));
+        assert_eq!(s.on_answer(1, &8u32.to_be_bytes(), t0 + ms(4)), Duplicate);
+        assert_eq!(s.lag(), Some(ms(3)));
+        // Forty numbers on, 8's delivery time is forgotten: no lag rather than a wrong one.
+        for n in 9..48u32 {
+            assert_eq!(s.on_answer(0, &n.to_be_bytes(), t0 + ms(5)), Forward);
+        }
+        assert_eq!(s.on_answer(1, &9u32.to_be_bytes(), t0 + ms(6)), Duplicate);
+        assert_eq!(s.lag(), None, "9 shares its cell with 41, delivered since");
+        // Too short for a number: content decides, and reports the lag the same way.
+        assert_eq!(s.on_answer(0, b"hi", t0 + ms(10)), Forward);
+        assert_eq!(s.on_answer(2, b"hi", t0 + ms(12)), Duplicate);
+        assert_eq!(s.lag(), Some(ms(2)));
     }
 
     fn answer(s: &mut Sequence, slot: Slot, seq: u32) -> Verdict {

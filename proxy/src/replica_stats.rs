@@ -27,6 +27,8 @@ pub mod names {
     pub const STATE: &str = "spotable_replica_state";
     /// How far behind the delivered copy a replica's suppressed copies arrive.
     pub const LAG: &str = "spotable_replica_lag_seconds";
+    /// Replicas of each game routed by token, by `state` (0 when a game has none left).
+    pub const GAME_REPLICAS: &str = "spotable_game_replicas";
 }
 
 /// One worker's counts since its last flush, by replica.
@@ -190,6 +192,25 @@ impl Registry {
             "# HELP {s} A replica's state: 1 for the state it is in\n# TYPE {s} gauge",
             s = names::STATE
         );
+        if !snapshot.games.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP {n} Replicas of each game routed by token, by state\n# TYPE {n} gauge",
+                n = names::GAME_REPLICAS
+            );
+        }
+        for g in &snapshot.games {
+            for s in [ReplicaState::Ready, ReplicaState::Draining] {
+                let n = g.replicas.replicas.iter().filter(|r| r.state == s).count();
+                let _ = writeln!(
+                    out,
+                    "{}{{game=\"{}\",state=\"{}\"}} {n}",
+                    names::GAME_REPLICAS,
+                    escape(&g.name),
+                    s.as_str()
+                );
+            }
+        }
         for (game, addr, state) in &rows {
             for s in [ReplicaState::Ready, ReplicaState::Draining] {
                 let _ = writeln!(
@@ -284,5 +305,59 @@ mod tests {
         set.publish(vec![Replica::ready(addr(7002))]);
         let gone = registry.render(&set.snapshot(), t0 + Duration::from_secs(11));
         assert!(!gone.contains("127.0.0.1:7001"), "{gone}");
+    }
+
+    #[test]
+    fn games_show_their_replica_counts_even_at_zero_and_label_their_replicas() {
+        use crate::replicas::GameSpec;
+        use crate::session::Settings;
+        let settings = std::sync::Arc::new(Settings {
+            mode: crate::dedupe::Mode::Copies {
+                window: Duration::from_secs(2),
+                max_entries: 64,
+            },
+            session_timeout: Duration::from_secs(30),
+            rate: None,
+            max_datagram: 1500,
+            fanout: 3,
+            late_join: true,
+            replica_header: None,
+            token: None,
+        });
+        let game = |name: &str, token: &[u8], replicas: Vec<Replica>| GameSpec {
+            name: name.into(),
+            tokens: vec![token.to_vec()],
+            replicas,
+            settings: settings.clone(),
+        };
+        let set = ReplicaSet::new();
+        let spec = crate::token::TokenSpec::new(4, crate::token::TokenAt::Suffix).unwrap();
+        set.publish_games(
+            spec,
+            vec![
+                game("arena", b"aaaa", vec![Replica::ready(addr(7001))]),
+                game("empty", b"bbbb", vec![]),
+            ],
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let text = Registry::default().render(&set.snapshot(), t0);
+        let v = |labels: &[(&str, &str)]| {
+            spotable_fixtures::metrics_text::value(&text, names::GAME_REPLICAS, labels)
+        };
+        assert_eq!(v(&[("game", "arena"), ("state", "ready")]), Some(1.0));
+        assert_eq!(
+            v(&[("game", "empty"), ("state", "ready")]),
+            Some(0.0),
+            "{text}"
+        );
+        assert_eq!(v(&[("game", "empty"), ("state", "draining")]), Some(0.0));
+        let answers = spotable_fixtures::metrics_text::value(
+            &text,
+            names::ANSWERS,
+            &[("game", "arena"), ("replica", "127.0.0.1:7001")],
+        );
+        assert_eq!(answers, Some(0.0));
+        assert!(spotable_fixtures::metrics_text::without_help(&text).is_empty());
     }
 }

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Renders every overlay with `kubectl kustomize` into target/deploy/ and validates each
 # rendered object offline with `kubernetes-validate --strict` (its bundled schemas, no
-# cluster). Agones objects have no schema there; they are written apart and checked by the
-# tests in deploy/tests (required fields). Any other object without a schema is an error.
+# cluster). Custom resources have no schema there; they are written apart and checked by the
+# tests in deploy/tests: Agones objects for their required fields, the Prometheus Operator's
+# (PodMonitor, PrometheusRule) strictly against the CRD schemas in deploy/monitoring/crds,
+# with the rules and dashboard queries run through promtool. Any other object without a
+# schema is an error.
 #
 # kubectl, kubernetes-validate and a Python with PyYAML come from the tests' own Python
 # environment under target/ (spotable-test-tools creates it on first use; see
@@ -24,15 +27,16 @@ for dir in "$root"/deploy/overlays/*/; do
     name="$(basename "$dir")"
     kubectl kustomize "$dir" > "$out/$name.yaml"
     # Split into objects with a schema and Agones objects (PyYAML comes with the validator).
-    python3 - "$out/$name.yaml" "$out/$name.k8s.yaml" "$out/$name.agones.yaml" <<'PY'
+    python3 - "$out/$name.yaml" "$out/$name.k8s.yaml" "$out/$name.custom.yaml" <<'PY'
 import sys, yaml
-src, k8s, agones = sys.argv[1:]
+src, k8s, custom = sys.argv[1:]
+groups = ("agones.dev/", "monitoring.coreos.com/")
 docs = [d for d in yaml.safe_load_all(open(src)) if d]
-core = [d for d in docs if not d["apiVersion"].startswith("agones.dev/")]
-rest = [d for d in docs if d["apiVersion"].startswith("agones.dev/")]
+core = [d for d in docs if not d["apiVersion"].startswith(groups)]
+rest = [d for d in docs if d["apiVersion"].startswith(groups)]
 yaml.safe_dump_all(core, open(k8s, "w"), sort_keys=False)
-yaml.safe_dump_all(rest, open(agones, "w"), sort_keys=False)
-print(f"{src}: {len(docs)} objects ({len(rest)} Agones, checked by the tests)")
+yaml.safe_dump_all(rest, open(custom, "w"), sort_keys=False)
+print(f"{src}: {len(docs)} objects ({len(rest)} custom resources, checked by the tests)")
 PY
     # --quiet prints only problems; a missing schema is only a warning to the tool, so it is
     # caught here as an error.

@@ -16,6 +16,9 @@ use spotable_fixtures::process::{
 };
 use spotable_fixtures::wire;
 
+use crate::timeline::{self, Timeline};
+use serde::{Deserialize, Serialize};
+
 /// `spotable-bench demo` flags.
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -41,6 +44,34 @@ pub struct DemoArgs {
     /// SIGKILLed at --kill-at; each copy of a stateful game sits behind the identity anchor.
     #[arg(long)]
     pub switch_proxy: bool,
+    /// Also draw the run as an SVG timeline: answers per replica per 10 ms, the copy the
+    /// player got, the kill and the gap.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
+    /// Print the summary and the timeline as JSON on stdout (the text goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `--json` prints: the summary, and the timeline `--plot` draws.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DemoReport {
+    /// Datagrams the player sent.
+    pub sent: u64,
+    /// Distinct answers it received.
+    pub received: u64,
+    /// Datagrams never answered.
+    pub lost: u64,
+    /// Extra copies it received.
+    pub duplicates_delivered: u64,
+    /// Copies the proxy suppressed.
+    pub duplicates_suppressed: u64,
+    /// Longest silence before the kill, ms.
+    pub gap_before_ms: f64,
+    /// Longest silence from the kill on, ms.
+    pub gap_after_ms: f64,
+    /// Per 10 ms: each replica's answers and wins, and the player's stream.
+    pub timeline: Timeline,
 }
 
 fn humantime_parse(s: &str) -> Result<Duration, String> {
@@ -105,21 +136,36 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<Summary> {
     if args.kill_at >= args.duration {
         bail!("--kill-at must come before the end of --duration");
     }
+    // Under --json, stdout carries the JSON alone; the text goes to stderr.
+    let json = args.json;
+    macro_rules! say {
+        ($($t:tt)*) => {
+            if json { eprintln!($($t)*) } else { println!($($t)*) }
+        };
+    }
+    let timeline = args.json || args.plot.is_some();
     let exe = std::env::current_exe().context("cannot find our own executable")?;
-    println!(
+    say!(
         "Spotable demo: {} replicas, one proxy, a player sending {} datagrams/s for {:?}.",
-        args.replicas, args.rate, args.duration
+        args.replicas,
+        args.rate,
+        args.duration
     );
-    println!(
+    say!(
         "Replica 2 will be SIGKILLed at {:?}, as a reclaimed spot node would be.\n",
         args.kill_at
     );
 
+    let replica_args: &[&str] = if timeline {
+        &["replica", "--log-answers"]
+    } else {
+        &["replica"]
+    };
     let mut replicas: Vec<ReplicaProcess> = (0..args.replicas)
-        .map(|_| spawn_replica(&exe, &["replica"]))
+        .map(|_| spawn_replica(&exe, replica_args))
         .collect::<anyhow::Result<_>>()?;
     for (i, r) in replicas.iter().enumerate() {
-        println!(
+        say!(
             "  replica {} listening on {} (pid {})",
             i + 1,
             r.addr,
@@ -135,7 +181,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<Summary> {
     let proxy_args: Vec<&str> = proxy_args.iter().map(String::as_str).collect();
     let proxy = spawn_proxy(&exe, &["proxy"], &proxy_args, false)?;
     let admin = proxy.admin.context("proxy admin address")?;
-    println!(
+    say!(
         "  proxy listening on {} (metrics on http://{admin}/metrics)\n",
         proxy.addr
     );
@@ -144,6 +190,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<Summary> {
     socket.connect(proxy.addr)?;
     socket.set_read_timeout(Some(Duration::from_millis(50)))?;
     let start = Instant::now();
+    let start_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
     let done = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
     let receiver = {
@@ -181,14 +230,14 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<Summary> {
             std::thread::sleep(wait);
         }
         if !killed && start.elapsed() >= args.kill_at {
-            replicas[1].process.kill()?;
+            replicas[KILLED].process.kill()?;
             killed = true;
             let line = format!(
                 "  {:>6.2}s  SIGKILL replica 2",
                 start.elapsed().as_secs_f64()
             );
             if bar.is_hidden() {
-                println!("{line}");
+                say!("{line}");
             } else {
                 bar.println(line);
             }
@@ -199,7 +248,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<Summary> {
         let got = received.load(Ordering::Relaxed);
         bar.set_message(format!("{got} answers received"));
         if bar.is_hidden() && last_line.elapsed() >= Duration::from_secs(1) {
-            println!(
+            say!(
                 "  {:>6.2}s  sent {}  received {got}",
                 start.elapsed().as_secs_f64(),
                 seq + 1
@@ -220,20 +269,27 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<Summary> {
     summary.duplicates_suppressed =
         metrics_text::value(&metrics, "spotable_duplicates_suppressed_total", &[]).unwrap_or(0.0)
             as u64;
+    let picture = if timeline {
+        Some(draw(
+            args, &replicas, &arrivals, &metrics, start_us, &summary, interval,
+        )?)
+    } else {
+        None
+    };
     drop(proxy);
     drop(replicas);
 
-    println!("  sent                    {}", summary.sent);
-    println!("  received                {}", summary.received);
-    println!("  lost                    {}", summary.lost);
-    println!("  duplicates delivered    {}", summary.duplicates_delivered);
-    println!(
+    say!("  sent                    {}", summary.sent);
+    say!("  received                {}", summary.received);
+    say!("  lost                    {}", summary.lost);
+    say!("  duplicates delivered    {}", summary.duplicates_delivered);
+    say!(
         "  duplicates suppressed   {}",
         summary.duplicates_suppressed
     );
-    println!("  longest gap before kill {:.1} ms", ms(summary.gap_before));
-    println!("  longest gap after kill  {:.1} ms", ms(summary.gap_after));
-    println!("  (one datagram every {:.1} ms)", ms(interval));
+    say!("  longest gap before kill {:.1} ms", ms(summary.gap_before));
+    say!("  longest gap after kill  {:.1} ms", ms(summary.gap_after));
+    say!("  (one datagram every {:.1} ms)", ms(interval));
     if summary.lost > 0 || summary.duplicates_delivered > 0 {
         bail!(
             "the player saw {} lost and {} duplicate answers",
@@ -241,9 +297,88 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<Summary> {
             summary.duplicates_delivered
         );
     }
-    println!("\nThe player lost nothing and saw no duplicate while a replica died.");
+    say!("\nThe player lost nothing and saw no duplicate while a replica died.");
+    if let Some(t) = picture {
+        if let Some(path) = &args.plot {
+            say!("Timeline drawn in {}", path.display());
+        }
+        if json {
+            let report = DemoReport {
+                sent: summary.sent,
+                received: summary.received,
+                lost: summary.lost,
+                duplicates_delivered: summary.duplicates_delivered,
+                duplicates_suppressed: summary.duplicates_suppressed,
+                gap_before_ms: ms(summary.gap_before),
+                gap_after_ms: ms(summary.gap_after),
+                timeline: t,
+            };
+            println!("{}", serde_json::to_string(&report)?);
+        }
+    }
     Ok(summary)
 }
+
+/// Collects the replicas' answer logs into the timeline, and draws it when asked.
+fn draw(
+    args: &DemoArgs,
+    replicas: &[ReplicaProcess],
+    arrivals: &[(u64, Duration)],
+    metrics: &str,
+    start_us: u64,
+    summary: &Summary,
+    interval: Duration,
+) -> anyhow::Result<Timeline> {
+    // The live replicas' last lines may still be in their pipes: wait (with a deadline) until
+    // each has logged the last number it answered.
+    let last = summary.sent.saturating_sub(1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let answers = loop {
+        let answers: Vec<Vec<(u64, u64)>> = replicas
+            .iter()
+            .map(|r| timeline::parse_answers(&r.log.lines()))
+            .collect();
+        let complete = answers
+            .iter()
+            .enumerate()
+            .all(|(i, a)| i == KILLED || a.iter().any(|&(seq, _)| seq == last));
+        if complete || Instant::now() >= deadline {
+            break answers;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let (mut lines, player) = timeline::build(
+        &answers,
+        arrivals,
+        start_us,
+        args.duration + Duration::from_millis(300),
+    );
+    for (line, r) in lines.iter_mut().zip(replicas) {
+        line.addr = r.addr.to_string();
+        line.proxy_first_answers = metrics_text::value(
+            metrics,
+            "spotable_replica_first_answers_total",
+            &[("replica", &line.addr)],
+        )
+        .unwrap_or(0.0) as u64;
+    }
+    let t = Timeline {
+        bucket_ms: ms(timeline::BUCKET),
+        kill_ms: ms(args.kill_at),
+        killed: KILLED,
+        interval_ms: ms(interval),
+        replicas: lines,
+        player,
+        gap_after_ms: ms(summary.gap_after),
+    };
+    if let Some(path) = &args.plot {
+        timeline::plot(&t, path)?;
+    }
+    Ok(t)
+}
+
+/// The replica the demo kills (0-based): "replica 2".
+const KILLED: usize = 1;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

@@ -8,3 +8,4 @@ pub mod netns;
 pub mod peers;
 pub mod results;
 pub mod switch;
+pub mod timeline;

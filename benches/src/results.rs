@@ -394,7 +394,7 @@ pub fn write(r: &Results, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-const COLORS: [RGBColor; 6] = [
+pub(crate) const COLORS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -403,12 +403,12 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
-fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+pub(crate) fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plot: {e:?}")
 }
 
 /// A legend entry's sample: a short line in the series' style.
-fn legend_mark((x, y): (i32, i32), style: ShapeStyle) -> PathElement<(i32, i32)> {
+pub(crate) fn legend_mark((x, y): (i32, i32), style: ShapeStyle) -> PathElement<(i32, i32)> {
     PathElement::new(vec![(x, y), (x + 20, y)], style)
 }
 

@@ -44,6 +44,67 @@ fn demo_reports_no_loss_and_no_duplicate_across_a_replica_kill() {
 }
 
 #[test]
+fn demo_draws_its_timeline_and_reports_it_as_json() {
+    let dir = std::env::temp_dir().join(format!("spotable-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("timeline.svg");
+    let out = Command::new(exe())
+        .args([
+            "demo",
+            "--duration",
+            "2s",
+            "--kill-at",
+            "1s",
+            "--rate",
+            "300",
+            "--json",
+        ])
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("SIGKILL replica 2"),
+        "the text goes to stderr: {stderr}"
+    );
+    let r: spotable_bench::demo::DemoReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r.sent, r.received, r.lost, r.duplicates_delivered),
+        (600, 600, 0, 0)
+    );
+    let t = &r.timeline;
+    assert_eq!(t.replicas.len(), 3);
+    assert_eq!(t.bucket_ms, 10.0);
+    assert_eq!(t.player.iter().sum::<u32>(), 600);
+    let after = (t.kill_ms / t.bucket_ms) as usize + 2;
+    for (i, rep) in t.replicas.iter().enumerate() {
+        let late: u32 = rep.answers[after..].iter().sum();
+        if i == t.killed {
+            assert_eq!(late, 0, "the killed replica answers nothing after the kill");
+            assert!(rep.answers[..after].iter().sum::<u32>() >= 250);
+        } else {
+            assert_eq!(
+                rep.answers.iter().sum::<u32>(),
+                600,
+                "a live replica answers all"
+            );
+        }
+    }
+    // Every answer was first from exactly one replica, and the proxy delivered every one.
+    let firsts: u32 = t.replicas.iter().flat_map(|r| r.first.iter()).sum();
+    assert_eq!(firsts, 600);
+    let delivered: u64 = t.replicas.iter().map(|r| r.proxy_first_answers).sum();
+    assert_eq!(delivered, 600);
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawn.starts_with("<svg") || drawn.contains("<svg"));
+    assert!(drawn.contains("SIGKILL replica 2"), "the kill is marked");
+    assert!(drawn.contains("copy delivered from replica 3"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn demo_rejects_a_kill_after_the_end() {
     let out = Command::new(exe())
         .args(["demo", "--duration", "1s", "--kill-at", "2s"])

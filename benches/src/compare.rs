@@ -8,7 +8,7 @@
 //! Quilkin. Results go to `benches/results/` (JSON, SVG plots) and `benches/BENCHMARKS.md`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,22 @@ pub struct CompareArgs {
     /// needed; Quilkin is then skipped, since it ignores loopback clients).
     #[arg(long)]
     pub loopback: bool,
+    /// Jitter runs: each replica in a network namespace of its own whose link delays its
+    /// answers by this much (`tc netem delay`), independently of the others…
+    #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
+    pub jitter_delay: Duration,
+    /// …varying by this much (normal distribution, `tc netem delay D J distribution normal`).
+    #[arg(long, default_value = "1500us", value_parser = humantime::parse_duration)]
+    pub jitter: Duration,
+    /// Jitter runs: open-loop rate and length per path and round (20 000 datagrams make the
+    /// p99.9 a mean of 20).
+    #[arg(long, default_value_t = 2000)]
+    pub jitter_rate: u64,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub jitter_time: Duration,
+    /// Skip the jitter runs.
+    #[arg(long)]
+    pub no_jitter: bool,
 }
 
 /// Which proxy a path goes through.
@@ -146,6 +162,14 @@ pub struct PathResult {
     pub anchor_cpu_us: Option<f64>,
 }
 
+/// A path measured with jittery replica links: first answers' round trips.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JitterResult {
+    pub path: Route,
+    /// The median round by p99.
+    pub report: Report,
+}
+
 /// A failover run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FailoverResult {
@@ -161,6 +185,11 @@ pub struct Results {
     pub settings: Vec<(String, String)>,
     pub paths: Vec<PathResult>,
     pub failover: Vec<FailoverResult>,
+    /// The jitter runs, and the link setting they ran with (empty when skipped).
+    #[serde(default)]
+    pub jitter: Vec<JitterResult>,
+    #[serde(default)]
+    pub jitter_setting: String,
     /// Paths not measured, and why.
     pub skipped: Vec<(String, String)>,
     pub seconds: f64,
@@ -189,6 +218,29 @@ impl Env {
         let out = cmd
             .arg("loadgen")
             .args(["--target", &target.to_string(), "--bind", &bind, "--json"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .context("cannot run the load generator")?;
+        if !out.status.success() {
+            bail!("load generator failed ({})", out.status);
+        }
+        serde_json::from_slice(&out.stdout).context("load generator report")
+    }
+
+    /// The load generator on the host itself, sending from a non-loopback address (the jitter
+    /// runs: their replicas sit in namespaces of their own, reached over the host).
+    fn loadgen_on_host(&self, target: SocketAddr, extra: &[String]) -> anyhow::Result<Report> {
+        let out = std::process::Command::new(&self.exe)
+            .arg("loadgen")
+            .args([
+                "--target",
+                &target.to_string(),
+                "--bind",
+                "0.0.0.0:0",
+                "--json",
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
@@ -235,7 +287,21 @@ fn on_loopback(r: &ReplicaProcess) -> SocketAddr {
 
 fn start(env: &Env, path: &Route, workers: usize) -> anyhow::Result<Running> {
     let replicas = env.replicas(path.fanout)?;
-    let mut upstreams: Vec<SocketAddr> = replicas.iter().map(on_loopback).collect();
+    let upstreams: Vec<SocketAddr> = replicas.iter().map(on_loopback).collect();
+    let direct = SocketAddr::new(env.front_ip.into(), replicas[0].addr.port());
+    start_with(env, path, workers, replicas, upstreams, direct)
+}
+
+/// Starts `path` in front of `replicas` (reached at `upstreams`; `direct`: where the load
+/// generator reaches the first one itself).
+fn start_with(
+    env: &Env,
+    path: &Route,
+    workers: usize,
+    replicas: Vec<ReplicaProcess>,
+    mut upstreams: Vec<SocketAddr>,
+    direct: SocketAddr,
+) -> anyhow::Result<Running> {
     // An identity anchor in front of each replica; the proxy then sends PROXY v2 headers.
     let anchors = if path.anchor {
         let anchors = upstreams
@@ -254,10 +320,7 @@ fn start(env: &Env, path: &Route, workers: usize) -> anyhow::Result<Running> {
         Vec::new()
     };
     let (target, proxy) = match path.proxy {
-        Proxy::Direct => (
-            SocketAddr::new(env.front_ip.into(), replicas[0].addr.port()),
-            None,
-        ),
+        Proxy::Direct => (direct, None),
         Proxy::Spotable => {
             let mut args: Vec<String> = vec![
                 "--listen".into(),
@@ -376,6 +439,173 @@ pub fn paths() -> Vec<Route> {
     ]
 }
 
+/// The jitter paths: the baseline, nginx's one upstream, Quilkin's two copies (it delivers
+/// every copy; the player keeps the first) and Spotable with one, two and three.
+pub fn jitter_paths() -> Vec<Route> {
+    let p = |proxy, fanout, dedupe: Option<&str>| Route {
+        proxy,
+        fanout,
+        dedupe: dedupe.map(String::from),
+        token: false,
+        anchor: false,
+    };
+    vec![
+        p(Proxy::Direct, 1, None),
+        p(Proxy::Nginx, 1, None),
+        p(Proxy::Quilkin, 2, None),
+        p(Proxy::Spotable, 1, Some("copies")),
+        p(Proxy::Spotable, 2, Some("copies")),
+        p(Proxy::Spotable, 3, Some("copies")),
+    ]
+}
+
+/// A duration as one word a command line takes: `1500us`, `2ms`.
+fn compact(d: Duration) -> String {
+    let us = d.as_micros();
+    if us.is_multiple_of(1000) {
+        format!("{}ms", us / 1000)
+    } else {
+        format!("{us}us")
+    }
+}
+
+/// Namespaces for `n` replicas, each link delayed by netem.
+fn netem_links(n: usize, args: &CompareArgs) -> anyhow::Result<Vec<Netns>> {
+    let spaces: Vec<Netns> = (0..n as u8)
+        .map(Netns::replica)
+        .collect::<anyhow::Result<_>>()?;
+    let delay = format!("{}us", args.jitter_delay.as_micros());
+    let spread = format!("{}us", args.jitter.as_micros());
+    for ns in &spaces {
+        ns.netem(&["delay", &delay, &spread, "distribution", "normal"])?;
+    }
+    Ok(spaces)
+}
+
+/// Replicas whose answers jitter, independently: each in its own namespace behind a netem
+/// link, or, where the kernel has no netem, each delaying its own answers by the same law
+/// (the test replica's `--delay D --jitter J`). First answers' round trips per path, median
+/// round by p99; paths in `skip` are left out. Returns the results and how the links were made.
+fn run_jitter(
+    env: &Env,
+    args: &CompareArgs,
+    skip: &[String],
+    bar: &ProgressBar,
+) -> anyhow::Result<(Vec<JitterResult>, String)> {
+    let paths: Vec<Route> = jitter_paths()
+        .into_iter()
+        .filter(|p| !skip.contains(&p.name()))
+        .collect();
+    let most = paths.iter().map(|p| p.fanout).max().unwrap_or(1);
+    let (d, j) = (compact(args.jitter_delay), compact(args.jitter));
+    let spaces = match netem_links(most, args) {
+        Ok(spaces) => Some(spaces),
+        Err(e) => {
+            bar.suspend(|| {
+                eprintln!(
+                    "compare: jitter without netem ({e:#}): each replica delays its own answers"
+                );
+            });
+            None
+        }
+    };
+    let how = match &spaces {
+        Some(_) => format!(
+            "each replica in its own network namespace, its answers delayed by `tc netem \
+             delay {d} {j} distribution normal` on its own link; the load generator on the host"
+        ),
+        None => format!(
+            "this kernel has no netem, so each replica delays its own answers by the same law \
+             (`spotable-bench replica --delay {d} --jitter {j}`: a normal draw per answer, \
+             floored at 0, so answers may overtake each other), independently of the others; \
+             the load generator in its namespace as above"
+        ),
+    };
+    let setting = format!(
+        "{how}; open loop, {} datagrams/s for {}, {} flows",
+        args.jitter_rate,
+        humantime::format_duration(args.jitter_time),
+        args.flows
+    );
+    let ip = Path::new("ip");
+    let mut rounds: Vec<Vec<Report>> = vec![Vec::new(); paths.len()];
+    for round in 0..args.rounds {
+        for (i, path) in paths.iter().enumerate() {
+            bar.set_message(format!("jitter round {} · {}", round + 1, path.name()));
+            let running = match &spaces {
+                Some(spaces) => {
+                    let replicas = spaces[..path.fanout]
+                        .iter()
+                        .map(|ns| {
+                            let mut argv = ns.exec_args(&env.exe);
+                            argv.extend([
+                                "replica".into(),
+                                "--listen".into(),
+                                format!("{}:0", ns.ns_ip),
+                            ]);
+                            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                            process::spawn_replica(ip, &argv)
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    let upstreams: Vec<SocketAddr> = replicas.iter().map(|r| r.addr).collect();
+                    let direct = upstreams[0];
+                    start_with(env, path, args.workers, replicas, upstreams, direct)?
+                }
+                None => {
+                    let argv = [
+                        "replica",
+                        "--listen",
+                        "0.0.0.0:0",
+                        "--delay",
+                        &d,
+                        "--jitter",
+                        &j,
+                    ];
+                    let replicas = (0..path.fanout)
+                        .map(|_| process::spawn_replica(&env.exe, &argv))
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    let upstreams: Vec<SocketAddr> = replicas.iter().map(on_loopback).collect();
+                    let direct = SocketAddr::new(env.front_ip.into(), replicas[0].addr.port());
+                    start_with(env, path, args.workers, replicas, upstreams, direct)?
+                }
+            };
+            let load: Vec<String> = vec![
+                "--mode".into(),
+                "open".into(),
+                "--rate".into(),
+                args.jitter_rate.to_string(),
+                "--flows".into(),
+                args.flows.to_string(),
+                "--payload".into(),
+                args.payload.to_string(),
+                "--duration".into(),
+                humantime::format_duration(args.jitter_time).to_string(),
+                "--warmup".into(),
+                "500ms".into(),
+            ];
+            let report = if spaces.is_some() {
+                env.loadgen_on_host(running.target, &load)?
+            } else {
+                env.loadgen(running.target, &load)?
+            };
+            rounds[i].push(report);
+            drop(running);
+            bar.inc(1);
+        }
+    }
+    let results = paths
+        .into_iter()
+        .zip(rounds)
+        .map(|(path, mut reports)| {
+            let mut report = median_by(&mut reports, |r| r.rtt_us.p99);
+            report.timeline.clear();
+            report.timeline_all.clear();
+            JitterResult { path, report }
+        })
+        .collect();
+    Ok((results, setting))
+}
+
 /// Runs the comparison and writes its results.
 pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let began = Instant::now();
@@ -472,7 +702,13 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
             && matches!(p.dedupe.as_deref(), None | Some("copies"))
     };
 
-    let runs = todo.len() as u64 * u64::from(args.rounds) + 2;
+    let jitter = !args.no_jitter && env.netns.is_some();
+    let jitter_runs = if jitter {
+        jitter_paths().len() as u64 * u64::from(args.rounds)
+    } else {
+        0
+    };
+    let runs = todo.len() as u64 * u64::from(args.rounds) + 2 + jitter_runs;
     let bar = ProgressBar::new(runs).with_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -610,6 +846,12 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         });
         bar.inc(1);
     }
+    let skipped_names: Vec<String> = skipped.iter().map(|(n, _)| n.clone()).collect();
+    let (jitter, jitter_setting) = if jitter {
+        run_jitter(&env, args, &skipped_names, &bar)?
+    } else {
+        (Vec::new(), String::new())
+    };
     bar.finish_and_clear();
 
     let all = Results {
@@ -647,6 +889,8 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         ],
         paths: results,
         failover,
+        jitter,
+        jitter_setting,
         skipped,
         seconds: began.elapsed().as_secs_f64(),
     };

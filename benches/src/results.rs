@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Context;
 use plotters::prelude::*;
 
-use crate::compare::{FailoverResult, PathResult, Proxy, Results};
+use crate::compare::{FailoverResult, JitterResult, PathResult, Proxy, Results};
 use crate::peers::PeerPaths;
 
 /// A description of the machine and of the programs measured.
@@ -337,13 +337,63 @@ pub fn markdown(r: &Results) -> String {
             f.kill_at_ms
         );
     }
+    jitter_section(&mut md, r);
     let _ = writeln!(
         md,
         "\n## Plots\n\n![Throughput by fan-out](results/throughput.svg)\n\n\
          ![Round-trip time CDF](results/latency-cdf.svg)\n\n\
          ![Failover timeline](results/failover.svg)\n"
     );
+    if !r.jitter.is_empty() {
+        let _ = writeln!(
+            md,
+            "![Round trips over jittery links](results/jitter-cdf.svg)\n"
+        );
+    }
     md
+}
+
+/// The jitter table: redundancy as a cut of the tail, against the one-replica paths.
+fn jitter_section(md: &mut String, r: &Results) {
+    if r.jitter.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n## Redundancy against jitter\n\nReplica links jitter: {}. Round trips of the \
+         first answer to each datagram, in µs. With copies, the first copy to come back wins \
+         (Spotable delivers it and suppresses the rest; Quilkin delivers every copy, so the \
+         player gets the duplicates too). Ratios are against the direct path of this run.\n\n\
+         | path | p50 | p99 | p99.9 | max | p99 vs direct | p99.9 vs direct | lost | duplicates delivered |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        r.jitter_setting
+    );
+    let base = r
+        .jitter
+        .iter()
+        .find(|j| j.path.proxy == Proxy::Direct)
+        .map(|j| j.report.rtt_us);
+    for j in &r.jitter {
+        let p = j.report.rtt_us;
+        let ratio = |f: fn(&crate::loadgen::Percentiles) -> f64| {
+            base.map_or("–".to_string(), |b| {
+                format!("{:.2}", f(&p) / f(&b).max(1e-9))
+            })
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
+            j.path.name(),
+            p.p50,
+            p.p99,
+            p.p999,
+            p.max,
+            ratio(|x| x.p99),
+            ratio(|x| x.p999),
+            j.report.lost,
+            j.report.duplicates
+        );
+    }
 }
 
 /// A few lines for the terminal.
@@ -370,6 +420,18 @@ pub fn summary(r: &Results) -> String {
             f.report.longest_gap_ms
         );
     }
+    for j in &r.jitter {
+        let p = j.report.rtt_us;
+        let _ = writeln!(
+            s,
+            "  jitter {:<21} p50 {:>6.0} µs  p99 {:>6.0} µs  p99.9 {:>6.0} µs  duplicates {}",
+            j.path.name(),
+            p.p50,
+            p.p99,
+            p.p999,
+            j.report.duplicates
+        );
+    }
     for t in targets(r) {
         let _ = writeln!(
             s,
@@ -389,6 +451,9 @@ pub fn write(r: &Results, out: &Path) -> anyhow::Result<()> {
     plot_throughput(r, &out.join("throughput.svg"))?;
     plot_cdf(r, &out.join("latency-cdf.svg"))?;
     plot_failover(&r.failover, &out.join("failover.svg"))?;
+    if !r.jitter.is_empty() {
+        plot_jitter(&r.jitter, &out.join("jitter-cdf.svg"))?;
+    }
     let md = out.parent().unwrap_or(out).join("BENCHMARKS.md");
     std::fs::write(&md, markdown(r))?;
     Ok(())
@@ -576,6 +641,62 @@ fn plot_cdf(r: &Results, path: &Path) -> anyhow::Result<()> {
     finish(&mut chart, &root, SeriesLabelPosition::UpperLeft)
 }
 
+/// Round-trip CDFs of the jitter runs, on the "nines" scale of [`plot_cdf`].
+fn plot_jitter(runs: &[JitterResult], path: &Path) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let xmax = runs
+        .iter()
+        .flat_map(|j| j.report.cdf.iter().map(|c| c.0))
+        .fold(100.0, f64::max);
+    // From the first percentile: the fastest few answers only stretch the axis.
+    let xmin = runs
+        .iter()
+        .filter_map(|j| j.report.cdf.iter().find(|c| c.1 >= 0.01).map(|c| c.0))
+        .fold(f64::INFINITY, f64::min)
+        .clamp(1.0, xmax);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Round trips over jittery replica links (first answers)",
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((xmin * 0.9..xmax * 1.1).log_scale(), 0f64..4f64)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("round trip, µs")
+        .y_desc("percentile")
+        .y_labels(5)
+        .y_label_formatter(&|y| match y.round() as i64 {
+            0 => "p0".into(),
+            1 => "p90".into(),
+            2 => "p99".into(),
+            3 => "p99.9".into(),
+            _ => "p99.99".into(),
+        })
+        .draw()
+        .map_err(plot_err)?;
+    for (i, j) in runs.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let pts: Vec<(f64, f64)> = j
+            .report
+            .cdf
+            .iter()
+            .filter(|c| c.0 >= xmin * 0.9)
+            .map(|&(x, q)| (x, -(1.0 - q).max(1e-4).log10()))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .map_err(plot_err)?
+            .label(j.path.name())
+            .legend(move |at| legend_mark(at, color.stroke_width(2)));
+    }
+    finish(&mut chart, &root, SeriesLabelPosition::UpperLeft)
+}
+
 fn plot_failover(runs: &[FailoverResult], path: &Path) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
@@ -720,6 +841,35 @@ mod tests {
                     ..Report::default()
                 },
             }],
+            jitter: vec![
+                JitterResult {
+                    path: path(Proxy::Direct, 1, None, 0.0, 0.0).path,
+                    report: Report {
+                        rtt_us: crate::loadgen::Percentiles {
+                            p50: 2100.0,
+                            p90: 3000.0,
+                            p99: 4000.0,
+                            p999: 5000.0,
+                            max: 6000.0,
+                        },
+                        ..Report::default()
+                    },
+                },
+                JitterResult {
+                    path: path(Proxy::Spotable, 2, Some("copies"), 0.0, 0.0).path,
+                    report: Report {
+                        rtt_us: crate::loadgen::Percentiles {
+                            p50: 1500.0,
+                            p90: 2000.0,
+                            p99: 3000.0,
+                            p999: 4000.0,
+                            max: 4500.0,
+                        },
+                        ..Report::default()
+                    },
+                },
+            ],
+            jitter_setting: "netem".into(),
             skipped: vec![("Quilkin ×1".into(), "not installed".into())],
             seconds: 1.0,
         }
@@ -770,6 +920,12 @@ mod tests {
         );
         assert!(md.contains("| Quilkin ×1 | not measured: not installed |"));
         assert!(md.contains("| **not met** |"));
+        assert!(
+            md.contains(
+                "| Spotable ×2 (copies) | 1500 | 3000 | 4000 | 4500 | 0.75 | 0.80 | 0 | 0 |"
+            ),
+            "the jitter row against direct: {md}"
+        );
         assert!(md.contains("+40 |"), "added p50 of Spotable x1: {md}");
         // The anchor's cost against the plain path of the same run.
         assert!(

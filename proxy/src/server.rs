@@ -26,6 +26,8 @@ pub struct ProxyConfig {
     pub max_sessions: usize,
     /// Front socket buffer size (`SO_RCVBUF` / `SO_SNDBUF`), best effort.
     pub socket_buffer: usize,
+    /// Time datagrams from the kernel's receive timestamps (`--kernel-timestamps`).
+    pub kernel_timestamps: bool,
     /// Session behaviour.
     pub settings: Settings,
 }
@@ -217,13 +219,14 @@ impl Proxy {
             let seed = seed();
             let applied = Arc::new(AtomicU64::new(0));
             proxy.applied.push(applied.clone());
+            let kernel_timestamps = config.kernel_timestamps;
             let thread = std::thread::Builder::new()
                 .name(format!("spotable-w{index}"))
                 .spawn(move || {
                     let built = (|| {
                         let fronts = sockets
                             .into_iter()
-                            .map(Front::new)
+                            .map(|s| Front::new(s, kernel_timestamps))
                             .collect::<io::Result<Vec<_>>>()?;
                         let table = SessionTable::new(
                             settings.clone(),
@@ -231,7 +234,7 @@ impl Proxy {
                             shared.replicas.snapshot(),
                             seed,
                         );
-                        let (net, waker) = Sockets::new(fronts)?;
+                        let (net, waker) = Sockets::new(fronts, kernel_timestamps)?;
                         let now = Instant::now();
                         let fault_at = fault.filter(|_| index == 0).map(|d| now + d);
                         let worker = Worker::new(

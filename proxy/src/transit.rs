@@ -1,5 +1,6 @@
-//! Time a datagram spends in the proxy, both ways: from the kernel's receive timestamp (so
-//! time queued in the socket counts) to the send of the batch it went out in.
+//! Time a datagram spends in the proxy, both ways: from the worker's turn that read it (or,
+//! with `--kernel-timestamps`, from the kernel's receive timestamp, so time queued in the socket
+//! counts) to the send of the batch it went out in.
 //!
 //! Each worker counts into its own histograms with one clock read per batch; the registry
 //! adds them up on the worker's tick, and the admin endpoint writes them out at scrape time.
@@ -75,8 +76,9 @@ impl Registry {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "# HELP {n} Time from the kernel's receipt of a datagram to the send of the batch it \
-             left in, by direction\n# TYPE {n} histogram",
+            "# HELP {n} Time from a datagram's receipt (the worker's turn, or the kernel's \
+             timestamp with --kernel-timestamps) to the send of the batch it left in, by \
+             direction\n# TYPE {n} histogram",
             n = names::TRANSIT
         );
         for d in Direction::ALL {

@@ -22,6 +22,7 @@ fn start(replicas: &ReplicaSet, late_join: bool, listen: &[&str]) -> Proxy {
         workers: 2,
         max_sessions: 100,
         socket_buffer: 1 << 20,
+        kernel_timestamps: true,
         settings: Settings {
             mode: Mode::Copies {
                 window: Duration::from_secs(2),

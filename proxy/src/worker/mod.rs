@@ -218,6 +218,9 @@ pub(crate) struct Worker<N: Net> {
     transit: crate::transit::Local,
     /// Receive times of the client datagrams of the batch being forwarded.
     forwarded_at: Vec<Duration>,
+    /// The realtime clock at the start of this turn: a datagram's receive time when the
+    /// kernel gave none (kernel timestamps are off by default: they cost throughput).
+    turn_clock: Duration,
     /// The replica-set version whose replicas were last registered as seen.
     per_replica_version: u64,
 }
@@ -262,6 +265,7 @@ impl<N: Net> Worker<N> {
             per_replica_version,
             transit: crate::transit::Local::default(),
             forwarded_at: Vec::with_capacity(FRONT_BATCH),
+            turn_clock: Duration::ZERO,
         }
     }
 
@@ -274,6 +278,7 @@ impl<N: Net> Worker<N> {
     /// One pass: handles the sockets in `ready` and those left pending by the last pass,
     /// delivers the answers read, and ticks when a tick is due.
     pub(crate) fn turn(&mut self, ready: &[Token], now: Instant) {
+        self.turn_clock = self.net.clock();
         self.ready.clear();
         self.ready.extend_from_slice(ready);
         self.ready.append(&mut self.pending);
@@ -338,7 +343,8 @@ impl<N: Net> Worker<N> {
             self.forwarded_at.clear();
             for i in 0..n {
                 if self.on_client(listener as ListenerId, i, now) {
-                    self.forwarded_at.extend(self.front_rx.get(i).received);
+                    let at = self.front_rx.received(i).unwrap_or(self.turn_clock);
+                    self.forwarded_at.push(at);
                 }
             }
             // One clock read per batch: each datagram counts until the batch's last send.
@@ -515,9 +521,8 @@ impl<N: Net> Worker<N> {
             }
             let sent = self.net.clock();
             for d in &self.deliveries {
-                if let Some(at) = self.answers.get(d.slot).received {
-                    self.transit.record(Direction::ToClients, at, sent);
-                }
+                let at = self.answers.received(d.slot).unwrap_or(self.turn_clock);
+                self.transit.record(Direction::ToClients, at, sent);
             }
             self.deliveries.clear();
         }

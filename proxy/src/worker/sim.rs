@@ -49,6 +49,8 @@ pub(crate) struct SimNet {
     /// The realtime clock: datagrams are stamped with it as they arrive, and the worker
     /// reads it as it sends. Tests move it.
     pub(crate) clock: Duration,
+    /// Received datagrams carry no kernel timestamp, as without `--kernel-timestamps`.
+    pub(crate) unstamped: bool,
     sockets: Vec<SimSocket>,
     ready: Vec<Token>,
     sent: Vec<Sent>,
@@ -176,7 +178,12 @@ impl SimNet {
     }
 }
 
-fn fill(batch: &mut RecvBatch, start: usize, queue: &mut VecDeque<Queued>) -> io::Result<usize> {
+fn fill(
+    batch: &mut RecvBatch,
+    start: usize,
+    queue: &mut VecDeque<Queued>,
+    stamped: bool,
+) -> io::Result<usize> {
     if queue.is_empty() {
         return Err(io::ErrorKind::WouldBlock.into());
     }
@@ -185,7 +192,7 @@ fn fill(batch: &mut RecvBatch, start: usize, queue: &mut VecDeque<Queued>) -> io
         let Some((from, payload, at)) = queue.pop_front() else {
             break;
         };
-        batch.fill(start + n, from, &payload, Some(at));
+        batch.fill(start + n, from, &payload, stamped.then_some(at));
         n += 1;
     }
     Ok(n)
@@ -213,7 +220,7 @@ impl Net for SimNet {
         batch: &mut RecvBatch,
         start: usize,
     ) -> io::Result<usize> {
-        fill(batch, start, &mut self.fronts[listener])
+        fill(batch, start, &mut self.fronts[listener], !self.unstamped)
     }
 
     fn send_front<'a>(
@@ -246,7 +253,12 @@ impl Net for SimNet {
     }
 
     fn recv(&mut self, socket: &usize, batch: &mut RecvBatch, start: usize) -> io::Result<usize> {
-        fill(batch, start, &mut self.sockets[*socket].inbox)
+        fill(
+            batch,
+            start,
+            &mut self.sockets[*socket].inbox,
+            !self.unstamped,
+        )
     }
 
     fn connect(&mut self, socket: &usize, to: SocketAddr) -> io::Result<()> {

@@ -24,10 +24,11 @@ pub(crate) struct Front {
 }
 
 impl Front {
-    pub(crate) fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
+    /// `stamps`: ask the kernel for receive timestamps (`--kernel-timestamps`).
+    pub(crate) fn new(socket: std::net::UdpSocket, stamps: bool) -> io::Result<Self> {
         let addr = socket.local_addr()?;
-        if let Err(e) = udp::enable_receive_timestamps(socket.as_fd()) {
-            tracing::warn!(%addr, error = %e, "no kernel receive timestamps: time in the proxy goes unmeasured");
+        if stamps && let Err(e) = udp::enable_receive_timestamps(socket.as_fd()) {
+            tracing::warn!(%addr, error = %e, "no kernel receive timestamps: time in the proxy counts from each turn instead");
         }
         Ok(Self {
             socket: UdpSocket::from_std(socket),
@@ -55,11 +56,13 @@ pub(crate) struct Sockets {
     events: Events,
     fronts: Vec<Front>,
     tx: SendBatch,
+    /// Session sockets ask for kernel receive timestamps too.
+    stamps: bool,
 }
 
 impl Sockets {
     /// Registers the front sockets; returns them and the waker that interrupts the poll.
-    pub(crate) fn new(mut fronts: Vec<Front>) -> io::Result<(Self, Arc<Waker>)> {
+    pub(crate) fn new(mut fronts: Vec<Front>, stamps: bool) -> io::Result<(Self, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         for (i, f) in fronts.iter_mut().enumerate() {
@@ -71,6 +74,7 @@ impl Sockets {
             events: Events::with_capacity(1024),
             fronts,
             tx: SendBatch::new(ANSWER_ARENA.max(MAX_SLOTS)),
+            stamps,
         };
         Ok((sockets, waker))
     }
@@ -135,9 +139,11 @@ impl Net for Sockets {
             IpAddr::V4(Ipv4Addr::UNSPECIFIED)
         };
         let socket = udp::bind_ephemeral(any)?;
-        // Without timestamps, answers still flow; only their transit goes unmeasured (the
-        // front sockets' warning says so once).
-        let _ = udp::enable_receive_timestamps(socket.as_fd());
+        // Without timestamps answers still flow, timed from the turn instead (the front
+        // sockets' warning says so once).
+        if self.stamps {
+            let _ = udp::enable_receive_timestamps(socket.as_fd());
+        }
         let mut socket = UdpSocket::from_std(socket.into());
         self.poll
             .registry()

@@ -488,3 +488,34 @@ fn a_slow_copy_shows_its_lag_and_time_in_the_proxy_is_measured_both_ways() {
     assert_eq!(v(&bucket, &[to_clients, ("le", "0.00005")]), 0.0);
     assert_eq!(v(&bucket, &[to_clients, ("le", "0.0001")]), 10.0);
 }
+
+#[test]
+fn without_kernel_timestamps_transit_counts_from_the_turn() {
+    let mut r = Rig::new(&[A]);
+    r.net().unstamped = true;
+    r.net().clock = Duration::from_secs(1_700_000_000);
+    r.client_sends(b"move");
+    // Queued 300 µs before the turn: unseen without the kernel's stamp.
+    r.net().clock += Duration::from_micros(300);
+    r.settle();
+    let port = r.session_port();
+    r.net().answer_at(port, addr(A), b"state");
+    r.net().clock += Duration::from_micros(300);
+    r.settle();
+    r.now += TICK;
+    r.turn();
+    let text = r.shared.transit.render();
+    let bucket = format!("{}_bucket", crate::transit::names::TRANSIT);
+    for direction in ["to_replicas", "to_clients"] {
+        let fast = spotable_fixtures::metrics_text::value(
+            &text,
+            &bucket,
+            &[("direction", direction), ("le", "0.00001")],
+        );
+        assert_eq!(
+            fast,
+            Some(1.0),
+            "{direction}: from the turn, not the arrival\n{text}"
+        );
+    }
+}

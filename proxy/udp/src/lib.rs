@@ -27,9 +27,6 @@ pub struct Datagram<'a> {
     pub payload: &'a [u8],
     /// The datagram was larger than the buffer.
     pub truncated: bool,
-    /// When the kernel received it (`CLOCK_REALTIME`, since the Unix epoch), on sockets with
-    /// [`enable_receive_timestamps`].
-    pub received: Option<Duration>,
 }
 
 /// Control-message room per datagram, in 8-byte words (so `cmsghdr`s stay aligned): one
@@ -203,8 +200,10 @@ impl RecvBatch {
         msg.msg_controllen = mem::size_of_val(words) as _;
     }
 
-    /// The `SCM_TIMESTAMPNS` among slot `i`'s control messages, if any.
-    fn received(&self, i: usize) -> Option<Duration> {
+    /// When the kernel received the datagram in slot `i` (`CLOCK_REALTIME`, since the Unix
+    /// epoch): its `SCM_TIMESTAMPNS`, on sockets with [`enable_receive_timestamps`]. Read on
+    /// demand, apart from [`get`](Self::get), so that only the callers who want it pay.
+    pub fn received(&self, i: usize) -> Option<Duration> {
         let msg = &self.headers.hdrs[i].msg_hdr;
         if msg.msg_control.is_null() || msg.msg_controllen < mem::size_of::<libc::cmsghdr>() {
             return None;
@@ -241,7 +240,6 @@ impl RecvBatch {
             from: decode(&self.headers.addrs[i], hdr.msg_hdr.msg_namelen),
             payload: &self.bufs[start..start + len],
             truncated: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
-            received: self.received(i),
         }
     }
 }
@@ -544,7 +542,7 @@ mod tests {
         tx.send_to(b"plain", to).unwrap();
         rx.peek_from(&mut peek).unwrap();
         assert_eq!(recv.recv(rx.as_raw_fd(), 0).unwrap(), 1);
-        assert_eq!(recv.get(0).received, None, "not asked for");
+        assert_eq!(recv.received(0), None, "not asked for");
         enable_receive_timestamps(rx.as_fd()).unwrap();
         let before = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -555,18 +553,17 @@ mod tests {
         let after = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap();
-        let d = recv.get(1);
-        assert_eq!(d.payload, b"stamped");
-        let at = d.received.expect("a kernel timestamp");
+        assert_eq!(recv.get(1).payload, b"stamped");
+        let at = recv.received(1).expect("a kernel timestamp");
         assert!(
             before <= at && at <= after,
             "{before:?} <= {at:?} <= {after:?}"
         );
         // A filled slot carries the same control message, read back the same way.
         recv.fill(0, to, b"sim", Some(Duration::new(5, 7)));
-        assert_eq!(recv.get(0).received, Some(Duration::new(5, 7)));
+        assert_eq!(recv.received(0), Some(Duration::new(5, 7)));
         recv.fill(0, to, b"sim", None);
-        assert_eq!(recv.get(0).received, None);
+        assert_eq!(recv.received(0), None);
     }
 
     #[test]

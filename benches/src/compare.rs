@@ -409,15 +409,20 @@ fn median_by(reports: &mut [Report], key: impl Fn(&Report) -> f64) -> Report {
     reports[reports.len() / 2].clone()
 }
 
-/// The paths of a full comparison.
-pub fn paths() -> Vec<Route> {
-    let p = |proxy, fanout, dedupe: Option<&str>| Route {
+/// A plain path: no token, no anchor.
+fn route(proxy: Proxy, fanout: usize, dedupe: Option<&str>) -> Route {
+    Route {
         proxy,
         fanout,
         dedupe: dedupe.map(String::from),
         token: false,
         anchor: false,
-    };
+    }
+}
+
+/// The paths of a full comparison.
+pub fn paths() -> Vec<Route> {
+    let p = route;
     vec![
         p(Proxy::Direct, 1, None),
         p(Proxy::Nginx, 1, None),
@@ -442,13 +447,7 @@ pub fn paths() -> Vec<Route> {
 /// The jitter paths: the baseline, nginx's one upstream, Quilkin's two copies (it delivers
 /// every copy; the player keeps the first) and Spotable with one, two and three.
 pub fn jitter_paths() -> Vec<Route> {
-    let p = |proxy, fanout, dedupe: Option<&str>| Route {
-        proxy,
-        fanout,
-        dedupe: dedupe.map(String::from),
-        token: false,
-        anchor: false,
-    };
+    let p = route;
     vec![
         p(Proxy::Direct, 1, None),
         p(Proxy::Nginx, 1, None),
@@ -469,23 +468,11 @@ fn compact(d: Duration) -> String {
     }
 }
 
-/// Namespaces for `n` replicas, each link delayed by netem.
-fn netem_links(n: usize, args: &CompareArgs) -> anyhow::Result<Vec<Netns>> {
-    let spaces: Vec<Netns> = (0..n as u8)
-        .map(Netns::replica)
-        .collect::<anyhow::Result<_>>()?;
-    let delay = format!("{}us", args.jitter_delay.as_micros());
-    let spread = format!("{}us", args.jitter.as_micros());
-    for ns in &spaces {
-        ns.netem(&["delay", &delay, &spread, "distribution", "normal"])?;
-    }
-    Ok(spaces)
-}
-
-/// Replicas whose answers jitter, independently: each in its own namespace behind a netem
-/// link, or, where the kernel has no netem, each delaying its own answers by the same law
-/// (the test replica's `--delay D --jitter J`). First answers' round trips per path, median
-/// round by p99; paths in `skip` are left out. Returns the results and how the links were made.
+/// Replicas whose answers jitter, independently: each in a network namespace of its own,
+/// behind a link that `tc netem` delays, or, where the kernel has no netem, delaying its own
+/// answers by the same law (the test replica's `--delay D --jitter J`). The load generator runs
+/// on the host. First answers' round trips per path, median round by p99; paths in `skip` are
+/// left out. Returns the results and how the links were made.
 fn run_jitter(
     env: &Env,
     args: &CompareArgs,
@@ -498,31 +485,35 @@ fn run_jitter(
         .collect();
     let most = paths.iter().map(|p| p.fanout).max().unwrap_or(1);
     let (d, j) = (compact(args.jitter_delay), compact(args.jitter));
-    let spaces = match netem_links(most, args) {
-        Ok(spaces) => Some(spaces),
+    let spaces: Vec<Netns> = (0..most as u8)
+        .map(Netns::replica)
+        .collect::<anyhow::Result<_>>()?;
+    let netem = spaces
+        .iter()
+        .try_for_each(|ns| ns.netem(&["delay", &d, &j, "distribution", "normal"]));
+    let mut replica_args: Vec<String> = vec!["replica".into()];
+    let how = match netem {
+        Ok(()) => format!(
+            "each replica in its own network namespace, its answers delayed by `tc netem \
+             delay {d} {j} distribution normal` on its own link"
+        ),
         Err(e) => {
             bar.suspend(|| {
                 eprintln!(
                     "compare: jitter without netem ({e:#}): each replica delays its own answers"
                 );
             });
-            None
+            replica_args.extend(["--delay".into(), d.clone(), "--jitter".into(), j.clone()]);
+            format!(
+                "each replica in its own network namespace; this kernel has no netem, so each \
+                 delays its own answers by the same law (`spotable-bench replica --delay {d} \
+                 --jitter {j}`: a normal draw per answer, floored at 0, so answers may overtake \
+                 each other), independently of the others"
+            )
         }
     };
-    let how = match &spaces {
-        Some(_) => format!(
-            "each replica in its own network namespace, its answers delayed by `tc netem \
-             delay {d} {j} distribution normal` on its own link; the load generator on the host"
-        ),
-        None => format!(
-            "this kernel has no netem, so each replica delays its own answers by the same law \
-             (`spotable-bench replica --delay {d} --jitter {j}`: a normal draw per answer, \
-             floored at 0, so answers may overtake each other), independently of the others; \
-             the load generator in its namespace as above"
-        ),
-    };
     let setting = format!(
-        "{how}; open loop, {} datagrams/s for {}, {} flows",
+        "{how}; the load generator on the host; open loop, {} datagrams/s for {}, {} flows",
         args.jitter_rate,
         humantime::format_duration(args.jitter_time),
         args.flows
@@ -532,43 +523,19 @@ fn run_jitter(
     for round in 0..args.rounds {
         for (i, path) in paths.iter().enumerate() {
             bar.set_message(format!("jitter round {} · {}", round + 1, path.name()));
-            let running = match &spaces {
-                Some(spaces) => {
-                    let replicas = spaces[..path.fanout]
-                        .iter()
-                        .map(|ns| {
-                            let mut argv = ns.exec_args(&env.exe);
-                            argv.extend([
-                                "replica".into(),
-                                "--listen".into(),
-                                format!("{}:0", ns.ns_ip),
-                            ]);
-                            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-                            process::spawn_replica(ip, &argv)
-                        })
-                        .collect::<anyhow::Result<Vec<_>>>()?;
-                    let upstreams: Vec<SocketAddr> = replicas.iter().map(|r| r.addr).collect();
-                    let direct = upstreams[0];
-                    start_with(env, path, args.workers, replicas, upstreams, direct)?
-                }
-                None => {
-                    let argv = [
-                        "replica",
-                        "--listen",
-                        "0.0.0.0:0",
-                        "--delay",
-                        &d,
-                        "--jitter",
-                        &j,
-                    ];
-                    let replicas = (0..path.fanout)
-                        .map(|_| process::spawn_replica(&env.exe, &argv))
-                        .collect::<anyhow::Result<Vec<_>>>()?;
-                    let upstreams: Vec<SocketAddr> = replicas.iter().map(on_loopback).collect();
-                    let direct = SocketAddr::new(env.front_ip.into(), replicas[0].addr.port());
-                    start_with(env, path, args.workers, replicas, upstreams, direct)?
-                }
-            };
+            let replicas = spaces[..path.fanout]
+                .iter()
+                .map(|ns| {
+                    let mut argv = ns.exec_args(&env.exe);
+                    argv.extend(replica_args.iter().cloned());
+                    argv.extend(["--listen".into(), format!("{}:0", ns.ns_ip)]);
+                    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                    process::spawn_replica(ip, &argv)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let upstreams: Vec<SocketAddr> = replicas.iter().map(|r| r.addr).collect();
+            let direct = upstreams[0];
+            let running = start_with(env, path, args.workers, replicas, upstreams, direct)?;
             let load: Vec<String> = vec![
                 "--mode".into(),
                 "open".into(),
@@ -583,12 +550,7 @@ fn run_jitter(
                 "--warmup".into(),
                 "500ms".into(),
             ];
-            let report = if spaces.is_some() {
-                env.loadgen_on_host(running.target, &load)?
-            } else {
-                env.loadgen(running.target, &load)?
-            };
-            rounds[i].push(report);
+            rounds[i].push(env.loadgen_on_host(running.target, &load)?);
             drop(running);
             bar.inc(1);
         }

@@ -590,80 +590,57 @@ fn plot_throughput(r: &Results, path: &Path) -> anyhow::Result<()> {
 }
 
 fn plot_cdf(r: &Results, path: &Path) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err)?;
-    let chosen: Vec<&PathResult> = r
+    let lines: Vec<(String, &[(f64, f64)])> = r
         .paths
         .iter()
         .filter(|p| p.path.fanout <= 2 && matches!(p.path.dedupe.as_deref(), None | Some("copies")))
         .filter(|p| !p.latency.cdf.is_empty())
+        .map(|p| (p.path.name(), &p.latency.cdf[..]))
         .collect();
-    let xmax = chosen
-        .iter()
-        .flat_map(|p| p.latency.cdf.iter().map(|c| c.0))
-        .fold(10.0, f64::max);
-    // y: the quantile on a "nines" scale, -log10(1 - q): 1 = p90, 2 = p99, 3 = p99.9.
-    let mut chart = ChartBuilder::on(&root)
-        .caption("Round-trip time (open loop)", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d((1f64..xmax * 1.2).log_scale(), 0f64..4f64)
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("round trip, µs")
-        .y_desc("percentile")
-        .y_labels(5)
-        .y_label_formatter(&|y| match y.round() as i64 {
-            0 => "p0".into(),
-            1 => "p90".into(),
-            2 => "p99".into(),
-            3 => "p99.9".into(),
-            _ => "p99.99".into(),
-        })
-        .draw()
-        .map_err(plot_err)?;
-    for (i, p) in chosen.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let pts: Vec<(f64, f64)> = p
-            .latency
-            .cdf
-            .iter()
-            .map(|&(x, q)| (x.max(1.0), -(1.0 - q).max(1e-4).log10()))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
-            .map_err(plot_err)?
-            .label(p.path.name())
-            .legend(move |at| legend_mark(at, color.stroke_width(2)));
-    }
-    finish(&mut chart, &root, SeriesLabelPosition::UpperLeft)
+    plot_nines(path, "Round-trip time (open loop)", &lines, 1.0)
 }
 
-/// Round-trip CDFs of the jitter runs, on the "nines" scale of [`plot_cdf`].
+/// Round-trip CDFs of the jitter runs.
 fn plot_jitter(runs: &[JitterResult], path: &Path) -> anyhow::Result<()> {
+    let lines: Vec<(String, &[(f64, f64)])> = runs
+        .iter()
+        .map(|j| (j.path.name(), &j.report.cdf[..]))
+        .collect();
+    // From the first percentile: the fastest few answers only stretch the axis.
+    let xmin = lines
+        .iter()
+        .filter_map(|(_, cdf)| cdf.iter().find(|c| c.1 >= 0.01).map(|c| c.0 * 0.9))
+        .fold(f64::INFINITY, f64::min);
+    plot_nines(
+        path,
+        "Round trips over jittery replica links (first answers)",
+        &lines,
+        xmin,
+    )
+}
+
+/// CDFs (`(µs, quantile)` points) on a log time axis from `xmin`, the quantile on a "nines"
+/// scale, -log10(1 - q): 1 = p90, 2 = p99, 3 = p99.9.
+fn plot_nines(
+    path: &Path,
+    caption: &str,
+    lines: &[(String, &[(f64, f64)])],
+    xmin: f64,
+) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let xmax = runs
+    let xmax = lines
         .iter()
-        .flat_map(|j| j.report.cdf.iter().map(|c| c.0))
-        .fold(100.0, f64::max);
-    // From the first percentile: the fastest few answers only stretch the axis.
-    let xmin = runs
-        .iter()
-        .filter_map(|j| j.report.cdf.iter().find(|c| c.1 >= 0.01).map(|c| c.0))
-        .fold(f64::INFINITY, f64::min)
-        .clamp(1.0, xmax);
+        .flat_map(|(_, cdf)| cdf.iter().map(|c| c.0))
+        .fold(10.0, f64::max)
+        * 1.2;
+    let xmin = xmin.clamp(1.0, xmax / 2.0);
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Round trips over jittery replica links (first answers)",
-            ("sans-serif", 20),
-        )
+        .caption(caption, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d((xmin * 0.9..xmax * 1.1).log_scale(), 0f64..4f64)
+        .build_cartesian_2d((xmin..xmax).log_scale(), 0f64..4f64)
         .map_err(plot_err)?;
     chart
         .configure_mesh()
@@ -679,19 +656,17 @@ fn plot_jitter(runs: &[JitterResult], path: &Path) -> anyhow::Result<()> {
         })
         .draw()
         .map_err(plot_err)?;
-    for (i, j) in runs.iter().enumerate() {
+    for (i, (name, cdf)) in lines.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let pts: Vec<(f64, f64)> = j
-            .report
-            .cdf
+        let pts: Vec<(f64, f64)> = cdf
             .iter()
-            .filter(|c| c.0 >= xmin * 0.9)
+            .filter(|c| c.0 >= xmin)
             .map(|&(x, q)| (x, -(1.0 - q).max(1e-4).log10()))
             .collect();
         chart
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))
             .map_err(plot_err)?
-            .label(j.path.name())
+            .label(name.clone())
             .legend(move |at| legend_mark(at, color.stroke_width(2)));
     }
     finish(&mut chart, &root, SeriesLabelPosition::UpperLeft)

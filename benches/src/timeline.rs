@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -165,13 +166,7 @@ pub fn plot(t: &Timeline, path: &Path) -> anyhow::Result<()> {
         .map_err(plot_err)?
         .label(format!("SIGKILL replica {} at {kill:.2} s", t.killed + 1))
         .legend(|at| legend_mark(at, RED.stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+    legend(&mut chart)?;
 
     let mut chart = ChartBuilder::on(&bottom)
         .caption(
@@ -243,15 +238,22 @@ pub fn plot(t: &Timeline, path: &Path) -> anyhow::Result<()> {
     chart
         .draw_series(std::iter::once(kill_line(ymax)))
         .map_err(plot_err)?;
+    legend(&mut chart)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// The legend, top right, over the data it may cover.
+fn legend<'a>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+) -> anyhow::Result<()> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
-        .map_err(plot_err)?;
-    root.present().map_err(plot_err)?;
-    Ok(())
+        .map_err(plot_err)
 }
 
 #[cfg(test)]

@@ -310,20 +310,7 @@ mod tests {
     #[test]
     fn games_show_their_replica_counts_even_at_zero_and_label_their_replicas() {
         use crate::replicas::GameSpec;
-        use crate::session::Settings;
-        let settings = std::sync::Arc::new(Settings {
-            mode: crate::dedupe::Mode::Copies {
-                window: Duration::from_secs(2),
-                max_entries: 64,
-            },
-            session_timeout: Duration::from_secs(30),
-            rate: None,
-            max_datagram: 1500,
-            fanout: 3,
-            late_join: true,
-            replica_header: None,
-            token: None,
-        });
+        let settings = std::sync::Arc::new(crate::server::settings_for_tests());
         let game = |name: &str, token: &[u8], replicas: Vec<Replica>| GameSpec {
             name: name.into(),
             tokens: vec![token.to_vec()],

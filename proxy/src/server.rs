@@ -71,6 +71,25 @@ pub(crate) struct Shared {
     pub(crate) transit: Arc<crate::transit::Registry>,
 }
 
+/// Session settings for unit tests: `copies` (2 s window), fan-out 3, late joins, 1500-byte
+/// datagrams, no rate limit, no token, no header.
+#[cfg(test)]
+pub(crate) fn settings_for_tests() -> Settings {
+    Settings {
+        mode: crate::dedupe::Mode::Copies {
+            window: std::time::Duration::from_secs(2),
+            max_entries: 1024,
+        },
+        session_timeout: std::time::Duration::from_secs(30),
+        rate: None,
+        max_datagram: 1500,
+        fanout: 3,
+        late_join: true,
+        replica_header: None,
+        token: None,
+    }
+}
+
 #[cfg(test)]
 impl Shared {
     /// What a worker under test reads: a replica set the test publishes to.

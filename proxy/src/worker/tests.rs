@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use super::sim::{Origin, Sent, SimNet};
 use super::{ANSWER_ARENA, BATCHES_PER_TURN, FRONT_BATCH, TICK, Worker};
-use crate::dedupe::Mode;
 use crate::replicas::Replica;
 use crate::server::Shared;
 use crate::session::{Admission, DropReason, SessionTable, Settings};
@@ -35,19 +34,7 @@ impl Rig {
     }
 
     fn with(replicas: &[u16], change: impl FnOnce(&mut Settings)) -> Self {
-        let mut settings = Settings {
-            mode: Mode::Copies {
-                window: Duration::from_secs(2),
-                max_entries: 1024,
-            },
-            session_timeout: Duration::from_secs(30),
-            rate: None,
-            max_datagram: 1500,
-            fanout: 3,
-            late_join: true,
-            replica_header: None,
-            token: None,
-        };
+        let mut settings = crate::server::settings_for_tests();
         change(&mut settings);
         let shared = Shared::for_tests();
         shared

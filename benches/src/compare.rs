@@ -468,6 +468,25 @@ fn compact(d: Duration) -> String {
     }
 }
 
+/// Load generator flags for an open-loop run at `rate` for `time` after `warmup`, with the
+/// comparison's flows and payload.
+fn open_loop(args: &CompareArgs, rate: u64, time: Duration, warmup: &str) -> Vec<String> {
+    vec![
+        "--mode".into(),
+        "open".into(),
+        "--rate".into(),
+        rate.to_string(),
+        "--flows".into(),
+        args.flows.to_string(),
+        "--payload".into(),
+        args.payload.to_string(),
+        "--duration".into(),
+        humantime::format_duration(time).to_string(),
+        "--warmup".into(),
+        warmup.into(),
+    ]
+}
+
 /// Replicas whose answers jitter, independently: each in a network namespace of its own,
 /// behind a link that `tc netem` delays, or, where the kernel has no netem, delaying its own
 /// answers by the same law (the test replica's `--delay D --jitter J`). The load generator runs
@@ -536,20 +555,7 @@ fn run_jitter(
             let upstreams: Vec<SocketAddr> = replicas.iter().map(|r| r.addr).collect();
             let direct = upstreams[0];
             let running = start_with(env, path, args.workers, replicas, upstreams, direct)?;
-            let load: Vec<String> = vec![
-                "--mode".into(),
-                "open".into(),
-                "--rate".into(),
-                args.jitter_rate.to_string(),
-                "--flows".into(),
-                args.flows.to_string(),
-                "--payload".into(),
-                args.payload.to_string(),
-                "--duration".into(),
-                humantime::format_duration(args.jitter_time).to_string(),
-                "--warmup".into(),
-                "500ms".into(),
-            ];
+            let load = open_loop(args, args.jitter_rate, args.jitter_time, "500ms");
             rounds[i].push(env.loadgen_on_host(running.target, &load)?);
             drop(running);
             bar.inc(1);
@@ -785,20 +791,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         });
         let report = env.loadgen(
             running.target,
-            &[
-                "--mode".into(),
-                "open".into(),
-                "--rate".into(),
-                args.failover_rate.to_string(),
-                "--flows".into(),
-                args.flows.to_string(),
-                "--payload".into(),
-                args.payload.to_string(),
-                "--duration".into(),
-                humantime::format_duration(args.failover_time).to_string(),
-                "--warmup".into(),
-                "0s".into(),
-            ],
+            &open_loop(args, args.failover_rate, args.failover_time, "0s"),
         )?;
         let _ = killer.join();
         failover.push(FailoverResult {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const MS: Duration = Duration::from_millis(1);
+const SECOND: Duration = Duration::from_secs(1);
 
 fn recv_one(c: &UdpSocket, timeout: Duration) -> Option<Vec<u8>> {
     c.set_read_timeout(Some(timeout)).unwrap();
@@ -125,6 +126,9 @@ fn flood_from_many_source_ports_is_bounded_by_the_session_limit() {
         100.0
     );
     assert_eq!(metric(&s.proxy, "spotable_sessions", &[]), 100.0);
+    // Said in the log too, at most once per worker in the interval, not once per datagram.
+    let warned = s.proxy.log.wait_for("session limit reached", 5 * SECOND);
+    assert!((1..=2).contains(&warned.len()), "{warned:#?}");
     let grown = rss_kib(s.proxy.process.pid()).saturating_sub(before);
     assert!(
         grown < 16 * 1024,

@@ -11,6 +11,7 @@ use common::*;
 use spotable_fixtures::process::ReplicaProcess;
 
 const MS: Duration = Duration::from_millis(1);
+const SECOND: Duration = Duration::from_secs(1);
 const TOKEN_A: &[u8] = b"arena-01";
 const TOKEN_B: &[u8] = b"arena-02";
 
@@ -139,6 +140,13 @@ fn unknown_and_missing_tokens_are_counted_and_never_fanned_out() {
         0.0
     );
     assert_eq!(metric(&g.proxy, "spotable_sessions_opened_total", &[]), 0.0);
+    // The operator hears of it, once per interval rather than per datagram (one client, so
+    // one worker).
+    let warned = g
+        .proxy
+        .log
+        .wait_for("without a known game token", 5 * SECOND);
+    assert_eq!(warned.len(), 1, "{warned:#?}");
     // A known token still works from the same player.
     let rx = Collector::start(&c);
     stream_with_suffix(&c, 5, MS, TOKEN_B, |_| {});

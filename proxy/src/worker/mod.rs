@@ -126,6 +126,29 @@ struct Logs {
     front_receive: LogLimit,
     upstream_receive: LogLimit,
     disconnect: LogLimit,
+    session_limit: LogLimit,
+    unknown_token: LogLimit,
+}
+
+impl Logs {
+    /// The drops an operator must hear of, not only count: a full table turns players away, and
+    /// unknown tokens mean a matchmaker and the proxies disagree about the games.
+    fn dropped(&mut self, reason: DropReason, client: SocketAddr, now: Instant) {
+        let (limit, what) = match reason {
+            DropReason::SessionLimit => (
+                &mut self.session_limit,
+                "session limit reached: a new client was turned away (--max-sessions)",
+            ),
+            DropReason::UnknownToken => (
+                &mut self.unknown_token,
+                "a datagram without a known game token was dropped",
+            ),
+            _ => return,
+        };
+        if let Some(held) = limit.hit(now) {
+            tracing::warn!(%client, held, "{what}");
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -382,6 +405,7 @@ impl<N: Net> Worker<N> {
             } => (id, opened, targets, body, header),
             ClientVerdict::Drop(reason) => {
                 self.local.drop(reason, 1);
+                self.logs.dropped(reason, client, now);
                 return false;
             }
         };

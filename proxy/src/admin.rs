@@ -2,7 +2,7 @@
 //! the games behind a token-routing proxy, `/games` (JSON).
 //!
 //! These run on the control thread, apart from the data plane, and need one descriptor per
-//! connection: the session limit keeps [`crate::server::FD_RESERVE`] free for them.
+//! connection: the session limit keeps [`spotable_edge::fds::FD_RESERVE`] free for them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

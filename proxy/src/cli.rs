@@ -57,15 +57,8 @@ pub fn main_from(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
 
 /// Raises the soft open-file limit to the hard one: every session holds a socket, and the
 /// common soft default (1024) is far below a proxy's needs.
-fn raise_fd_limit() {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::info!(limit, "open-file limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
-    }
-}
-
 fn run(config: Config) -> anyhow::Result<()> {
-    raise_fd_limit();
+    spotable_edge::fds::raise_limit();
     let metrics = spotable_edge::install_metrics("spotable-proxy")?;
     stats::describe();
     let runtime = tokio::runtime::Builder::new_current_thread()

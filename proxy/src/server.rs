@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use spotable_edge::fds;
 use tokio::sync::watch;
 
 use crate::replicas::{Notify, ReplicaSet};
@@ -150,17 +151,6 @@ impl Health {
             first
         });
     }
-}
-
-/// File descriptors kept from sessions beyond each worker's own (epoll, waker, front sockets):
-/// stdio, the admin listener and its connections, the Kubernetes client, the runtime.
-pub const FD_RESERVE: u64 = 64;
-
-/// Sessions that fit: each holds one socket, so `max_sessions` is capped by the descriptor
-/// limit less what the process needs besides (`fixed`).
-pub fn session_budget(max_sessions: usize, fd_limit: u64, fixed: u64) -> usize {
-    let room = fd_limit.saturating_sub(fixed);
-    max_sessions.min(usize::try_from(room).unwrap_or(usize::MAX))
 }
 
 struct WakeWorker(Arc<mio::Waker>);
@@ -401,12 +391,12 @@ fn run_worker(index: usize, worker: Worker<Sockets>, shared: &Shared) {
 
 /// The session limit that fits the process's descriptor limit, warning when it had to be cut.
 fn fit_sessions(max_sessions: usize, workers: usize, listeners: usize) -> usize {
-    let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else {
+    let Some((soft, _)) = fds::limits() else {
         return max_sessions;
     };
     // Per worker: epoll, its waker, one front socket per listener.
-    let fixed = FD_RESERVE + (workers * (listeners + 2)) as u64;
-    let fits = session_budget(max_sessions, soft, fixed);
+    let fixed = fds::FD_RESERVE + (workers * (listeners + 2)) as u64;
+    let fits = fds::budget(max_sessions, soft, fixed);
     if fits < max_sessions {
         tracing::warn!(
             max_sessions,
@@ -455,17 +445,4 @@ fn bind_group(
 /// Per-worker secret for content hashes, so clients cannot aim for collisions.
 fn seed() -> u64 {
     fastrand::u64(..)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sessions_are_capped_by_the_descriptor_limit() {
-        assert_eq!(session_budget(10_000, 1024, 100), 924);
-        assert_eq!(session_budget(500, 1024, 100), 500);
-        assert_eq!(session_budget(10_000, 50, 100), 0);
-        assert_eq!(session_budget(10, u64::MAX, 100), 10);
-    }
 }

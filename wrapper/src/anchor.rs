@@ -25,7 +25,9 @@ use ipnet::IpNet;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
+use spotable_core::loglimit::LogLimit;
 use spotable_core::proxy_header::{self, Header, HeaderError};
+use spotable_edge::fds;
 use spotable_udp::{RecvBatch, SendBatch};
 
 const LISTEN: Token = Token(0);
@@ -46,7 +48,8 @@ pub mod names {
     pub const DROPS: &str = "spotable_anchor_drops_total";
     /// Players with a socket now.
     pub const PLAYERS: &str = "spotable_anchor_players";
-    /// Most players at once (`--max-players`).
+    /// Most players at once: `--max-players`, or fewer when the open-file limit leaves room
+    /// for fewer sockets.
     pub const PLAYER_LIMIT: &str = "spotable_anchor_player_limit";
     /// Players forgotten after `--idle-timeout` without a datagram.
     pub const EXPIRED: &str = "spotable_anchor_players_expired_total";
@@ -182,7 +185,10 @@ pub fn describe(limit: usize) {
     );
     describe_counter!(names::DROPS, "Datagrams the anchor dropped, by reason");
     describe_gauge!(names::PLAYERS, "Players with a socket of their own now");
-    describe_gauge!(names::PLAYER_LIMIT, "Most players at once (--max-players)");
+    describe_gauge!(
+        names::PLAYER_LIMIT,
+        "Most players at once (--max-players, capped by the open-file limit)"
+    );
     describe_counter!(names::EXPIRED, "Players forgotten after the idle timeout");
     for direction in ["to_game", "to_proxy"] {
         metrics::counter!(names::DATAGRAMS, "direction" => direction).absolute(0);
@@ -272,7 +278,36 @@ pub struct Anchor {
     tx: SendBatch,
     tally: Tally,
     stop: Arc<AtomicBool>,
-    warned: Option<Instant>,
+    /// The player limit in force: `max_players`, or what the open-file limit leaves room for.
+    limit: usize,
+    logs: Logs,
+}
+
+/// Warnings the anchor writes on its data path, each rate-limited.
+#[derive(Debug)]
+struct Logs {
+    untrusted: LogLimit,
+    table_full: LogLimit,
+    socket: LogLimit,
+}
+
+impl Default for Logs {
+    fn default() -> Self {
+        Self {
+            untrusted: LogLimit::new(Duration::from_secs(60)),
+            table_full: LogLimit::default(),
+            socket: LogLimit::default(),
+        }
+    }
+}
+
+/// Why no socket could be opened for a new player.
+#[derive(Debug)]
+enum Refused {
+    /// The table holds as many players as the limit in force.
+    Full,
+    /// Opening, connecting or registering the socket failed.
+    Socket(io::Error),
 }
 
 impl Anchor {
@@ -294,7 +329,8 @@ impl Anchor {
             tx: SendBatch::new(BATCH),
             tally: Tally::default(),
             stop: stop.clone(),
-            warned: None,
+            limit: config.max_players,
+            logs: Logs::default(),
             config,
         };
         Ok((anchor, Handle { stop, waker }))
@@ -308,6 +344,7 @@ impl Anchor {
     /// Runs until stopped.
     pub fn run(mut self) -> io::Result<()> {
         describe(self.config.max_players);
+        self.refresh_limit();
         if self.config.trust.is_empty() {
             tracing::error!(
                 "anchor: no --trust: every datagram is dropped until the proxies' network is \
@@ -317,6 +354,7 @@ impl Anchor {
         let mut events = Events::with_capacity(256);
         let mut next_tick = Instant::now() + TICK;
         let mut pending: Vec<Token> = Vec::new();
+        let mut ready: Vec<Token> = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
             let timeout = if pending.is_empty() {
                 next_tick.saturating_duration_since(Instant::now())
@@ -328,12 +366,13 @@ impl Anchor {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
-            let mut ready: Vec<Token> = events.iter().map(|e| e.token()).collect();
+            ready.clear();
+            ready.extend(events.iter().map(|e| e.token()));
             ready.append(&mut pending);
             ready.sort_unstable();
             ready.dedup();
             let now = Instant::now();
-            for token in ready {
+            for &token in &ready {
                 let more = match token {
                     WAKER => false,
                     LISTEN => self.on_listen(now),
@@ -345,6 +384,7 @@ impl Anchor {
             }
             if now >= next_tick {
                 self.expire(now);
+                self.refresh_limit();
                 self.tally.flush(self.players.len());
                 next_tick = now + TICK;
             }
@@ -377,12 +417,9 @@ impl Anchor {
                     Err(why) => {
                         self.tally.drop(why, 1);
                         if why == Drop::Untrusted
-                            && self
-                                .warned
-                                .is_none_or(|t| now - t >= Duration::from_secs(60))
+                            && let Some(held) = self.logs.untrusted.hit(now)
                         {
-                            self.warned = Some(now);
-                            tracing::warn!(%from, "anchor: datagram from an untrusted source dropped (see --trust)");
+                            tracing::warn!(%from, held, "anchor: datagram from an untrusted source dropped (see --trust)");
                         }
                         continue;
                     }
@@ -392,7 +429,8 @@ impl Anchor {
                     None => match open_player(
                         &self.poll,
                         &mut self.players,
-                        &self.config,
+                        self.limit,
+                        self.config.game,
                         player,
                         from,
                         now,
@@ -402,8 +440,23 @@ impl Anchor {
                             tracing::debug!(%player, "anchor: new player");
                             k
                         }
-                        Err(why) => {
-                            self.tally.drop(why, 1);
+                        Err(Refused::Full) => {
+                            self.tally.drop(Drop::TableFull, 1);
+                            if let Some(held) = self.logs.table_full.hit(now) {
+                                tracing::warn!(
+                                    limit = self.limit,
+                                    max_players = self.config.max_players,
+                                    held,
+                                    "anchor: player table full; a new player was dropped"
+                                );
+                            }
+                            continue;
+                        }
+                        Err(Refused::Socket(e)) => {
+                            self.tally.drop(Drop::SocketError, 1);
+                            if let Some(held) = self.logs.socket.hit(now) {
+                                tracing::warn!(error = %e, held, "anchor: cannot open a socket for a new player");
+                            }
                             continue;
                         }
                     },
@@ -451,6 +504,31 @@ impl Anchor {
         true
     }
 
+    /// Caps the player limit by the open-file limit, which may change at run time (the
+    /// wrapper raises it once the game has started with the one it was given).
+    fn refresh_limit(&mut self) {
+        let max = self.config.max_players;
+        let Some((soft, hard)) = fds::limits() else {
+            return;
+        };
+        let limit = fds::budget(max, soft, fds::FD_RESERVE);
+        if limit != self.limit {
+            if fds::budget(max, hard, fds::FD_RESERVE) < max {
+                tracing::warn!(
+                    max_players = max,
+                    fd_limit = hard,
+                    limit,
+                    "anchor: --max-players does not fit the open-file limit; players capped \
+                     (raise the container's nofile hard limit to allow more)"
+                );
+            } else {
+                tracing::info!(limit, fd_limit = soft, "anchor: player limit");
+            }
+            self.limit = limit;
+        }
+        metrics::gauge!(names::PLAYER_LIMIT).set(limit as f64);
+    }
+
     fn expire(&mut self, now: Instant) {
         let timeout = self.config.idle_timeout;
         let gone: Vec<usize> = self
@@ -471,29 +549,30 @@ impl Anchor {
 fn open_player(
     poll: &Poll,
     players: &mut Slab<Player>,
-    config: &Config,
+    limit: usize,
+    game: SocketAddr,
     addr: SocketAddr,
     carrier: SocketAddr,
     now: Instant,
-) -> Result<usize, Drop> {
-    if players.len() >= config.max_players {
-        return Err(Drop::TableFull);
+) -> Result<usize, Refused> {
+    if players.len() >= limit {
+        return Err(Refused::Full);
     }
-    let any: SocketAddr = match config.game {
+    let any: SocketAddr = match game {
         SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let open = || -> io::Result<UdpSocket> {
         let socket = UdpSocket::bind(any)?;
-        socket.connect(config.game)?;
+        socket.connect(game)?;
         Ok(socket)
     };
-    let mut socket = open().map_err(|_| Drop::SocketError)?;
+    let mut socket = open().map_err(Refused::Socket)?;
     let entry = players.vacant_entry();
     let key = entry.key();
     poll.registry()
         .register(&mut socket, Token(key + FIRST_PLAYER), Interest::READABLE)
-        .map_err(|_| Drop::SocketError)?;
+        .map_err(Refused::Socket)?;
     entry.insert(Player {
         addr,
         socket,

@@ -90,7 +90,8 @@ pub struct AnchorArgs {
     /// --session-timeout).
     #[arg(long, default_value = "2m", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
-    /// Most players at once; each holds a socket.
+    /// Most players at once; each holds a socket, so fewer when the open-file limit (less 64
+    /// kept for the process) has room for fewer.
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     pub max_players: usize,
     /// Serve /metrics and /healthz here.
@@ -159,7 +160,8 @@ pub struct Common {
     /// With --anchor: a player without a datagram for this long is forgotten.
     #[arg(long, default_value = "2m", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub anchor_idle_timeout: Duration,
-    /// With --anchor: most players at once; each holds a socket.
+    /// With --anchor: most players at once; each holds a socket, so fewer when the open-file
+    /// limit (less 64 kept for the process) has room for fewer.
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     pub anchor_max_players: usize,
     /// Serve /metrics (the anchor's) and /healthz here.
@@ -323,9 +325,7 @@ fn anchor(args: AnchorArgs) -> ExitCode {
 
 async fn run_anchor(args: AnchorArgs) -> Result<i32, BoxError> {
     use crate::anchor::Config;
-    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
-        tracing::warn!(error = %e, "cannot raise the open-file limit");
-    }
+    spotable_edge::fds::raise_limit();
     let metrics = spotable_edge::install_metrics("spotable-wrapper")?;
     let config = Config {
         listen: args.listen,
@@ -569,6 +569,11 @@ async fn launch(
     };
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
     tracing::info!(pid = pid.as_raw(), "game started");
+    if anchor.is_some() {
+        // A socket per player: the anchor may need more descriptors than the container's soft
+        // limit. Raised now, after the fork, so the game keeps the limit it was given.
+        spotable_edge::fds::raise_limit();
+    }
     let health = sdk
         .clone()
         .map(|sdk| tokio::spawn(sdk.health_loop(common.agones_health_interval)));

@@ -297,6 +297,97 @@ fn a_flood_of_player_addresses_stays_within_the_table_limit_and_expires() {
     assert!(open_fds(a.process.pid()) <= before + 2);
 }
 
+/// The soft and hard open-file limits of process `pid`.
+fn fd_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut numbers = line
+        .split_whitespace()
+        .filter_map(|w| w.parse::<u64>().ok());
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+#[test]
+fn under_a_low_open_file_limit_players_are_capped_and_the_admin_still_answers() {
+    let g = game();
+    let admin = free_port();
+    let log = std::env::temp_dir().join(format!("spotable-anchor-fds-{}.log", admin.port()));
+    // 100 descriptors, hard limit too: 64 are kept for the process, so 36 players fit, far
+    // below --max-players. Without the cap, players would take the descriptors the admin
+    // listener needs, and fail one by one as socket errors.
+    let script = format!("ulimit -n 100 && exec \"$0\" \"$@\" 2>{}", log.display());
+    let (game_addr, admin_addr) = (g.addr.to_string(), admin.to_string());
+    let a = spawn_replica(
+        std::path::Path::new("sh"),
+        &[
+            "-c",
+            &script,
+            wrapper(),
+            "anchor",
+            "--listen",
+            "127.0.0.1:0",
+            "--game",
+            &game_addr,
+            "--admin",
+            &admin_addr,
+            "--trust",
+            "127.0.0.0/8",
+            "--max-players",
+            "1000",
+        ],
+    )
+    .unwrap();
+    assert_eq!(fd_limits(a.process.pid()), (100, 100));
+    assert_eq!(
+        wait_metric(admin, "spotable_anchor_player_limit", &[], |v| v == 36.0),
+        36.0
+    );
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let players: Vec<SocketAddr> = (0..60u8)
+        .map(|i| SocketAddr::from(([198, 51, 100, i], 4000)))
+        .collect();
+    for &player in &players {
+        let mut d = header(player);
+        d.extend_from_slice(&1u64.to_be_bytes());
+        s.send_to(&d, a.addr).unwrap();
+    }
+    let full = wait_metric(
+        admin,
+        "spotable_anchor_drops_total",
+        &[("reason", "table_full")],
+        |v| v >= 24.0,
+    );
+    assert_eq!(full, 24.0);
+    assert_eq!(metric(admin, "spotable_anchor_players", &[]), 36.0);
+    assert_eq!(
+        metric(
+            admin,
+            "spotable_anchor_drops_total",
+            &[("reason", "socket_error")]
+        ),
+        0.0
+    );
+    // A player who got in is still served.
+    let mut d = header(players[0]);
+    d.extend_from_slice(&2u64.to_be_bytes());
+    let mut got = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while got.is_none() && Instant::now() < deadline {
+        s.send_to(&d, a.addr).unwrap();
+        got = answer(&s, Duration::from_millis(100)).map(|a| parse(&a));
+    }
+    assert!(got.is_some_and(|a| a.peers <= 36), "{got:?}");
+    // Said once in the log, not per player.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(lines("does not fit the open-file limit"), 1, "{text}");
+    assert_eq!(lines("player table full"), 1, "{text}");
+    let _ = std::fs::remove_file(&log);
+}
+
 /// Reads one answer, waiting up to `within`.
 fn answer(s: &UdpSocket, within: Duration) -> Option<Vec<u8>> {
     s.set_read_timeout(Some(within)).unwrap();
@@ -312,13 +403,22 @@ fn in_run_mode_the_anchor_holds_the_port_and_the_game_gets_an_internal_one() {
     let port = 21_000 + u16::try_from(std::process::id() % 5000).unwrap();
     let admin = free_port();
     let replica = spotable_fixtures::replica::exe();
-    let child = std::process::Command::new(wrapper())
+    let game_limit = dir.join("game-fd-limit");
+    // The wrapper starts with a soft open-file limit of 256; the game must keep it.
+    let child = std::process::Command::new("sh")
+        .args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\""])
+        .arg(wrapper())
         .args(["--no-imds", "--port", "game/udp"])
         .args(["--port-range", &format!("{port}-{port}")])
         .args(["--lock-dir", dir.join("locks").to_str().unwrap()])
         .args(["--anchor", "game", "--anchor-trust", "127.0.0.0/8"])
         .args(["--admin", &admin.to_string()])
         .arg("--")
+        .args(["sh", "-c"])
+        .arg(format!(
+            "ulimit -Sn > {} && exec \"$0\" \"$@\"",
+            game_limit.display()
+        ))
         .arg(&replica)
         .args(["--stateful", "--listen", "127.0.0.1:${SERVER_PORT}"])
         .env_remove("QUEUE_URL")
@@ -346,6 +446,8 @@ fn in_run_mode_the_anchor_holds_the_port_and_the_game_gets_an_internal_one() {
         wait_metric(admin, "spotable_anchor_players", &[], |v| v == 1.0),
         1.0
     );
+    let game_fd_limit = std::fs::read_to_string(&game_limit).unwrap();
+    let wrapper_fd_limits = fd_limits(guard.pid());
     // SIGTERM stops the game and the anchor with it (a SIGKILL would orphan the game).
     guard.signal(15).unwrap();
     let status = guard.wait_timeout(Duration::from_secs(20)).unwrap();
@@ -355,4 +457,10 @@ fn in_run_mode_the_anchor_holds_the_port_and_the_game_gets_an_internal_one() {
         "the game died of the SIGTERM passed on"
     );
     let _ = std::fs::remove_dir_all(&dir);
+    // Checked once the game is gone (a failed assertion before would orphan it). The anchor's
+    // sockets count against the wrapper's limit, raised to the hard one once the game had
+    // started with the limit it was given.
+    assert_eq!(game_fd_limit.trim(), "256");
+    let (soft, hard) = wrapper_fd_limits;
+    assert_eq!(soft, hard);
 }

@@ -203,15 +203,17 @@ fn idle_sessions_expire_active_ones_stay() {
     assert!(t.is_empty());
 }
 
+/// A table of one replica whose clients may send `per_second` datagrams, `burst` at once.
+fn rate_limited(per_second: u32, burst: u32) -> SessionTable {
+    let mut s = settings(copies());
+    s.rate = Some(Rate { per_second, burst });
+    table(s, 10, &[7001])
+}
+
 #[test]
 fn rate_limit_per_client() {
     let now = crate::epoch();
-    let mut s = settings(copies());
-    s.rate = Some(Rate {
-        per_second: 10,
-        burst: 2,
-    });
-    let mut t = table(s, 10, &[7001]);
+    let mut t = rate_limited(10, 2);
     open(&mut t, 1, now);
     open(&mut t, 1, now);
     assert_eq!(
@@ -652,12 +654,7 @@ fn nothing_is_ever_sent_back_to_its_source() {
 #[test]
 fn rate_limited_clients_are_reported_once_per_interval() {
     let now = crate::epoch();
-    let mut s = settings(copies());
-    s.rate = Some(Rate {
-        per_second: 1,
-        burst: 1,
-    });
-    let mut t = table(s, 10, &[7001]);
+    let mut t = rate_limited(1, 1);
     open(&mut t, 1, now);
     open(&mut t, 2, now);
     for _ in 0..5 {

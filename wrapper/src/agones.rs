@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use spotable_core::loglimit::LogLimit;
 use spotable_fleet::backoff;
 
 /// The SDK's default HTTP port, when `AGONES_SDK_HTTP_PORT` is unset.
@@ -103,15 +104,13 @@ impl Sdk {
     pub async fn health_loop(self, every: Duration) {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_warning: Option<tokio::time::Instant> = None;
+        let mut warnings = LogLimit::new(Duration::from_secs(60));
         loop {
             ticks.tick().await;
-            if let Err(e) = self.call("/health").await {
-                let now = tokio::time::Instant::now();
-                if last_warning.is_none_or(|t| now - t >= Duration::from_secs(60)) {
-                    tracing::warn!(error = %e, "Agones health report failed");
-                    last_warning = Some(now);
-                }
+            if let Err(e) = self.call("/health").await
+                && let Some(held) = warnings.hit(tokio::time::Instant::now().into_std())
+            {
+                tracing::warn!(error = %e, held, "Agones health report failed");
             }
         }
     }

@@ -55,9 +55,9 @@ pub fn main_from(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
     }
 }
 
-/// Raises the soft open-file limit to the hard one: every session holds a socket, and the
-/// common soft default (1024) is far below a proxy's needs.
 fn run(config: Config) -> anyhow::Result<()> {
+    // Every session holds a socket, and the common soft default (1024) is far below a proxy's
+    // needs: up to the hard limit.
     spotable_edge::fds::raise_limit();
     let metrics = spotable_edge::install_metrics("spotable-proxy")?;
     stats::describe();

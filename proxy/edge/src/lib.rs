@@ -1,5 +1,6 @@
 //! The process edge every Spotable binary shares: log setup, stop signals, the admin HTTP
-//! listener, the Prometheus recorder and the open-file limit. One implementation, so the binaries behave alike.
+//! listener, the Prometheus recorder and the open-file limit. One implementation, so the
+//! binaries behave alike.
 
 pub mod fds;
 

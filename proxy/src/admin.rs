@@ -38,6 +38,8 @@ pub struct AdminState {
     pub replica_stats: Arc<crate::replica_stats::Registry>,
     /// Time-in-proxy histograms.
     pub transit: Arc<crate::transit::Registry>,
+    /// How finely the replicas' lag histogram is broken down.
+    pub lag_histogram: crate::replica_stats::LagHistogram,
 }
 
 impl AdminState {
@@ -77,11 +79,11 @@ async fn metrics(State(state): State<AdminState>) -> String {
     metrics::counter!(names::FRONT_KERNEL_DROPS).absolute(front);
     metrics::counter!(names::UDP_RCVBUF_ERRORS).absolute(rcvbuf);
     let mut text = spotable_edge::render(&state.metrics);
-    text.push_str(
-        &state
-            .replica_stats
-            .render(&snapshot, std::time::Instant::now()),
-    );
+    text.push_str(&state.replica_stats.render(
+        &snapshot,
+        std::time::Instant::now(),
+        state.lag_histogram,
+    ));
     text.push_str(&state.transit.render());
     text
 }

@@ -130,6 +130,7 @@ fn run(config: Config) -> anyhow::Result<()> {
                     front_inodes: proxy.front_inodes().into(),
                     replica_stats: proxy.replica_stats(),
                     transit: proxy.transit(),
+                    lag_histogram: config.lag_histogram,
                 };
                 let (_, task) = spotable_edge::serve(addr, admin::router(state))
                     .await

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::dedupe::{Endian, MAX_SLOTS, Mode, SequenceSpec, Width};
 use crate::ratelimit::Rate;
+pub use crate::replica_stats::LagHistogram;
 use crate::replicas::{GameSpec, Replica};
 use crate::server::ProxyConfig;
 use crate::session::Settings;
@@ -275,6 +276,11 @@ pub struct Args {
     /// HTTP address for /metrics, /healthz and /readyz [default: off].
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
+    /// `spotable_replica_lag_seconds` per replica (16 series each), one per game, or none:
+    /// with hundreds of games, per replica puts tens of thousands of series in every scrape
+    /// [default: replica].
+    #[arg(long, value_enum)]
+    pub lag_histogram: Option<LagHistogram>,
     /// Log format [default: text].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -433,6 +439,8 @@ pub struct Config {
     pub drain_delay: Duration,
     /// Admin HTTP address.
     pub admin: Option<SocketAddr>,
+    /// How finely the lag histogram is broken down.
+    pub lag_histogram: LagHistogram,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -682,6 +690,7 @@ impl Config {
             replicas,
             drain_delay: a.drain_delay.unwrap_or(defaults::DRAIN_DELAY),
             admin: a.admin,
+            lag_histogram: a.lag_histogram.unwrap_or_default(),
             log_format: a.log_format.unwrap_or_default(),
             log_level: a.log_level.unwrap_or_else(|| defaults::LOG_LEVEL.into()),
         })

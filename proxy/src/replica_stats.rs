@@ -31,6 +31,19 @@ pub mod names {
     pub const GAME_REPLICAS: &str = "spotable_game_replicas";
 }
 
+/// How finely `spotable_replica_lag_seconds` is broken down (`--lag-histogram`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LagHistogram {
+    /// One per replica, labelled `game` and `replica` (default).
+    #[default]
+    Replica,
+    /// One per game (all its replicas' copies together), labelled `game`.
+    Game,
+    /// None.
+    Off,
+}
+
 /// One worker's counts since its last flush, by replica.
 #[derive(Debug, Default)]
 pub struct Tally {
@@ -124,9 +137,9 @@ impl Registry {
         }
     }
 
-    /// The series of every replica in `snapshot` (each game's, labelled with it) at `now`;
-    /// forgets replicas no longer in it.
-    pub fn render(&self, snapshot: &Snapshot, now: Instant) -> String {
+    /// The series of every replica in `snapshot` (each game's, labelled with it) at `now`,
+    /// the lag histogram broken down by `lag`; forgets replicas no longer in it.
+    pub fn render(&self, snapshot: &Snapshot, now: Instant, lag: LagHistogram) -> String {
         let mut totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
         let mut rows: Vec<(&str, SocketAddr, ReplicaState)> = Vec::new();
         if snapshot.games.is_empty() {
@@ -176,16 +189,41 @@ impl Registry {
                     .as_secs_f64()
             },
         );
-        let _ = writeln!(
-            out,
-            "# HELP {s} How far behind the delivered copy a replica's suppressed copies arrive \
-             (copies and sequence modes; a replica that always wins has none)\n# TYPE {s} histogram",
-            s = names::LAG
-        );
-        for (game, addr, _) in &rows {
-            if let Some(t) = totals.get(&canonical(*addr)) {
-                t.lag.write(&mut out, names::LAG, &labels(game, *addr));
+        if lag != LagHistogram::Off {
+            let _ = writeln!(
+                out,
+                "# HELP {s} How far behind the delivered copy a replica's suppressed copies \
+                 arrive (copies and sequence modes; a replica that always wins has none)\n\
+                 # TYPE {s} histogram",
+                s = names::LAG
+            );
+        }
+        match lag {
+            LagHistogram::Replica => {
+                for (game, addr, _) in &rows {
+                    if let Some(t) = totals.get(&canonical(*addr)) {
+                        t.lag.write(&mut out, names::LAG, &labels(game, *addr));
+                    }
+                }
             }
+            LagHistogram::Game => {
+                // Rows come grouped by game, in the snapshot's order.
+                for group in rows.chunk_by(|a, b| a.0 == b.0) {
+                    let mut sum = Histogram::default();
+                    for (_, addr, _) in group {
+                        if let Some(t) = totals.get(&canonical(*addr)) {
+                            sum.merge(&t.lag);
+                        }
+                    }
+                    let game = group[0].0;
+                    let labels = match game {
+                        "" => String::new(),
+                        g => format!("game=\"{}\"", escape(g)),
+                    };
+                    sum.write(&mut out, names::LAG, &labels);
+                }
+            }
+            LagHistogram::Off => {}
         }
         let _ = writeln!(
             out,
@@ -271,7 +309,11 @@ mod tests {
         w2.answer("[::ffff:127.0.0.1]:7001".parse().unwrap(), true, None, t0);
         registry.flush(&mut w1);
         registry.flush(&mut w2);
-        let text = registry.render(&set.snapshot(), t0 + Duration::from_secs(3));
+        let text = registry.render(
+            &set.snapshot(),
+            t0 + Duration::from_secs(3),
+            LagHistogram::Replica,
+        );
         let v = |name: &str, labels: &[(&str, &str)]| {
             spotable_fixtures::metrics_text::value(&text, name, labels).unwrap()
         };
@@ -298,12 +340,20 @@ mod tests {
         assert!(spotable_fixtures::metrics_text::without_help(&text).is_empty());
         // 7002 never answers: its silence grows from when it joined.
         assert_eq!(v(names::SILENCE, &b), 3.0);
-        let later = registry.render(&set.snapshot(), t0 + Duration::from_secs(10));
+        let later = registry.render(
+            &set.snapshot(),
+            t0 + Duration::from_secs(10),
+            LagHistogram::Replica,
+        );
         let silence_b = spotable_fixtures::metrics_text::value(&later, names::SILENCE, &b);
         assert_eq!(silence_b, Some(10.0));
         // 7001 leaves the set: its series go.
         set.publish(vec![Replica::ready(addr(7002))]);
-        let gone = registry.render(&set.snapshot(), t0 + Duration::from_secs(11));
+        let gone = registry.render(
+            &set.snapshot(),
+            t0 + Duration::from_secs(11),
+            LagHistogram::Replica,
+        );
         assert!(!gone.contains("127.0.0.1:7001"), "{gone}");
     }
 
@@ -328,7 +378,7 @@ mod tests {
         )
         .unwrap();
         let t0 = Instant::now();
-        let text = Registry::default().render(&set.snapshot(), t0);
+        let text = Registry::default().render(&set.snapshot(), t0, LagHistogram::Replica);
         let v = |labels: &[(&str, &str)]| {
             spotable_fixtures::metrics_text::value(&text, names::GAME_REPLICAS, labels)
         };
@@ -346,5 +396,71 @@ mod tests {
         );
         assert_eq!(answers, Some(0.0));
         assert!(spotable_fixtures::metrics_text::without_help(&text).is_empty());
+    }
+
+    #[test]
+    fn the_lag_histogram_per_game_adds_its_replicas_up_and_off_leaves_it_out() {
+        use crate::replicas::GameSpec;
+        let settings = std::sync::Arc::new(crate::server::settings_for_tests());
+        let game = |name: &str, token: &[u8], replicas: Vec<Replica>| GameSpec {
+            name: name.into(),
+            tokens: vec![token.to_vec()],
+            replicas,
+            settings: settings.clone(),
+        };
+        let set = ReplicaSet::new();
+        let spec = crate::token::TokenSpec::new(4, crate::token::TokenAt::Suffix).unwrap();
+        let two = vec![Replica::ready(addr(7001)), Replica::ready(addr(7002))];
+        set.publish_games(
+            spec,
+            vec![
+                game("arena", b"aaaa", two),
+                game("quiet", b"bbbb", vec![Replica::ready(addr(7003))]),
+            ],
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let registry = Registry::default();
+        let mut w = Tally::default();
+        w.answer(addr(7001), false, Some(Duration::from_millis(3)), t0);
+        w.answer(addr(7002), false, Some(Duration::from_millis(30)), t0);
+        w.answer(addr(7002), false, Some(Duration::from_millis(30)), t0);
+        registry.flush(&mut w);
+
+        let text = registry.render(&set.snapshot(), t0, LagHistogram::Game);
+        let v = |labels: &[(&str, &str)]| {
+            spotable_fixtures::metrics_text::value(&text, &format!("{}_count", names::LAG), labels)
+        };
+        assert_eq!(v(&[("game", "arena")]), Some(3.0), "{text}");
+        assert_eq!(v(&[("game", "quiet")]), Some(0.0), "present at zero");
+        let bucket = |le: &str| {
+            spotable_fixtures::metrics_text::value(
+                &text,
+                &format!("{}_bucket", names::LAG),
+                &[("game", "arena"), ("le", le)],
+            )
+        };
+        assert_eq!(bucket("0.005"), Some(1.0));
+        assert_eq!(bucket("0.05"), Some(3.0));
+        let lag_lines = text
+            .lines()
+            .filter(|l| l.starts_with(names::LAG))
+            .collect::<Vec<_>>();
+        assert!(lag_lines.iter().all(|l| !l.contains("replica=")));
+        // 16 buckets, a sum and a count per game.
+        assert_eq!(lag_lines.len(), 2 * 18, "{lag_lines:#?}");
+        assert!(spotable_fixtures::metrics_text::without_help(&text).is_empty());
+        // Everything else is still per replica.
+        let answers = spotable_fixtures::metrics_text::value(
+            &text,
+            names::ANSWERS,
+            &[("game", "arena"), ("replica", "127.0.0.1:7002")],
+        );
+        assert_eq!(answers, Some(2.0));
+
+        let off = registry.render(&set.snapshot(), t0, LagHistogram::Off);
+        assert!(!off.contains(names::LAG), "{off}");
+        assert!(off.contains(names::ANSWERS));
+        assert!(spotable_fixtures::metrics_text::without_help(&off).is_empty());
     }
 }

@@ -59,7 +59,18 @@ fn start() -> Games {
     )
     .unwrap();
     let config = path.display().to_string();
-    let proxy = start_proxy(&[], &["--token-bytes", "8", "--config", &config]);
+    // One lag histogram per game, as a fleet of many games would run it.
+    let proxy = start_proxy(
+        &[],
+        &[
+            "--token-bytes",
+            "8",
+            "--config",
+            &config,
+            "--lag-histogram",
+            "game",
+        ],
+    );
     Games {
         a,
         b,
@@ -87,6 +98,22 @@ fn each_token_reaches_only_its_game_with_the_token_cut_off() {
             assert!(answer.ends_with(tag), "{answer:?} from the wrong game");
         }
     }
+    // Each game's 50 second copies were suppressed: one lag histogram per game holds them.
+    for game in ["arena-1", "arena-2"] {
+        let lag = wait_metric(
+            &g.proxy,
+            "spotable_replica_lag_seconds_count",
+            &[("game", game)],
+            |v| v >= 50.0,
+        );
+        assert_eq!(lag, 50.0, "{game}");
+    }
+    let text = metrics(&g.proxy);
+    let lag_lines = text
+        .lines()
+        .filter(|l| l.starts_with("spotable_replica_lag"));
+    assert!(lag_lines.clone().all(|l| !l.contains("replica=\"")));
+    assert_eq!(lag_lines.count(), 2 * 18, "one histogram per game");
 }
 
 #[test]

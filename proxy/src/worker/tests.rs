@@ -439,10 +439,11 @@ fn a_slow_copy_shows_its_lag_and_time_in_the_proxy_is_measured_both_ways() {
     assert_eq!(got.len(), 10, "each answer once");
     r.now += TICK;
     r.turn(); // the tick adds this worker's counts to the shared ones
-    let text = r
-        .shared
-        .replica_stats
-        .render(&r.shared.replicas.snapshot(), r.now);
+    let text = r.shared.replica_stats.render(
+        &r.shared.replicas.snapshot(),
+        r.now,
+        crate::replica_stats::LagHistogram::Replica,
+    );
     let text = text + &r.shared.transit.render();
     let v = |name: &str, labels: &[(&str, &str)]| {
         spotable_fixtures::metrics_text::value(&text, name, labels)

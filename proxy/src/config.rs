@@ -276,7 +276,7 @@ pub struct Args {
     /// HTTP address for /metrics, /healthz and /readyz [default: off].
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
-    /// `spotable_replica_lag_seconds` per replica (16 series each), one per game, or none:
+    /// `spotable_replica_lag_seconds` per replica (18 series each), one per game, or none:
     /// with hundreds of games, per replica puts tens of thousands of series in every scrape
     /// [default: replica].
     #[arg(long, value_enum)]

@@ -357,26 +357,30 @@ mod tests {
         assert!(!gone.contains("127.0.0.1:7001"), "{gone}");
     }
 
-    #[test]
-    fn games_show_their_replica_counts_even_at_zero_and_label_their_replicas() {
-        use crate::replicas::GameSpec;
+    /// A set of games routed by 4-byte tokens: (name, token, replicas).
+    fn games(list: Vec<(&str, &[u8], Vec<Replica>)>) -> ReplicaSet {
         let settings = std::sync::Arc::new(crate::server::settings_for_tests());
-        let game = |name: &str, token: &[u8], replicas: Vec<Replica>| GameSpec {
-            name: name.into(),
-            tokens: vec![token.to_vec()],
-            replicas,
-            settings: settings.clone(),
-        };
         let set = ReplicaSet::new();
         let spec = crate::token::TokenSpec::new(4, crate::token::TokenAt::Suffix).unwrap();
-        set.publish_games(
-            spec,
-            vec![
-                game("arena", b"aaaa", vec![Replica::ready(addr(7001))]),
-                game("empty", b"bbbb", vec![]),
-            ],
-        )
-        .unwrap();
+        let specs = list
+            .into_iter()
+            .map(|(name, token, replicas)| crate::replicas::GameSpec {
+                name: name.into(),
+                tokens: vec![token.to_vec()],
+                replicas,
+                settings: settings.clone(),
+            })
+            .collect();
+        set.publish_games(spec, specs).unwrap();
+        set
+    }
+
+    #[test]
+    fn games_show_their_replica_counts_even_at_zero_and_label_their_replicas() {
+        let set = games(vec![
+            ("arena", b"aaaa", vec![Replica::ready(addr(7001))]),
+            ("empty", b"bbbb", vec![]),
+        ]);
         let t0 = Instant::now();
         let text = Registry::default().render(&set.snapshot(), t0, LagHistogram::Replica);
         let v = |labels: &[(&str, &str)]| {
@@ -400,25 +404,11 @@ mod tests {
 
     #[test]
     fn the_lag_histogram_per_game_adds_its_replicas_up_and_off_leaves_it_out() {
-        use crate::replicas::GameSpec;
-        let settings = std::sync::Arc::new(crate::server::settings_for_tests());
-        let game = |name: &str, token: &[u8], replicas: Vec<Replica>| GameSpec {
-            name: name.into(),
-            tokens: vec![token.to_vec()],
-            replicas,
-            settings: settings.clone(),
-        };
-        let set = ReplicaSet::new();
-        let spec = crate::token::TokenSpec::new(4, crate::token::TokenAt::Suffix).unwrap();
         let two = vec![Replica::ready(addr(7001)), Replica::ready(addr(7002))];
-        set.publish_games(
-            spec,
-            vec![
-                game("arena", b"aaaa", two),
-                game("quiet", b"bbbb", vec![Replica::ready(addr(7003))]),
-            ],
-        )
-        .unwrap();
+        let set = games(vec![
+            ("arena", b"aaaa", two),
+            ("quiet", b"bbbb", vec![Replica::ready(addr(7003))]),
+        ]);
         let t0 = Instant::now();
         let registry = Registry::default();
         let mut w = Tally::default();

@@ -1,8 +1,10 @@
 //! The live fleet, as the inventory queue tells it: one row per game server.
 //!
 //! SQS cannot be browsed without consuming it (a FIFO queue returns nothing more from a group
-//! while earlier messages are in flight), so this reader is the queue's consumer: it deletes
-//! what it reads and keeps the fleet in a state file, so every run shows the whole fleet.
+//! while earlier messages are in flight), so by default this reader is the queue's consumer:
+//! it deletes what it reads and keeps the fleet in a state file, so every run shows the whole
+//! fleet. With `--peek` it leaves the messages to the real consumer (a matchmaker) and only
+//! reads them under a short visibility timeout.
 
 use std::collections::BTreeMap;
 use std::path::Path;

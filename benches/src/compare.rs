@@ -195,6 +195,28 @@ pub struct Results {
     pub seconds: f64,
 }
 
+/// Runs `cmd` (the bench binary, wherever it runs) as the load generator against `target`,
+/// sending from `bind`, and reads its JSON report.
+fn run_loadgen(
+    mut cmd: std::process::Command,
+    target: SocketAddr,
+    bind: &str,
+    extra: &[String],
+) -> anyhow::Result<Report> {
+    let out = cmd
+        .arg("loadgen")
+        .args(["--target", &target.to_string(), "--bind", bind, "--json"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run the load generator")?;
+    if !out.status.success() {
+        bail!("load generator failed ({})", out.status);
+    }
+    serde_json::from_slice(&out.stdout).context("load generator report")
+}
+
 /// Where the load generator runs and what it targets.
 struct Env {
     exe: PathBuf,
@@ -207,49 +229,21 @@ struct Env {
 
 impl Env {
     fn loadgen(&self, target: SocketAddr, extra: &[String]) -> anyhow::Result<Report> {
-        let mut cmd = match &self.netns {
-            Some(ns) => ns.command(&self.exe),
-            None => std::process::Command::new(&self.exe),
+        let (cmd, bind) = match &self.netns {
+            Some(ns) => (ns.command(&self.exe), format!("{}:0", ns.ns_ip)),
+            None => (
+                std::process::Command::new(&self.exe),
+                "127.0.0.1:0".to_string(),
+            ),
         };
-        let bind = match &self.netns {
-            Some(ns) => format!("{}:0", ns.ns_ip),
-            None => "127.0.0.1:0".to_string(),
-        };
-        let out = cmd
-            .arg("loadgen")
-            .args(["--target", &target.to_string(), "--bind", &bind, "--json"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .context("cannot run the load generator")?;
-        if !out.status.success() {
-            bail!("load generator failed ({})", out.status);
-        }
-        serde_json::from_slice(&out.stdout).context("load generator report")
+        run_loadgen(cmd, target, &bind, extra)
     }
 
     /// The load generator on the host itself, sending from a non-loopback address (the jitter
     /// runs: their replicas sit in namespaces of their own, reached over the host).
     fn loadgen_on_host(&self, target: SocketAddr, extra: &[String]) -> anyhow::Result<Report> {
-        let out = std::process::Command::new(&self.exe)
-            .arg("loadgen")
-            .args([
-                "--target",
-                &target.to_string(),
-                "--bind",
-                "0.0.0.0:0",
-                "--json",
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .context("cannot run the load generator")?;
-        if !out.status.success() {
-            bail!("load generator failed ({})", out.status);
-        }
-        serde_json::from_slice(&out.stdout).context("load generator report")
+        let cmd = std::process::Command::new(&self.exe);
+        run_loadgen(cmd, target, "0.0.0.0:0", extra)
     }
 
     fn replicas(&self, n: usize) -> anyhow::Result<Vec<ReplicaProcess>> {

@@ -9,11 +9,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use spotable_core::dedupe::{Deduper, Endian, Mode, SequenceSpec, SlotState, Width};
+use spotable_core::dedupe::{Agreement, Deduper, Endian, Mode, SequenceSpec, SlotState, Width};
 use spotable_core::replicas::{Replica, Snapshot};
 use spotable_core::session::{Admission, ClientVerdict, SessionTable, Settings};
 
 const REPLICAS: usize = 3;
+
+/// Agreement before trust as the proxy runs it by default.
+const AGREEMENT: Agreement = Agreement::On {
+    failover_after: Duration::from_millis(50),
+};
 
 fn modes() -> [(&'static str, Mode); 3] {
     [
@@ -51,9 +56,16 @@ fn dedupe(c: &mut Criterion) {
     for size in [64usize, 1200] {
         let mut group = c.benchmark_group(format!("dedupe/{size}B"));
         group.throughput(Throughput::Elements(REPLICAS as u64));
-        for (name, mode) in modes() {
+        let off = (
+            "copies, agreement off",
+            modes()[0].1.clone(),
+            Agreement::Off,
+        );
+        let modes = modes().into_iter().map(|(n, m)| (n, m, AGREEMENT));
+        for (name, mode, agreement) in modes.chain([off]) {
             let start = Instant::now();
-            let mut d = Deduper::new(&mode, 7, start, &slots);
+            // Deterministic replicas: past the first answers, every session is trusted.
+            let mut d = Deduper::new(&mode, agreement, false, 7, start, &slots);
             let mut payload = vec![0u8; size];
             let mut seq = 0u32;
             group.bench_function(name, |b| {
@@ -86,6 +98,7 @@ fn session_lookup(c: &mut Criterion) {
         });
         let settings = Settings {
             mode: modes()[0].1.clone(),
+            agreement: AGREEMENT,
             session_timeout: Duration::from_secs(60),
             rate: None,
             max_datagram: 1500,

@@ -40,6 +40,10 @@ pub struct AdminState {
     pub transit: Arc<crate::transit::Registry>,
     /// How finely the replicas' lag histogram is broken down.
     pub lag_histogram: crate::replica_stats::LagHistogram,
+    /// The counters of the implicit game (a proxy without token routing)…
+    pub implicit_game: Arc<crate::replicas::GameCounters>,
+    /// …and its settings (the proxy's).
+    pub settings: Arc<crate::session::Settings>,
 }
 
 impl AdminState {
@@ -85,6 +89,7 @@ async fn metrics(State(state): State<AdminState>) -> String {
         state.lag_histogram,
     ));
     text.push_str(&state.transit.render());
+    text.push_str(&crate::game_stats::render(&snapshot, &state.implicit_game));
     text
 }
 
@@ -105,37 +110,63 @@ async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
 
 /// `GET /games`: every game, its tokens redacted to a prefix (a token is a player's ticket
 /// to a match), its replicas and their states, and its traffic as of the workers' last tick.
+/// A proxy without token routing shows its one implicit game, named `""`.
 async fn games(State(state): State<AdminState>) -> axum::Json<GamesView> {
     let snapshot = state.replicas.snapshot();
+    let view = |name: &str,
+                tokens: &[Vec<u8>],
+                settings: &crate::session::Settings,
+                replicas: &crate::replicas::Snapshot,
+                counters: &crate::replicas::GameCounters| {
+        let t = counters.read();
+        let divergent = counters.is_divergent();
+        GameView {
+            name: name.to_string(),
+            tokens: tokens.iter().map(|t| crate::token::redacted(t)).collect(),
+            dedupe: settings.mode.name().into(),
+            effective_dedupe: if divergent {
+                "primary"
+            } else {
+                settings.mode.name()
+            }
+            .into(),
+            divergent,
+            fanout: settings.fanout,
+            replicas: replicas
+                .replicas
+                .iter()
+                .map(|r| ReplicaView {
+                    address: r.addr.to_string(),
+                    state: r.state.as_str().into(),
+                })
+                .collect(),
+            sessions: t.sessions.max(0).unsigned_abs(),
+            packets: t.packets,
+            delivered: t.delivered,
+            drops: t.drops,
+            promoted: t.promoted,
+            demoted: t.demoted,
+        }
+    };
+    let games = if snapshot.games.is_empty() {
+        vec![view(
+            "",
+            &[],
+            &state.settings,
+            &snapshot,
+            &state.implicit_game,
+        )]
+    } else {
+        snapshot
+            .games
+            .iter()
+            .map(|g| view(&g.name, &g.tokens, &g.settings, &g.replicas, &g.counters))
+            .collect()
+    };
     axum::Json(GamesView {
         version: snapshot.version,
         synced: state.replicas.is_synced(),
-        games: snapshot
-            .games
-            .iter()
-            .map(|g| {
-                let t = g.counters.read();
-                GameView {
-                    name: g.name.to_string(),
-                    tokens: g.tokens.iter().map(|t| crate::token::redacted(t)).collect(),
-                    dedupe: g.settings.mode.name().into(),
-                    fanout: g.settings.fanout,
-                    replicas: g
-                        .replicas
-                        .replicas
-                        .iter()
-                        .map(|r| ReplicaView {
-                            address: r.addr.to_string(),
-                            state: r.state.as_str().into(),
-                        })
-                        .collect(),
-                    sessions: t.sessions.max(0).unsigned_abs(),
-                    packets: t.packets,
-                    delivered: t.delivered,
-                    drops: t.drops,
-                }
-            })
-            .collect(),
+        games,
     })
 }
 
@@ -157,8 +188,12 @@ pub struct GameView {
     pub name: String,
     /// Its tokens, redacted to a prefix and a length.
     pub tokens: Vec<String>,
-    /// Its dedupe mode.
+    /// Its dedupe mode, as configured.
     pub dedupe: std::borrow::Cow<'static, str>,
+    /// The mode its new sessions start in: `primary` while it is divergent.
+    pub effective_dedupe: std::borrow::Cow<'static, str>,
+    /// Its replicas were seen to answer in two worlds (and have not all been replaced since).
+    pub divergent: bool,
     /// Replicas per session.
     pub fanout: usize,
     /// Its replicas.
@@ -171,6 +206,10 @@ pub struct GameView {
     pub delivered: u64,
     /// Its players' datagrams dropped after routing (rate, session limit, no replica).
     pub drops: u64,
+    /// Sessions that began to trust a second replica.
+    pub promoted: u64,
+    /// Sessions that fell back to one replica because its replicas diverged.
+    pub demoted: u64,
 }
 
 /// One replica in `GET /games`.

@@ -131,6 +131,8 @@ fn run(config: Config) -> anyhow::Result<()> {
                     replica_stats: proxy.replica_stats(),
                     transit: proxy.transit(),
                     lag_histogram: config.lag_histogram,
+                    implicit_game: proxy.implicit_game(),
+                    settings: Arc::new(config.proxy.settings.clone()),
                 };
                 let (_, task) = spotable_edge::serve(addr, admin::router(state))
                     .await

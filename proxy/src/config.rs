@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
-use crate::dedupe::{Endian, MAX_SLOTS, Mode, SequenceSpec, Width};
+use crate::dedupe::{Agreement, Endian, MAX_SLOTS, Mode, SequenceSpec, Width};
 use crate::ratelimit::Rate;
 pub use crate::replica_stats::LagHistogram;
 use crate::replicas::{GameSpec, Replica};
@@ -30,6 +30,18 @@ pub enum DedupeKind {
     Sequence,
     /// Only the primary replica's answers.
     Primary,
+}
+
+/// Whether `copies` and `sequence` sessions wait for agreement before trusting a second
+/// replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgreementName {
+    /// One replica's answers until another is seen to agree; back to one on a desync
+    /// (default).
+    On,
+    /// Trust the mode's assumption from the first answer (replicas known to be alike).
+    Off,
 }
 
 /// What goes before every datagram sent to replicas.
@@ -121,6 +133,8 @@ pub struct GameConfig {
     pub fanout: Option<usize>,
     /// Its own replica header; else the global one.
     pub replica_header: Option<ReplicaHeaderName>,
+    /// Its own agreement setting; else the global one.
+    pub agreement: Option<AgreementName>,
     /// `sequence`: as the global setting (inherited when the modes match).
     pub sequence_offset: Option<usize>,
     /// `sequence`: as the global setting (inherited when the modes match).
@@ -218,8 +232,14 @@ pub struct Args {
     /// replica, a new player on a reused address) before it is accepted; 0 never [default: 2].
     #[arg(long, value_name = "K")]
     pub sequence_resync_after: Option<u32>,
-    /// `primary` mode: primary silence (while another replica answers) before failover
-    /// [default: 50ms].
+    /// `copies` and `sequence` modes: deliver one replica's answers until another has matched
+    /// them for a run, and fall back to one at once when replicas stop agreeing (replicas in
+    /// two worlds never reach a player together); `off` trusts the mode from the first
+    /// answer [default: on].
+    #[arg(long, value_enum, value_name = "on|off")]
+    pub agreement: Option<AgreementName>,
+    /// Silence of the one replica a session delivers (while another answers) before it fails
+    /// over: `primary` mode, and sessions not yet in agreement [default: 50ms].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub failover_after: Option<Duration>,
@@ -608,8 +628,10 @@ impl Config {
             failover_after: a.failover_after,
             window: a.dedupe_window,
             max_entries: a.dedupe_max_entries,
+            agreement: a.agreement,
         };
         let mode = global.mode()?;
+        let agreement = global.agreement()?;
 
         let session_timeout = a.session_timeout.unwrap_or(defaults::SESSION_TIMEOUT);
         if session_timeout.is_zero() {
@@ -645,6 +667,7 @@ impl Config {
 
         let settings = Settings {
             mode,
+            agreement,
             session_timeout,
             rate,
             max_datagram,
@@ -708,9 +731,27 @@ struct Dedupe {
     failover_after: Option<Duration>,
     window: Option<Duration>,
     max_entries: Option<usize>,
+    agreement: Option<AgreementName>,
 }
 
 impl Dedupe {
+    /// Agreement before trust as these settings give it, defaults applied.
+    fn agreement(&self) -> Result<Agreement, ConfigError> {
+        let failover_after = self.failover_after()?;
+        Ok(match self.agreement.unwrap_or(AgreementName::On) {
+            AgreementName::On => Agreement::On { failover_after },
+            AgreementName::Off => Agreement::Off,
+        })
+    }
+
+    fn failover_after(&self) -> Result<Duration, ConfigError> {
+        let failover_after = self.failover_after.unwrap_or(defaults::FAILOVER_AFTER);
+        if failover_after.is_zero() {
+            return Err(invalid("failover_after", "must be greater than zero"));
+        }
+        Ok(failover_after)
+    }
+
     /// The mode these settings describe, defaults applied.
     fn mode(&self) -> Result<Mode, ConfigError> {
         let window = self.window.unwrap_or(defaults::DEDUPE_WINDOW);
@@ -748,13 +789,9 @@ impl Dedupe {
                     resync_after: self.resync_after.unwrap_or(defaults::SEQUENCE_RESYNC_AFTER),
                 }
             }
-            DedupeKind::Primary => {
-                let failover_after = self.failover_after.unwrap_or(defaults::FAILOVER_AFTER);
-                if failover_after.is_zero() {
-                    return Err(invalid("failover_after", "must be greater than zero"));
-                }
-                Mode::Primary { failover_after }
-            }
+            DedupeKind::Primary => Mode::Primary {
+                failover_after: self.failover_after()?,
+            },
         };
         let sequence_set = self.offset.is_some()
             || self.width.is_some()
@@ -782,11 +819,11 @@ impl Dedupe {
             resync_after: g
                 .sequence_resync_after
                 .or(if same { self.resync_after } else { None }),
-            failover_after: g
-                .failover_after
-                .or(if same { self.failover_after } else { None }),
+            // Every mode fails over now (sessions not yet in agreement, too).
+            failover_after: g.failover_after.or(self.failover_after),
             window: g.dedupe_window.or(self.window),
             max_entries: g.dedupe_max_entries.or(self.max_entries),
+            agreement: g.agreement.or(self.agreement),
         }
     }
 }
@@ -848,7 +885,9 @@ impl GameTemplate {
                 format!("must be between 1 and {MAX_SLOTS}"),
             )));
         }
-        let mode = self.dedupe.under(g).mode().map_err(in_game)?;
+        let dedupe = self.dedupe.under(g);
+        let mode = dedupe.mode().map_err(in_game)?;
+        let agreement = dedupe.agreement().map_err(in_game)?;
         let replica_header = match g.replica_header {
             Some(h) => h.header(),
             None => self.settings.replica_header,
@@ -859,6 +898,7 @@ impl GameTemplate {
             replicas,
             settings: std::sync::Arc::new(Settings {
                 mode,
+                agreement,
                 fanout,
                 replica_header,
                 ..self.settings.clone()

@@ -6,6 +6,7 @@
 //! private `worker` event loop, discovery, the admin endpoint, and [`server`], which starts
 //! and stops it all.
 
+pub mod game_stats;
 pub mod kernel;
 pub mod replica_stats;
 pub mod server;

@@ -23,7 +23,8 @@ pub mod names {
     pub const FIRSTS: &str = "spotable_replica_first_answers_total";
     /// Seconds since a replica last answered (since it joined, if it never has).
     pub const SILENCE: &str = "spotable_replica_silence_seconds";
-    /// A replica's state (1 for the state it is in).
+    /// A replica's state (1 for the state it is in): `ready` or `draining` as discovery says,
+    /// or `unresponsive` while it answers no session and new sessions pass it over.
     pub const STATE: &str = "spotable_replica_state";
     /// How far behind the delivered copy a replica's suppressed copies arrive.
     pub const LAG: &str = "spotable_replica_lag_seconds";
@@ -108,7 +109,13 @@ pub struct Registry {
     /// Answers, wins and lag since the replica was first seen; `last`: its last answer, or
     /// when it was first seen.
     totals: Mutex<HashMap<SocketAddr, Counts>>,
+    /// When a worker last found each replica answering no session while others answer.
+    passed_over: Mutex<HashMap<SocketAddr, Instant>>,
 }
+
+/// How long a worker's finding that a replica is unresponsive stands without being repeated
+/// (workers review on every tick).
+const PASSED_OVER_FOR: Duration = Duration::from_secs(1);
 
 impl Registry {
     /// Adds a worker's tally and empties it (keeping its memory).
@@ -123,6 +130,20 @@ impl Registry {
             t.firsts += c.firsts;
             t.last = t.last.max(c.last);
             t.lag.merge(&c.lag);
+        }
+    }
+
+    /// A worker found these replicas answering none of its sessions at `now`.
+    pub fn passed_over(&self, replicas: &[SocketAddr], now: Instant) {
+        if replicas.is_empty() {
+            return;
+        }
+        let mut p = self
+            .passed_over
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for r in replicas {
+            p.insert(canonical(*r), now);
         }
     }
 
@@ -157,6 +178,16 @@ impl Registry {
         let present: std::collections::HashSet<SocketAddr> =
             rows.iter().map(|(_, a, _)| canonical(*a)).collect();
         totals.retain(|a, _| present.contains(a));
+        let mut passed_over = self
+            .passed_over
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        passed_over.retain(|a, at| {
+            present.contains(a) && now.saturating_duration_since(*at) < PASSED_OVER_FOR
+        });
+        // Unresponsive until it answers again.
+        let unresponsive =
+            |addr: SocketAddr, t: &Counts| passed_over.get(&addr).is_some_and(|at| t.last < *at);
         let mut out = String::new();
         let mut series = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Counts) -> f64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -250,14 +281,20 @@ impl Registry {
             }
         }
         for (game, addr, state) in &rows {
-            for s in [ReplicaState::Ready, ReplicaState::Draining] {
+            let a = canonical(*addr);
+            let silent = totals.get(&a).is_some_and(|t| unresponsive(a, t));
+            let states = [
+                ("ready", !silent && *state == ReplicaState::Ready),
+                ("draining", !silent && *state == ReplicaState::Draining),
+                ("unresponsive", silent),
+            ];
+            for (name, on) in states {
                 let _ = writeln!(
                     out,
-                    "{}{{{},state=\"{}\"}} {}",
+                    "{}{{{},state=\"{name}\"}} {}",
                     names::STATE,
                     labels(game, *addr),
-                    s.as_str(),
-                    u8::from(*state == s)
+                    u8::from(on)
                 );
             }
         }
@@ -274,7 +311,7 @@ fn labels(game: &str, addr: SocketAddr) -> String {
 }
 
 /// A label value as the exposition format quotes it.
-fn escape(v: &str) -> String {
+pub(crate) fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

@@ -72,7 +72,7 @@ pub(crate) struct Shared {
     pub(crate) transit: Arc<crate::transit::Registry>,
 }
 
-/// Session settings for unit tests: `copies` (2 s window), fan-out 3, late joins, 1500-byte
+/// Session settings for unit tests: `copies` (2 s window, no agreement), fan-out 3, late joins, 1500-byte
 /// datagrams, no rate limit, no token, no header.
 #[cfg(test)]
 pub(crate) fn settings_for_tests() -> Settings {
@@ -81,6 +81,8 @@ pub(crate) fn settings_for_tests() -> Settings {
             window: std::time::Duration::from_secs(2),
             max_entries: 1024,
         },
+        // The worker's tests are about moving datagrams; agreement is the core's, tested there.
+        agreement: crate::dedupe::Agreement::Off,
         session_timeout: std::time::Duration::from_secs(30),
         rate: None,
         max_datagram: 1500,
@@ -302,6 +304,11 @@ impl Proxy {
             .map(|a| a.load(Ordering::Acquire))
             .min()
             .unwrap_or(0)
+    }
+
+    /// The counters of the implicit game (without token routing), shared by the workers.
+    pub fn implicit_game(&self) -> Arc<crate::replicas::GameCounters> {
+        self.admission.implicit_game()
     }
 
     /// Sessions open across all workers.

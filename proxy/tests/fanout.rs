@@ -261,10 +261,27 @@ fn sequence_mode_dedupes_replicas_whose_payloads_differ() {
 }
 
 #[test]
-fn copies_mode_with_differing_payloads_shows_why_modes_exist() {
-    // Non-deterministic replicas defeat content dedupe: both answers arrive. This pins the
-    // documented behaviour (use `sequence` or `primary` for such games).
+fn copies_mode_with_differing_payloads_delivers_one_replica_and_says_so() {
+    // Replicas whose answers differ never agree: the player hears one of them, once each,
+    // and the proxy counts the divergence and marks the game.
     let s = setup(&[&["--tag", "A"], &["--tag", "BB"]], &[]);
+    let c = client(&s.proxy);
+    let rx = Collector::start(&c);
+    stream(&c, 50, MS, |_| {});
+    let got = rx.finish(50);
+    assert_each(&got, 50, 1);
+    let mut tails: Vec<&[u8]> = got.iter().map(|a| &a[48..]).collect();
+    tails.dedup();
+    assert_eq!(tails.len(), 1, "one replica's answers only");
+    wait_metric(&s.proxy, "spotable_sessions_demoted_total", &[], |v| {
+        v >= 1.0
+    });
+    assert_eq!(metric(&s.proxy, "spotable_game_divergent", &[]), 1.0);
+    // With agreement off, both answers arrive: the mode's assumption taken on trust.
+    let s = setup(
+        &[&["--tag", "A"], &["--tag", "BB"]],
+        &["--agreement", "off"],
+    );
     let c = client(&s.proxy);
     let rx = Collector::start(&c);
     stream(&c, 50, MS, |_| {});
@@ -277,22 +294,28 @@ fn primary_mode_forwards_one_replica_and_fails_over_when_it_dies() {
         &[&["--tag", "A"], &["--tag", "B"]],
         &["--dedupe", "primary", "--failover-after", "30ms"],
     );
-    // The replica ranked first for this client (rendezvous hashing) starts as primary.
+    // The replica whose answer reaches the player first is its primary.
     let c = client(&s.proxy);
-    let me = c.local_addr().unwrap();
-    let score = |i: usize| spotable_proxy::replicas::rank(me, s.replicas[i].addr);
-    let (primary, first, standby) = if score(0) > score(1) {
+    let rx = Collector::start(&c);
+    let first = rx.first(|| {
+        c.send(b"hello").unwrap();
+    });
+    let (primary, first, standby) = if first.ends_with(b"A") {
         (0, b'A', b'B')
     } else {
         (1, b'B', b'A')
     };
-    let rx = Collector::start(&c);
     stream(&c, 200, 2 * MS, |seq| {
         if seq == 100 {
             s.replicas[primary].process.kill().unwrap();
         }
     });
-    let got: Vec<Vec<u8>> = rx.finish_at_seq(199).into_iter().map(|(_, a)| a).collect();
+    let got: Vec<Vec<u8>> = rx
+        .finish_at_seq(199)
+        .into_iter()
+        .map(|(_, a)| a)
+        .filter(|a| !a.starts_with(b"hello"))
+        .collect();
     let tags: Vec<u8> = got.iter().map(|a| *a.last().unwrap()).collect();
     let switch = tags
         .iter()

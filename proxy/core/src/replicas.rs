@@ -96,7 +96,22 @@ pub struct GameCounters {
     packets: AtomicU64,
     delivered: AtomicU64,
     drops: AtomicU64,
+    promoted: AtomicU64,
+    demoted: AtomicU64,
+    /// Its sessions' replicas were seen to diverge: new sessions start as `primary` would.
+    divergent: AtomicBool,
+    /// The replicas it diverged among, and when it was last logged.
+    divergence: Mutex<Divergence>,
 }
+
+#[derive(Debug, Default)]
+struct Divergence {
+    among: Vec<SocketAddr>,
+    logged: Option<Instant>,
+}
+
+/// How often a game's divergence is logged at most.
+pub const DIVERGENCE_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One worker's additions to a [`GameCounters`] since its last flush.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +124,10 @@ pub struct GameTally {
     pub delivered: u64,
     /// Its players' datagrams dropped after routing (rate, session limit, no replica…).
     pub drops: u64,
+    /// Sessions that began to trust a second replica (agreement before trust).
+    pub promoted: u64,
+    /// Sessions that fell back to one replica because their replicas diverged.
+    pub demoted: u64,
 }
 
 impl GameCounters {
@@ -118,6 +137,8 @@ impl GameCounters {
         self.packets.fetch_add(t.packets, Ordering::Relaxed);
         self.delivered.fetch_add(t.delivered, Ordering::Relaxed);
         self.drops.fetch_add(t.drops, Ordering::Relaxed);
+        self.promoted.fetch_add(t.promoted, Ordering::Relaxed);
+        self.demoted.fetch_add(t.demoted, Ordering::Relaxed);
     }
 
     /// The sums so far (`sessions`: open now).
@@ -127,6 +148,48 @@ impl GameCounters {
             packets: self.packets.load(Ordering::Relaxed),
             delivered: self.delivered.load(Ordering::Relaxed),
             drops: self.drops.load(Ordering::Relaxed),
+            promoted: self.promoted.load(Ordering::Relaxed),
+            demoted: self.demoted.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the game's replicas were seen to diverge (and it has not been tried again).
+    pub fn is_divergent(&self) -> bool {
+        self.divergent.load(Ordering::Acquire)
+    }
+
+    /// Marks the game divergent: a session saw its replicas among `replicas` in two worlds.
+    /// True when `now` is the time to say so in the log (at most once a minute).
+    pub fn mark_divergent(&self, replicas: &[Replica], now: Instant) -> bool {
+        let mut d = self
+            .divergence
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !self.divergent.swap(true, Ordering::AcqRel) {
+            d.among = replicas.iter().map(|r| r.addr).collect();
+        }
+        let due = d
+            .logged
+            .is_none_or(|at| now.saturating_duration_since(at) >= DIVERGENCE_LOG_INTERVAL);
+        if due {
+            d.logged = Some(now);
+        }
+        due
+    }
+
+    /// The game's replicas are now `replicas`: once none of those it diverged among is left
+    /// (a new build replaced them all), it is tried again.
+    pub fn replicas_changed(&self, replicas: &[Replica]) {
+        if !self.is_divergent() {
+            return;
+        }
+        let mut d = self
+            .divergence
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let replaced = !replicas.iter().any(|r| d.among.contains(&r.addr));
+        if replaced && self.divergent.swap(false, Ordering::AcqRel) {
+            d.among.clear();
         }
     }
 }
@@ -155,8 +218,14 @@ impl Snapshot {
 
     /// Members a new session of `client` should use, at most `limit`: the ready replicas
     /// ranked highest for this client (see [`rank`]), or the draining ones when nothing else is
-    /// left (a draining replica still answers; silence does not).
-    pub fn for_new_session(&self, client: SocketAddr, limit: usize) -> Vec<Replica> {
+    /// left (a draining replica still answers; silence does not). Replicas in `passed_over`
+    /// (answering no session while others answer) come after all the others.
+    pub fn for_new_session(
+        &self,
+        client: SocketAddr,
+        limit: usize,
+        passed_over: &[SocketAddr],
+    ) -> Vec<Replica> {
         let any_ready = self.replicas.iter().any(|r| r.state == ReplicaState::Ready);
         let wanted = if any_ready {
             ReplicaState::Ready
@@ -164,6 +233,10 @@ impl Snapshot {
             ReplicaState::Draining
         };
         let mut ranked = self.ranked(client, wanted);
+        if !passed_over.is_empty() {
+            // A stable sort keeps the rendezvous order within each group.
+            ranked.sort_by_key(|r| passed_over.contains(&r.addr));
+        }
         ranked.truncate(limit);
         ranked
     }
@@ -495,15 +568,15 @@ mod tests {
         ]);
         let client = addr(40_000);
         let mut picked: Vec<_> = s
-            .for_new_session(client, 16)
+            .for_new_session(client, 16, &[])
             .iter()
             .map(|r| r.addr)
             .collect();
         picked.sort();
         assert_eq!(picked, vec![addr(1), addr(3)]);
-        assert_eq!(s.for_new_session(client, 1).len(), 1);
+        assert_eq!(s.for_new_session(client, 1, &[]).len(), 1);
         let draining_only = snap(&[(2, ReplicaState::Draining)]);
-        assert_eq!(draining_only.for_new_session(client, 16).len(), 1);
+        assert_eq!(draining_only.for_new_session(client, 16, &[]).len(), 1);
         assert_eq!(s.state_of(addr(2)), Some(ReplicaState::Draining));
         assert_eq!(s.state_of(addr(9)), None);
     }
@@ -515,13 +588,13 @@ mod tests {
         let mut load = [0usize; 7];
         for c in 0..600u16 {
             let client = SocketAddr::from(([192, 0, 2, (c % 200) as u8], 30_000 + c));
-            let picked = s.for_new_session(client, 2);
+            let picked = s.for_new_session(client, 2, &[]);
             assert_eq!(picked.len(), 2);
             assert_ne!(picked[0].addr, picked[1].addr);
             // Same client, same choice, whatever the order of discovery.
             let mut shuffled = s.clone();
             shuffled.replicas.reverse();
-            assert_eq!(shuffled.for_new_session(client, 2), picked);
+            assert_eq!(shuffled.for_new_session(client, 2, &[]), picked);
             for r in &picked {
                 load[usize::from(r.addr.port())] += 1;
             }
@@ -539,8 +612,8 @@ mod tests {
         let after = snap(&all[1..]);
         for c in 0..500u16 {
             let client = SocketAddr::from(([198, 51, 100, 7], 20_000 + c));
-            let old = before.for_new_session(client, 2);
-            let new = after.for_new_session(client, 2);
+            let old = before.for_new_session(client, 2, &[]);
+            let new = after.for_new_session(client, 2, &[]);
             if old.iter().all(|r| r.addr != addr(1)) {
                 assert_eq!(old, new, "client {client} moved without cause");
             } else {

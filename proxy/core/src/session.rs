@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use crate::dedupe::{Deduper, MAX_SLOTS, Mode, Slot, SlotState, Verdict};
+use crate::dedupe::{Agreement, Changes, Deduper, MAX_SLOTS, Mode, Slot, SlotState, Verdict};
 use crate::proxy_header::ReplicaHeader;
 use crate::ratelimit::{Limiter, Rate};
 use crate::replicas::{GameCounters, GameTally, ReplicaState, Snapshot};
@@ -144,6 +144,8 @@ pub struct Closed {
 pub struct Settings {
     /// Dedupe algorithm and its parameters.
     pub mode: Mode,
+    /// `copies` and `sequence`: agreement before trust (see [`crate::dedupe::trust`]).
+    pub agreement: Agreement,
     /// A session with no client datagram for this long is closed.
     pub session_timeout: Duration,
     /// Per-client packet rate limit; `None` for unlimited.
@@ -161,11 +163,13 @@ pub struct Settings {
 }
 
 /// The global session budget, shared by all workers' tables. One atomic touched per session
-/// open and close, never per packet.
+/// open and close, never per packet. It also holds the counters of the implicit game (a
+/// proxy without token routing), which the tables share as they share a routed game's.
 #[derive(Debug, Clone)]
 pub struct Admission {
     in_use: Arc<AtomicUsize>,
     max: usize,
+    implicit: Arc<GameCounters>,
 }
 
 impl Admission {
@@ -174,7 +178,13 @@ impl Admission {
         Self {
             in_use: Arc::new(AtomicUsize::new(0)),
             max,
+            implicit: Arc::default(),
         }
+    }
+
+    /// The implicit game's counters (a proxy without token routing).
+    pub fn implicit_game(&self) -> Arc<GameCounters> {
+        self.implicit.clone()
     }
 
     fn try_acquire(&self) -> bool {
@@ -209,7 +219,16 @@ pub struct Members {
     targets: Vec<SocketAddr>,
     /// How many replicas the session started with: its redundancy.
     wanted: usize,
+    /// Per slot: since when another replica has answered while this one has not (it owes an
+    /// answer). A replica that owes one for [`SILENT_AFTER`] is silent in this session.
+    owed: Vec<Option<Instant>>,
+    /// Per slot: when its replica last answered.
+    heard_at: Vec<Option<Instant>>,
 }
+
+/// How long a replica may owe an answer that another replica gave before it counts as silent
+/// in a session: half the default dedupe window, the lag a replica may have and still agree.
+pub const SILENT_AFTER: Duration = Duration::from_secs(1);
 
 impl Members {
     fn new(replicas: Vec<crate::replicas::Replica>, client: SocketAddr) -> Self {
@@ -218,9 +237,38 @@ impl Members {
             states: replicas.iter().map(|r| slot_state(Some(r.state))).collect(),
             targets: Vec::new(),
             wanted: replicas.len(),
+            owed: vec![None; replicas.len()],
+            heard_at: vec![None; replicas.len()],
         };
         m.rebuild_targets(client);
         m
+    }
+
+    /// `slot` answered at `now`: it owes nothing, and every other live replica owes this one.
+    fn heard(&mut self, slot: Slot, now: Instant) {
+        if let Some(h) = self.heard_at.get_mut(slot) {
+            *h = Some(now);
+        }
+        for (i, (owed, state)) in self.owed.iter_mut().zip(&self.states).enumerate() {
+            if i == slot {
+                *owed = None;
+            } else if owed.is_none() && state.is_live() {
+                *owed = Some(now);
+            }
+        }
+    }
+
+    /// Live replicas that have owed an answer for [`SILENT_AFTER`] at `now`.
+    pub fn silent(&self, now: Instant) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.addrs
+            .iter()
+            .zip(&self.states)
+            .zip(&self.owed)
+            .filter(move |((_, s), owed)| {
+                s.is_live()
+                    && owed.is_some_and(|t| now.saturating_duration_since(t) >= SILENT_AFTER)
+            })
+            .map(|((a, _), _)| *a)
     }
 
     /// Fewer live members than the session started with.
@@ -282,6 +330,7 @@ impl Members {
                 }
                 live += 1;
                 joined.push(slot);
+                self.owed[slot] = None;
             } else if new == SlotState::Gone {
                 live -= 1;
             }
@@ -300,11 +349,15 @@ impl Members {
                     Some(slot) => {
                         self.addrs[slot] = r.addr;
                         self.states[slot] = SlotState::Ready;
+                        self.owed[slot] = None;
+                        self.heard_at[slot] = None;
                         slot
                     }
                     None if self.addrs.len() < MAX_SLOTS => {
                         self.addrs.push(r.addr);
                         self.states.push(SlotState::Ready);
+                        self.owed.push(None);
+                        self.heard_at.push(None);
                         self.addrs.len() - 1
                     }
                     None => break,
@@ -355,6 +408,11 @@ impl Session {
     /// The session's replicas.
     pub fn members(&self) -> &Members {
         &self.members
+    }
+
+    /// Where the session stands on trusting its replicas (`None`: agreement does not apply).
+    pub fn stage(&self) -> Option<crate::dedupe::Stage> {
+        self.dedupe.stage()
     }
 }
 
@@ -467,6 +525,10 @@ pub struct SessionTable {
     resyncs: u64,
     /// Sessions with rate-limit drops not yet reported.
     limited: Vec<SessionId>,
+    /// Games whose divergence is due in the log.
+    divergent: Vec<Arc<str>>,
+    /// Replicas that answer no session while others answer (see [`Self::review`]).
+    unresponsive: Vec<SocketAddr>,
 }
 
 impl SessionTable {
@@ -490,6 +552,8 @@ impl SessionTable {
             evictions: 0,
             resyncs: 0,
             limited: Vec::new(),
+            divergent: Vec::new(),
+            unresponsive: Vec::new(),
         };
         table.adopt(snapshot);
         table
@@ -647,7 +711,10 @@ impl SessionTable {
             return Err(DropReason::NoReplicas);
         };
         let limit = g.settings.fanout.min(MAX_SLOTS);
-        let members = Members::new(g.replicas.for_new_session(client, limit), client);
+        let chosen = g
+            .replicas
+            .for_new_session(client, limit, &self.unresponsive);
+        let members = Members::new(chosen, client);
         if members.targets.is_empty() {
             return Err(DropReason::NoReplicas);
         }
@@ -655,7 +722,14 @@ impl SessionTable {
             return Err(DropReason::SessionLimit);
         }
         let seed = self.seed ^ (self.sessions.vacant_key() as u64).rotate_left(17);
-        let dedupe = Deduper::new(&g.settings.mode, seed, now, &members.states);
+        let dedupe = Deduper::new(
+            &g.settings.mode,
+            g.settings.agreement,
+            g.counters.is_divergent(),
+            seed,
+            now,
+            &members.states,
+        );
         let id = self.sessions.insert(Session {
             listener,
             client,
@@ -688,9 +762,23 @@ impl SessionTable {
         let Some(slot) = session.members.slot_of(from) else {
             return AnswerVerdict::Drop(DropReason::NotReplica);
         };
+        session.members.heard(slot, now);
         let verdict = session
             .dedupe
             .on_answer(slot, payload, now, &session.members.states);
+        let changes = session.dedupe.take_changes();
+        if changes != Changes::default()
+            && let Some(g) = self.games.get_mut(session.game)
+        {
+            g.tally.promoted += u64::from(changes.promoted);
+            g.tally.demoted += u64::from(changes.demoted);
+            if changes.demoted
+                && g.counters.mark_divergent(&g.replicas.replicas, now)
+                && !self.divergent.contains(&g.name)
+            {
+                self.divergent.push(g.name.clone());
+            }
+        }
         match verdict {
             Verdict::Forward | Verdict::ForwardAfterFailover => {
                 if let Some(g) = self.games.get_mut(session.game) {
@@ -810,13 +898,16 @@ impl SessionTable {
         let mut gone = Vec::new();
         match self.settings.token {
             None => match self.games.get_mut(IMPLICIT_GAME) {
-                Some(g) => g.replicas = snapshot.clone(),
+                Some(g) => {
+                    g.counters.replicas_changed(&snapshot.replicas);
+                    g.replicas = snapshot.clone();
+                }
                 None => {
                     let implicit = GameState {
                         name: Arc::from(""),
                         replicas: snapshot.clone(),
                         settings: self.settings.clone(),
-                        counters: Arc::default(),
+                        counters: self.admission.implicit_game(),
                         tally: GameTally::default(),
                     };
                     let id = self.games.insert(implicit);
@@ -839,6 +930,7 @@ impl SessionTable {
                                 g.tally.sessions = open;
                             }
                             let g = &mut self.games[id];
+                            g.counters.replicas_changed(&game.replicas.replicas);
                             g.replicas = game.replicas.clone();
                             g.settings = game.settings.clone();
                             id
@@ -913,6 +1005,42 @@ impl SessionTable {
     pub fn take_evictions(&mut self) -> u64 {
         std::mem::take(&mut self.evictions)
     }
+
+    /// Games newly seen to diverge, whose divergence is due in the log, since the last call.
+    pub fn take_divergent(&mut self, out: &mut Vec<Arc<str>>) {
+        out.append(&mut self.divergent);
+    }
+
+    /// Looks for replicas that answer no session while others answer (each owes answers in
+    /// some session for [`SILENT_AFTER`] and gave none in that time): new sessions pass them
+    /// over until they answer again. Runs on the worker's tick; O(sessions).
+    pub fn review(&mut self, now: Instant) {
+        self.unresponsive.clear();
+        for (_, s) in &self.sessions {
+            for addr in s.members.silent(now) {
+                if !self.unresponsive.contains(&addr) {
+                    self.unresponsive.push(addr);
+                }
+            }
+        }
+        if self.unresponsive.is_empty() {
+            return;
+        }
+        // A replica heard in any session lately is alive, if slow to some.
+        for (_, s) in &self.sessions {
+            for (addr, heard) in s.members.addrs.iter().zip(&s.members.heard_at) {
+                if heard.is_some_and(|h| now.saturating_duration_since(h) < SILENT_AFTER) {
+                    self.unresponsive.retain(|a| a != addr);
+                }
+            }
+        }
+        self.unresponsive.sort_unstable();
+    }
+
+    /// Replicas passed over for new sessions as of the last [`Self::review`].
+    pub fn unresponsive(&self) -> &[SocketAddr] {
+        &self.unresponsive
+    }
 }
 
 impl Drop for SessionTable {
@@ -925,3 +1053,5 @@ impl Drop for SessionTable {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod trust_tests;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use spotable_core::dedupe::{Copies, MAX_SLOTS, Mode, Verdict};
+use spotable_core::dedupe::{Agreement, Copies, MAX_SLOTS, Mode, Verdict};
 use spotable_core::replicas::{Replica, ReplicaState, Snapshot};
 use spotable_core::session::{
     Admission, AnswerVerdict, ClientVerdict, SessionTable, Settings,
@@ -63,6 +63,13 @@ fn table_ops(data: &[u8], start: Instant) {
             _ => Mode::Primary {
                 failover_after: Duration::from_millis(20),
             },
+        },
+        agreement: if data.get(2).is_some_and(|b| b & 1 == 1) {
+            Agreement::On {
+                failover_after: Duration::from_millis(20),
+            }
+        } else {
+            Agreement::Off
         },
         session_timeout: Duration::from_millis(500),
         rate: None,

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::config::{DedupeKind, GameConfig, GameTemplate, ReplicaHeaderName};
+use crate::config::{AgreementName, DedupeKind, GameConfig, GameTemplate, ReplicaHeaderName};
 use crate::replicas::{GameSpec, Replica};
 
 /// The label naming an object's game.
@@ -22,6 +22,8 @@ pub const DEDUPE: &str = "spotable.io/dedupe";
 pub const FANOUT: &str = "spotable.io/fanout";
 /// Annotation: the game's replica header (`none`, `proxy-v2`).
 pub const REPLICA_HEADER: &str = "spotable.io/replica-header";
+/// Annotation: the game's agreement before trust (`on` or `off`).
+pub const AGREEMENT: &str = "spotable.io/agreement";
 
 /// One object's share of a game.
 #[derive(Debug, Clone)]
@@ -182,6 +184,22 @@ fn read_annotations(m: &Member<'_>, table: &mut GameConfig) -> Result<(), GamePr
             ));
         }
         table.replica_header = Some(header);
+    }
+    if let Some(v) = a.get(AGREEMENT) {
+        let agreement = match v.trim() {
+            "on" => AgreementName::On,
+            "off" => AgreementName::Off,
+            other => {
+                return Err(problem(
+                    AGREEMENT,
+                    format!("{other:?} is not one of on, off"),
+                ));
+            }
+        };
+        if table.agreement.is_some_and(|x| x != agreement) {
+            return Err(problem(AGREEMENT, "differs from another object's".into()));
+        }
+        table.agreement = Some(agreement);
     }
     if let Some(v) = a.get(FANOUT) {
         let n = v

@@ -246,6 +246,8 @@ pub(crate) struct Worker<N: Net> {
     turn_clock: Duration,
     /// The replica-set version whose replicas were last registered as seen.
     per_replica_version: u64,
+    /// Games newly seen to diverge, due in the log.
+    divergent: Vec<Arc<str>>,
 }
 
 impl<N: Net> Worker<N> {
@@ -289,6 +291,7 @@ impl<N: Net> Worker<N> {
             transit: crate::transit::Local::default(),
             forwarded_at: Vec::with_capacity(FRONT_BATCH),
             turn_clock: Duration::ZERO,
+            divergent: Vec::new(),
         }
     }
 
@@ -573,6 +576,22 @@ impl<N: Net> Worker<N> {
         }
         self.local.evictions += self.table.take_evictions();
         self.local.resyncs += self.table.take_resyncs();
+        self.table.review(now);
+        self.divergent.clear();
+        self.table.take_divergent(&mut self.divergent);
+        for game in &self.divergent {
+            let game = if game.is_empty() {
+                "(the only game)"
+            } else {
+                game
+            };
+            tracing::warn!(
+                game,
+                "this game's replicas answer in two worlds (not byte for byte alike, or not \
+                 numbered alike): its sessions deliver one replica's answers, and new sessions \
+                 start as `primary` until every replica has been replaced"
+            );
+        }
         self.sink.flush(&mut self.local);
         self.table.flush_games();
         let snapshot = self.table.snapshot();
@@ -581,6 +600,9 @@ impl<N: Net> Worker<N> {
             self.shared.replica_stats.seen(snapshot, now);
         }
         self.shared.replica_stats.flush(&mut self.per_replica);
+        self.shared
+            .replica_stats
+            .passed_over(self.table.unresponsive(), now);
         self.shared.transit.flush(&mut self.transit);
         if self.fault_at.is_some_and(|at| now >= at) {
             panic!("injected fault (SPOTABLE_TEST_FAULT)");

@@ -100,6 +100,20 @@ impl Collector {
         Self { stop, got, thread }
     }
 
+    /// Calls `send` (every 100 ms) until an answer has arrived (10 s at most); returns the
+    /// first answer, leaving it among those collected.
+    pub fn first(&self, mut send: impl FnMut()) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((_, a)) = self.got.lock().unwrap().first() {
+                return a.clone();
+            }
+            assert!(Instant::now() < deadline, "no answer within 10 s");
+            send();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until `expected` answers arrived (10 s at most), then returns them all.
     pub fn finish(self, expected: usize) -> Vec<Vec<u8>> {
         self.finish_when(|got| got.len() >= expected)

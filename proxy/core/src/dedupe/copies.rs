@@ -4,23 +4,54 @@
 //! from any replica is forwarded the moment its count passes what was already forwarded; all
 //! other copies are duplicates. With deterministic replicas, the client sees each payload
 //! exactly as many times as one replica sent it, whichever replica is fastest and whichever dies.
+//!
+//! The same counts are the evidence for agreement before trust ([`super::trust`]): a copy that
+//! another replica has already sent *matches* it; a copy sent first is *open* until another
+//! replica matches it. Deterministic replicas match each other whichever is ahead; replicas
+//! in two worlds leave their copies open.
 
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use super::trust::{DIVERGE_AFTER, Disagreement};
 use super::{MAX_SLOTS, Slot, Verdict};
 
 type Map = HashMap<u64, Entry, foldhash::fast::RandomState>;
 
+/// Open copies of one replica that show it in another world even when identical answers
+/// (acks, pings) keep matching in between.
+pub const DIVERGE_OPEN: u32 = 16;
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     forwarded: u32,
+    /// Most copies any one replica has sent.
+    seen: u32,
+    /// The replica that sent copy number `seen` first, and how many of its copies are open.
+    origin: u8,
+    open: u32,
     counts: [u32; MAX_SLOTS],
     last_seen: Instant,
     /// When a copy was last forwarded: later copies lag behind it by their arrival's distance.
     forwarded_at: Instant,
     /// Insertion number, matching this entry's item in the eviction queue.
     serial: u64,
+}
+
+/// The evidence against each replica: a run of copies it sent first with no match, or many
+/// open copies. Replicas with any open copy have not proven a clean run either.
+fn disagreement(open: &[u32; MAX_SLOTS], leads: &[u32; MAX_SLOTS]) -> Disagreement {
+    let mut d = Disagreement::NONE;
+    for s in 0..MAX_SLOTS {
+        if leads[s] >= DIVERGE_AFTER || open[s] >= DIVERGE_OPEN {
+            d.slots |= 1 << s;
+        }
+        if open[s] > 0 {
+            d.unproven |= 1 << s;
+        }
+    }
+    d
 }
 
 /// Per-session state of the `copies` mode.
@@ -38,6 +69,10 @@ pub struct Copies {
     evictions: u64,
     /// How far the last answer judged a duplicate arrived behind the copy that was delivered.
     lag: Option<Duration>,
+    /// Per replica: copies it sent first that no other has matched yet…
+    open: [u32; MAX_SLOTS],
+    /// …and how many it sent first in a row with no match either way.
+    leads: [u32; MAX_SLOTS],
 }
 
 impl Copies {
@@ -54,47 +89,103 @@ impl Copies {
             last_sweep: now,
             evictions: 0,
             lag: None,
+            open: [0; MAX_SLOTS],
+            leads: [0; MAX_SLOTS],
         }
     }
 
-    /// Decides the fate of one copy of `payload` from `slot`.
+    /// Decides the fate of one copy of `payload` from `slot`: the first copy beyond what was
+    /// delivered goes to the player.
     pub fn on_answer(&mut self, slot: Slot, payload: &[u8], now: Instant) -> Verdict {
+        self.judge(slot, payload, now, |fresh, _, _| {
+            if fresh {
+                Verdict::Forward
+            } else {
+                Verdict::Duplicate
+            }
+        })
+    }
+
+    /// Judges one copy of `payload` from `slot`, letting `decide` choose whether it reaches
+    /// the player from what it is: fresh (beyond what was delivered), the replica it matched,
+    /// and the evidence of disagreement so far.
+    pub fn judge(
+        &mut self,
+        slot: Slot,
+        payload: &[u8],
+        now: Instant,
+        decide: impl FnOnce(bool, Option<Slot>, Disagreement) -> Verdict,
+    ) -> Verdict {
         debug_assert!(slot < MAX_SLOTS);
         let slot = slot.min(MAX_SLOTS - 1);
         self.maybe_sweep(now);
         let key = xxhash_rust::xxh3::xxh3_64_with_seed(payload, self.seed);
         self.lag = None;
-        if let Some(entry) = self.entries.get_mut(&key) {
-            entry.last_seen = now;
-            let count = &mut entry.counts[slot];
-            *count = count.saturating_add(1);
-            if *count > entry.forwarded {
-                entry.forwarded = *count;
-                entry.forwarded_at = now;
-                return Verdict::Forward;
+        let entry = match self.entries.entry(key) {
+            MapEntry::Occupied(e) => e.into_mut(),
+            MapEntry::Vacant(v) => {
+                let serial = self.next_serial;
+                self.next_serial += 1;
+                self.order.push_back((key, serial));
+                v.insert(Entry {
+                    forwarded: 0,
+                    seen: 0,
+                    origin: 0,
+                    open: 0,
+                    counts: [0; MAX_SLOTS],
+                    last_seen: now,
+                    forwarded_at: now,
+                    serial,
+                })
             }
+        };
+        entry.last_seen = now;
+        let count = &mut entry.counts[slot];
+        *count = count.saturating_add(1);
+        let count = *count;
+        let origin = usize::from(entry.origin);
+        let matched = if count > entry.seen {
+            // First with this copy: open until another replica sends it too.
+            if origin != slot {
+                self.open[origin] = self.open[origin].saturating_sub(entry.open);
+                entry.open = 0;
+            }
+            entry.seen = count;
+            entry.origin = slot as u8;
+            entry.open += 1;
+            self.open[slot] += 1;
+            self.leads[slot] = self.leads[slot].saturating_add(1);
+            None
+        } else if origin != slot {
+            if entry.open > 0 {
+                entry.open -= 1;
+                self.open[origin] = self.open[origin].saturating_sub(1);
+            }
+            self.leads[slot] = 0;
+            self.leads[origin] = 0;
+            Some(origin)
+        } else {
+            None
+        };
+        let against = disagreement(&self.open, &self.leads);
+        let fresh = count > entry.forwarded;
+        let verdict = decide(fresh, matched, against);
+        if verdict.forwards() {
+            entry.forwarded = count;
+            entry.forwarded_at = now;
+        } else if !fresh {
             self.lag = Some(now.saturating_duration_since(entry.forwarded_at));
-            return Verdict::Duplicate;
         }
-        while self.entries.len() >= self.max_entries {
+        while self.entries.len() > self.max_entries {
             self.evict_oldest();
         }
-        let mut counts = [0; MAX_SLOTS];
-        counts[slot] = 1;
-        let serial = self.next_serial;
-        self.next_serial += 1;
-        self.entries.insert(
-            key,
-            Entry {
-                forwarded: 1,
-                counts,
-                last_seen: now,
-                forwarded_at: now,
-                serial,
-            },
-        );
-        self.order.push_back((key, serial));
-        Verdict::Forward
+        verdict
+    }
+
+    /// Forgets an entry's open copies (it expired or was evicted).
+    fn close(open: &mut [u32; MAX_SLOTS], e: &Entry) {
+        let o = usize::from(e.origin);
+        open[o] = open[o].saturating_sub(e.open);
     }
 
     /// A replica that joins late is assumed to be in step with the others: without this, its
@@ -104,7 +195,12 @@ impl Copies {
         let slot = slot.min(MAX_SLOTS - 1);
         for entry in self.entries.values_mut() {
             entry.counts[slot] = entry.forwarded;
+            if usize::from(entry.origin) == slot {
+                entry.open = 0;
+            }
         }
+        self.open[slot] = 0;
+        self.leads[slot] = 0;
     }
 
     /// How far behind the delivered copy the last answer arrived, when it was a duplicate.
@@ -139,8 +235,14 @@ impl Copies {
     /// cost is spread over every answer of that window.
     fn sweep(&mut self, now: Instant) {
         let window = self.window;
-        self.entries
-            .retain(|_, e| now.saturating_duration_since(e.last_seen) < window);
+        let open = &mut self.open;
+        self.entries.retain(|_, e| {
+            let keep = now.saturating_duration_since(e.last_seen) < window;
+            if !keep {
+                Self::close(open, e);
+            }
+            keep
+        });
         let entries = &self.entries;
         self.order
             .retain(|(k, serial)| entries.get(k).is_some_and(|e| e.serial == *serial));
@@ -155,13 +257,16 @@ impl Copies {
     fn evict_oldest(&mut self) {
         while let Some((key, serial)) = self.order.pop_front() {
             if self.entries.get(&key).is_some_and(|e| e.serial == serial) {
-                self.entries.remove(&key);
+                if let Some(e) = self.entries.remove(&key) {
+                    Self::close(&mut self.open, &e);
+                }
                 self.evictions += 1;
                 return;
             }
         }
         // The queue lost track (cannot happen: every entry has its item). Stay bounded.
         self.entries.clear();
+        self.open = [0; MAX_SLOTS];
     }
 }
 

@@ -8,15 +8,17 @@
 mod copies;
 mod primary;
 mod sequence;
+pub mod trust;
 
 use std::time::{Duration, Instant};
 
-pub use copies::Copies;
+pub use copies::{Copies, DIVERGE_OPEN};
 pub use primary::Primary;
 pub use sequence::{
-    Endian, REORDER_TOLERANCE, ReplayWindow, Sequence, SequenceSpec, WINDOW as SEQUENCE_WINDOW,
-    Width,
+    Endian, REORDER_TOLERANCE, ReplayWindow, SURVIVOR_SLACK, Sequence, SequenceSpec,
+    WINDOW as SEQUENCE_WINDOW, Width,
 };
+pub use trust::{Changes, Stage, Trust};
 
 /// Most replicas one session can fan out to. Per-slot state lives in fixed arrays of this
 /// size so the answer path never allocates.
@@ -83,6 +85,19 @@ impl Mode {
     }
 }
 
+/// Agreement before trust ([`trust`]) for the `copies` and `sequence` modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Agreement {
+    /// Take the mode's assumption on trust from the first answer (`--agreement off`).
+    Off,
+    /// Deliver one replica's answers until another is seen to agree.
+    On {
+        /// Silence of the one delivering replica, while another answers, before the session
+        /// moves to another (as `primary` mode's failover).
+        failover_after: Duration,
+    },
+}
+
 /// What to do with one answer from a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -105,39 +120,59 @@ impl Verdict {
 
 /// Per-session dedupe state for any mode.
 #[derive(Debug)]
-pub enum Deduper {
-    /// See [`Copies`].
+pub struct Deduper {
+    kind: Kind,
+    /// Agreement before trust, for `copies` and `sequence` with [`Agreement::On`].
+    trust: Option<Trust>,
+}
+
+#[derive(Debug)]
+enum Kind {
     Copies(Copies),
-    /// See [`Sequence`]; boxed, as it is the largest by far (allocated once per session).
+    /// Boxed, as it is the largest by far (allocated once per session).
     Sequence(Box<Sequence>),
-    /// See [`Primary`].
     Primary(Primary),
 }
 
 impl Deduper {
     /// Fresh state for a session created at `now`. `seed` keys the content hash so that
-    /// clients cannot aim for collisions.
-    pub fn new(mode: &Mode, seed: u64, now: Instant, slots: &[SlotState]) -> Self {
-        match *mode {
+    /// clients cannot aim for collisions. `divergent`: the session's game was seen to
+    /// diverge, so with agreement on it starts as `primary` would.
+    pub fn new(
+        mode: &Mode,
+        agreement: Agreement,
+        divergent: bool,
+        seed: u64,
+        now: Instant,
+        slots: &[SlotState],
+    ) -> Self {
+        let kind = match *mode {
             Mode::Copies {
                 window,
                 max_entries,
-            } => Deduper::Copies(Copies::new(window, max_entries, seed, now)),
+            } => Kind::Copies(Copies::new(window, max_entries, seed, now)),
             Mode::Sequence {
                 spec,
                 window,
                 max_entries,
                 resync_after,
-            } => Deduper::Sequence(Box::new(Sequence::new(
+            } => Kind::Sequence(Box::new(Sequence::new(
                 spec,
                 Copies::new(window, max_entries, seed, now),
                 resync_after,
                 now,
             ))),
             Mode::Primary { failover_after } => {
-                Deduper::Primary(Primary::new(failover_after, now, slots))
+                Kind::Primary(Primary::new(failover_after, now, slots))
             }
-        }
+        };
+        let trust = match (&kind, agreement) {
+            (Kind::Primary(_), _) | (_, Agreement::Off) => None,
+            (_, Agreement::On { failover_after }) => {
+                Some(Trust::new(failover_after, now, slots, divergent))
+            }
+        };
+        Self { kind, trust }
     }
 
     /// Decides the fate of `payload`, answered by the replica in `slot`.
@@ -148,54 +183,90 @@ impl Deduper {
         now: Instant,
         slots: &[SlotState],
     ) -> Verdict {
-        match self {
-            Deduper::Copies(c) => c.on_answer(slot, payload, now),
-            Deduper::Sequence(s) => s.on_answer(slot, payload, now),
-            Deduper::Primary(p) => p.on_answer(slot, now, slots),
+        match (&mut self.kind, &mut self.trust) {
+            (Kind::Copies(c), None) => c.on_answer(slot, payload, now),
+            (Kind::Copies(c), Some(t)) => c.judge(slot, payload, now, |fresh, matched, d| {
+                t.decide(slot, fresh, matched, d, now, slots)
+            }),
+            (Kind::Sequence(s), None) => s.on_answer(slot, payload, now),
+            (Kind::Sequence(s), Some(t)) => {
+                let owner_gone = s.owner().is_some_and(|o| {
+                    slots.get(o).is_none_or(|st| !st.is_live())
+                        || t.heard(o)
+                            .is_none_or(|h| now.saturating_duration_since(h) >= t.failover_after())
+                });
+                s.judge(slot, payload, now, owner_gone, |fresh, matched, d| {
+                    t.decide(slot, fresh, matched, d, now, slots)
+                })
+            }
+            (Kind::Primary(p), _) => p.on_answer(slot, now, slots),
         }
     }
 
     /// When the last answer was a duplicate, how far behind the delivered copy it arrived
     /// (`primary` mode, where standby answers are not copies of delivered ones: never).
     pub fn lag(&self) -> Option<Duration> {
-        match self {
-            Deduper::Copies(c) => c.lag(),
-            Deduper::Sequence(s) => s.lag(),
-            Deduper::Primary(_) => None,
+        match &self.kind {
+            Kind::Copies(c) => c.lag(),
+            Kind::Sequence(s) => s.lag(),
+            Kind::Primary(_) => None,
         }
+    }
+
+    /// Where the session stands on trusting its replicas (`None`: agreement does not apply).
+    pub fn stage(&self) -> Option<Stage> {
+        self.trust.as_ref().map(Trust::stage)
+    }
+
+    /// Whether the session delivers one replica's answers only, as `primary` does: in that
+    /// mode, or demoted after its replicas diverged.
+    pub fn is_primary(&self) -> bool {
+        matches!(self.kind, Kind::Primary(_)) || self.stage() == Some(Stage::Demoted)
+    }
+
+    /// Trust stage changes since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        self.trust
+            .as_mut()
+            .map(Trust::take_changes)
+            .unwrap_or_default()
     }
 
     /// A replica joined (or re-used) `slot` of a running session.
     pub fn on_slot_joined(&mut self, slot: Slot) {
-        match self {
-            Deduper::Copies(c) => c.on_slot_joined(slot),
-            Deduper::Sequence(s) => s.on_slot_joined(slot),
-            Deduper::Primary(p) => p.on_slot_joined(slot),
+        match &mut self.kind {
+            Kind::Copies(c) => c.on_slot_joined(slot),
+            Kind::Sequence(s) => s.on_slot_joined(slot),
+            Kind::Primary(p) => p.on_slot_joined(slot),
+        }
+        if let Some(t) = &mut self.trust {
+            t.on_slot_joined(slot);
         }
     }
 
     /// Content entries dropped by the memory cap since the last call.
     pub fn take_evictions(&mut self) -> u64 {
-        match self {
-            Deduper::Copies(c) => c.take_evictions(),
-            Deduper::Sequence(s) => s.take_evictions(),
-            Deduper::Primary(_) => 0,
+        match &mut self.kind {
+            Kind::Copies(c) => c.take_evictions(),
+            Kind::Sequence(s) => s.take_evictions(),
+            Kind::Primary(_) => 0,
         }
     }
 
     /// Restarted numberings accepted since the last call (`sequence` mode).
     pub fn take_resyncs(&mut self) -> u64 {
-        match self {
-            Deduper::Sequence(s) => s.take_resyncs(),
-            Deduper::Copies(_) | Deduper::Primary(_) => 0,
+        match &mut self.kind {
+            Kind::Sequence(s) => s.take_resyncs(),
+            Kind::Copies(_) | Kind::Primary(_) => 0,
         }
     }
 
-    /// Slot states changed. Returns true when this moved the primary.
+    /// Slot states changed. Returns true when this moved the replica that delivers alone.
     pub fn on_slots_changed(&mut self, slots: &[SlotState], now: Instant) -> bool {
-        match self {
-            Deduper::Primary(p) => p.on_slots_changed(slots, now),
-            Deduper::Copies(_) | Deduper::Sequence(_) => false,
+        match (&mut self.kind, &mut self.trust) {
+            (Kind::Primary(p), _) => p.on_slots_changed(slots, now),
+            (_, Some(t)) => t.on_slots_changed(slots, now),
+            (_, None) => false,
         }
     }
 }

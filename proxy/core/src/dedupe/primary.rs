@@ -3,6 +3,11 @@
 //! Cheapest mode (no per-payload state), for games whose replicas are not byte-identical.
 //! The price: answers the other replicas sent while the primary was failing are not
 //! delivered, so a silent death costs up to `failover_after` of answers.
+//!
+//! Until the session has delivered anything, the primary is only a guess: the first answer
+//! that any live replica gives is delivered and its replica becomes the primary. One world
+//! still holds (nothing was delivered before), and a one-datagram query is never lost to a
+//! pick that happened to fall on a dead or frozen replica.
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +21,8 @@ pub struct Primary {
     /// When the current primary last answered, or when it became primary.
     primary_heard: Instant,
     last_heard: [Option<Instant>; MAX_SLOTS],
+    /// Something was delivered: from now on the primary changes only by failover.
+    spoken: bool,
 }
 
 impl Primary {
@@ -26,9 +33,38 @@ impl Primary {
             primary: None,
             primary_heard: now,
             last_heard: [None; MAX_SLOTS],
+            spoken: false,
         };
         p.primary = p.choose(slots, None);
         p
+    }
+
+    /// When `slot`'s replica last answered this session.
+    pub fn heard(&self, slot: Slot) -> Option<Instant> {
+        self.last_heard.get(slot).copied().flatten()
+    }
+
+    /// Notes an answer from `slot` without judging it (the trust layer delivers meanwhile).
+    pub fn note(&mut self, slot: Slot, now: Instant) {
+        if let Some(h) = self.last_heard.get_mut(slot) {
+            *h = Some(now);
+        }
+        if self.primary == Some(slot) {
+            self.primary_heard = now;
+        }
+    }
+
+    /// Makes `slot` the primary from `now`, as if it had just answered (the trust layer
+    /// hands a session back to one replica).
+    pub fn take(&mut self, slot: Slot, now: Instant) {
+        self.primary = Some(slot);
+        self.primary_heard = now;
+        self.spoken = true;
+    }
+
+    /// How long the primary has been silent at `now`.
+    pub fn silence(&self, now: Instant) -> std::time::Duration {
+        now.saturating_duration_since(self.primary_heard)
     }
 
     /// The current primary slot.
@@ -42,6 +78,13 @@ impl Primary {
             return Verdict::Duplicate;
         }
         self.last_heard[slot] = Some(now);
+        if !self.spoken && slots.get(slot).is_some_and(|s| s.is_live()) {
+            // Nothing delivered yet: whoever answers first speaks for the session.
+            self.spoken = true;
+            self.primary = Some(slot);
+            self.primary_heard = now;
+            return Verdict::Forward;
+        }
         match self.primary {
             Some(p) if p == slot => {
                 self.primary_heard = now;
@@ -60,6 +103,7 @@ impl Primary {
             }
             None => {
                 // No primary could be chosen before (nothing live): take the first to speak.
+                self.spoken = true;
                 self.primary = Some(slot);
                 self.primary_heard = now;
                 Verdict::ForwardAfterFailover
@@ -129,9 +173,29 @@ mod tests {
         let slots = [Ready, Ready, Ready];
         let mut p = Primary::new(50 * MS, t, &slots);
         assert_eq!(p.primary(), Some(0));
+        assert_eq!(p.on_answer(0, t, &slots), Forward);
         assert_eq!(p.on_answer(1, t, &slots), Duplicate);
         assert_eq!(p.on_answer(0, t, &slots), Forward);
         assert_eq!(p.on_answer(2, t + MS, &slots), Duplicate);
+    }
+
+    #[test]
+    fn the_first_answer_of_a_session_is_delivered_whoever_gives_it() {
+        // The pick fell on replica 0, which is dead: the live replica's only answer (a
+        // one-datagram query) must not be dropped as a standby's.
+        let t = crate::epoch();
+        let slots = [Ready, Ready];
+        let mut p = Primary::new(50 * MS, t, &slots);
+        assert_eq!(p.primary(), Some(0));
+        assert_eq!(p.on_answer(1, t + MS, &slots), Forward, "not a failover");
+        assert_eq!(p.primary(), Some(1));
+        // From then on one world: the other replica is a standby.
+        assert_eq!(p.on_answer(0, t + 2 * MS, &slots), Duplicate);
+        assert_eq!(p.on_answer(1, t + 3 * MS, &slots), Forward);
+        // A gone replica's late answer never speaks first.
+        let mut q = Primary::new(50 * MS, t, &[Gone, Ready]);
+        assert_eq!(q.on_answer(0, t, &[Gone, Ready]), Duplicate);
+        assert_eq!(q.on_answer(1, t, &[Gone, Ready]), Forward);
     }
 
     #[test]
@@ -152,7 +216,10 @@ mod tests {
         let t = crate::epoch();
         let slots = [Ready, Ready];
         let mut p = Primary::new(50 * MS, t, &slots);
-        assert_eq!(p.on_answer(1, t + 60 * MS, &slots), ForwardAfterFailover);
+        assert_eq!(p.on_answer(1, t, &slots), Forward, "speaks first");
+        assert_eq!(p.on_answer(0, t + MS, &slots), Duplicate);
+        // Replica 1 falls silent while replica 0 goes on: 0 takes over after the window.
+        assert_eq!(p.on_answer(0, t + 60 * MS, &slots), ForwardAfterFailover);
     }
 
     #[test]
@@ -160,6 +227,7 @@ mod tests {
         let t = crate::epoch();
         let mut slots = [Ready, Ready, Ready];
         let mut p = Primary::new(50 * MS, t, &slots);
+        assert_eq!(p.on_answer(0, t, &slots), Forward);
         p.on_answer(2, t, &slots);
         p.on_answer(1, t + MS, &slots);
         slots[0] = Gone;
@@ -175,6 +243,7 @@ mod tests {
         let mut slots = [Ready, Draining, Ready];
         let mut p = Primary::new(50 * MS, t, &slots);
         assert_eq!(p.primary(), Some(0));
+        assert_eq!(p.on_answer(0, t, &slots), Forward);
         // The draining replica keeps speaking while the primary is silent: no failover to it.
         assert_eq!(p.on_answer(1, t + 100 * MS, &slots), Duplicate);
         slots[0] = Draining;
@@ -193,6 +262,7 @@ mod tests {
         let mut p = Primary::new(50 * MS, t, &slots);
         assert_eq!(p.primary(), None);
         let slots = [Gone, Ready];
-        assert_eq!(p.on_answer(1, t, &slots), ForwardAfterFailover);
+        assert_eq!(p.on_answer(1, t, &slots), Forward);
+        assert_eq!(p.primary(), Some(1));
     }
 }

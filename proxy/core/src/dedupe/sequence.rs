@@ -14,6 +14,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::trust::{DIVERGE_AFTER, Disagreement};
 use super::{Copies, MAX_SLOTS, Slot, Verdict};
 
 /// Width of the sequence number in bytes.
@@ -115,6 +116,42 @@ impl ReplayWindow {
         }
     }
 
+    /// What [`Self::accept`] would say of `seq`, changing nothing.
+    pub fn check(&self, seq: u64) -> Verdict {
+        let seq = seq & self.mask;
+        let Some(highest) = self.highest else {
+            return Verdict::Forward;
+        };
+        let ahead = seq.wrapping_sub(highest) & self.mask;
+        if ahead == 0 {
+            return Verdict::Duplicate;
+        }
+        if ahead <= self.mask >> 1 {
+            return Verdict::Forward;
+        }
+        let behind = highest.wrapping_sub(seq) & self.mask;
+        if behind >= WINDOW {
+            Verdict::Stale
+        } else if self.test(seq) {
+            Verdict::Duplicate
+        } else {
+            Verdict::Forward
+        }
+    }
+
+    /// How far `seq` lies ahead of the highest number accepted; `None` when it is not ahead
+    /// or nothing was accepted yet.
+    pub fn ahead(&self, seq: u64) -> Option<u64> {
+        let highest = self.highest?;
+        let ahead = (seq & self.mask).wrapping_sub(highest) & self.mask;
+        (ahead != 0 && ahead <= self.mask >> 1).then_some(ahead)
+    }
+
+    /// The highest number accepted.
+    pub fn highest(&self) -> Option<u64> {
+        self.highest
+    }
+
     /// Records `seq`; true when it was not seen before (and is not too old to tell).
     pub fn accept(&mut self, seq: u64) -> Verdict {
         let seq = seq & self.mask;
@@ -204,6 +241,34 @@ impl ReplayWindow {
 /// taken for a restart of its numbering.
 pub const REORDER_TOLERANCE: u64 = 16;
 
+/// How far ahead of the delivered numbering a replica may be and still count on it (half the
+/// window): further, its numbers are another numbering, not a faster replica.
+pub(super) const AHEAD_LIMIT: u64 = WINDOW / 2;
+
+/// Numbers a survivor may be behind the delivered numbering, once the replica that delivered
+/// it is gone, before its own numbering is taken at once instead of waiting for it to catch up.
+pub const SURVIVOR_SLACK: u64 = 3;
+
+/// What restart detection makes of a number the window rejects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rejected {
+    /// An ordinary copy, reordered or lagging: the window's verdict stands.
+    Keep,
+    /// Part of a restarted numbering, not accepted yet.
+    Restart,
+    /// A restarted numbering agreed on long enough: start over from it.
+    Resync,
+}
+
+/// What to do with the window when an answer is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// Record the number.
+    Accept,
+    /// Start over from it (a restarted numbering, or a survivor's).
+    Reset,
+}
+
 /// Per-session state of the `sequence` mode.
 #[derive(Debug)]
 pub struct Sequence {
@@ -227,6 +292,13 @@ pub struct Sequence {
     delivered: [(u64, Instant); DELIVERED_RING],
     /// See [`Copies::lag`].
     lag: Option<Duration>,
+    /// The replica whose answer set the highest number delivered.
+    owner: Option<Slot>,
+    /// The first number delivered since the numbering (re)started: a replica's numbers
+    /// before it predate the session, and say nothing of agreement.
+    first: Option<u64>,
+    /// Per replica, answers in a row off the delivered numbering (agreement's evidence).
+    off: [u32; MAX_SLOTS],
 }
 
 /// Delivery times remembered per session: a copy further behind than this many numbers has
@@ -248,6 +320,9 @@ impl Sequence {
             resyncs: 0,
             delivered: [(u64::MAX, now); DELIVERED_RING],
             lag: None,
+            owner: None,
+            first: None,
+            off: [0; MAX_SLOTS],
         }
     }
 
@@ -259,44 +334,177 @@ impl Sequence {
     /// Judges an answer and notes when a delivered number went out, or how far a copy of
     /// one lags behind it.
     pub fn on_answer(&mut self, slot: Slot, payload: &[u8], now: Instant) -> Verdict {
+        self.judge(slot, payload, now, false, |fresh, _, _| {
+            if fresh {
+                Verdict::Forward
+            } else {
+                Verdict::Duplicate
+            }
+        })
+    }
+
+    /// The replica whose answer set the highest number delivered.
+    pub fn owner(&self) -> Option<Slot> {
+        self.owner
+    }
+
+    /// Judges an answer, letting `decide` choose whether it reaches the player from what it
+    /// is: fresh (a number not delivered yet), the replica it matched, and the evidence of
+    /// disagreement. `owner_gone`: the replica whose numbering was delivered ([`Self::owner`])
+    /// is gone (removed, or silent while others answer); a survivor behind it is then
+    /// delivered at once, its numbering taken, instead of waiting to catch up.
+    pub fn judge(
+        &mut self,
+        slot: Slot,
+        payload: &[u8],
+        now: Instant,
+        owner_gone: bool,
+        decide: impl FnOnce(bool, Option<Slot>, Disagreement) -> Verdict,
+    ) -> Verdict {
         self.lag = None;
+        let slot = slot.min(MAX_SLOTS - 1);
         let Some(seq) = self.spec.read(payload) else {
-            let verdict = self.short.on_answer(slot, payload, now);
+            let against = self.disagreement();
+            let verdict = self.short.judge(slot, payload, now, |fresh, _, _| {
+                decide(fresh, None, against)
+            });
             self.lag = self.short.lag();
             return verdict;
         };
-        let verdict = self.judge(slot, seq);
+        let (commit, matched, rejected) = self.classify(slot, seq, owner_gone);
+        let verdict = decide(commit.is_some(), matched, self.disagreement());
         let cell = &mut self.delivered[(seq % DELIVERED_RING as u64) as usize];
-        match verdict {
-            Verdict::Forward | Verdict::ForwardAfterFailover => *cell = (seq, now),
-            Verdict::Duplicate if cell.0 == seq => {
+        match (commit, verdict.forwards()) {
+            (Some(how), true) => {
+                *cell = (seq, now);
+                match how {
+                    Commit::Accept => {
+                        self.window.accept(seq);
+                    }
+                    Commit::Reset => {
+                        self.first = None;
+                        self.window.reset(seq);
+                        self.run = 0;
+                        self.diverged = 0;
+                        self.resyncs += 1;
+                    }
+                }
+                if self.window.highest() == Some(seq & self.spec.width.mask()) {
+                    self.owner = Some(slot);
+                }
+                self.first.get_or_insert(seq);
+                if how == Commit::Accept {
+                    self.run = 0;
+                    self.diverged &= !(1 << slot);
+                }
+            }
+            _ if verdict == Verdict::Duplicate && cell.0 == seq => {
                 self.lag = Some(now.saturating_duration_since(cell.1));
             }
-            Verdict::Duplicate | Verdict::Stale => {}
+            _ => {}
         }
-        verdict
+        if commit.is_some() { verdict } else { rejected }
     }
 
-    /// Decides the fate of answer number `seq`. Answers rejected because they belong to a
-    /// restarted numbering are [`Verdict::Stale`], not duplicates: they were never delivered.
-    fn judge(&mut self, slot: Slot, seq: u64) -> Verdict {
-        let slot = slot.min(MAX_SLOTS - 1);
+    /// The evidence against each replica: answers in a row off the delivered numbering.
+    fn disagreement(&self) -> Disagreement {
+        let mut d = Disagreement {
+            slots: 0,
+            pairwise: false,
+            unproven: 0,
+        };
+        for (s, &off) in self.off.iter().enumerate() {
+            if off >= DIVERGE_AFTER {
+                d.slots |= 1 << s;
+            }
+            if off > 0 {
+                d.unproven |= 1 << s;
+            }
+        }
+        d
+    }
+
+    /// Whether number `seq` from `slot` would be new to the player (and how the window would
+    /// take it), which replica it matched, and the verdict when it is not new; updates the
+    /// evidence and the restart detection.
+    fn classify(
+        &mut self,
+        slot: Slot,
+        seq: u64,
+        owner_gone: bool,
+    ) -> (Option<Commit>, Option<Slot>, Verdict) {
         let bit = 1u32 << slot;
         let previous = self.last[slot].replace(seq);
-        let verdict = self.window.accept(seq);
-        if verdict.forwards() {
-            self.run = 0;
-            self.diverged &= !bit;
-            return verdict;
+        let off = |me: &mut Self| me.off[slot] = me.off[slot].saturating_add(1);
+        match self.window.check(seq) {
+            Verdict::Forward | Verdict::ForwardAfterFailover => {
+                let before_first = self
+                    .first
+                    .is_some_and(|f| self.window.distance_behind(seq, f) > 0);
+                let matched = match self.window.behind(seq) {
+                    // A hole far behind, within what was delivered: a number the delivered
+                    // stream never had.
+                    Some(b) if b > REORDER_TOLERANCE && !before_first => {
+                        off(self);
+                        None
+                    }
+                    Some(_) => None,
+                    None if self.window.ahead(seq).is_some_and(|a| a > AHEAD_LIMIT) => {
+                        off(self);
+                        None
+                    }
+                    None => {
+                        // Another replica already past it: they number alike.
+                        let mask = self.spec.width.mask();
+                        let last = &self.last;
+                        let other = (0..MAX_SLOTS).find(|&o| {
+                            o != slot
+                                && last[o]
+                                    .is_some_and(|l| l.wrapping_sub(seq) & mask <= AHEAD_LIMIT)
+                        });
+                        if other.is_some() {
+                            self.off[slot] = 0;
+                        }
+                        other
+                    }
+                };
+                (Some(Commit::Accept), matched, Verdict::Duplicate)
+            }
+            Verdict::Duplicate => {
+                let behind = self.window.behind(seq).unwrap_or(0);
+                if behind > SURVIVOR_SLACK && owner_gone && self.owner.is_some_and(|o| o != slot) {
+                    self.off[slot] = 0;
+                    return (Some(Commit::Reset), self.owner, Verdict::Duplicate);
+                }
+                match self.rejected(bit, seq, previous, behind) {
+                    Rejected::Keep => {
+                        self.off[slot] = 0;
+                        (None, self.owner, Verdict::Duplicate)
+                    }
+                    Rejected::Restart => {
+                        off(self);
+                        (None, None, Verdict::Stale)
+                    }
+                    Rejected::Resync => (Some(Commit::Reset), None, Verdict::Stale),
+                }
+            }
+            Verdict::Stale => {
+                off(self);
+                let behind = self.window.behind(seq).unwrap_or(u64::MAX);
+                match self.rejected(bit, seq, previous, behind) {
+                    Rejected::Resync => (Some(Commit::Reset), None, Verdict::Stale),
+                    Rejected::Keep | Rejected::Restart => (None, None, Verdict::Stale),
+                }
+            }
         }
-        // Rejected. Close behind the highest, it is an ordinary copy or a reordered one.
-        if self
-            .window
-            .behind(seq)
-            .is_none_or(|b| b <= REORDER_TOLERANCE)
-        {
+    }
+
+    /// Restart detection for a number the window rejects.
+    fn rejected(&mut self, bit: u32, seq: u64, previous: Option<u64>, behind: u64) -> Rejected {
+        // Close behind the highest, it is an ordinary copy or a reordered one.
+        if behind <= REORDER_TOLERANCE {
             self.diverged &= !bit;
-            return verdict;
+            return Rejected::Keep;
         }
         // Far behind. A replica lagging on the current numbering moves forward on its own
         // stream; a restarted one stepped back (or, new in this slot, started far behind).
@@ -306,7 +514,7 @@ impl Sequence {
             self.diverged |= bit;
         }
         if self.diverged & bit == 0 {
-            return verdict;
+            return Rejected::Keep;
         }
         // Answers agree on a new numbering when each lies near the run's latest number.
         let agrees = self.run > 0
@@ -315,13 +523,10 @@ impl Sequence {
         self.run = if agrees { self.run + 1 } else { 1 };
         self.run_at = seq;
         if self.resync_after > 0 && self.run >= self.resync_after {
-            self.window.reset(seq);
-            self.run = 0;
-            self.diverged = 0;
-            self.resyncs += 1;
-            return Verdict::Forward;
+            Rejected::Resync
+        } else {
+            Rejected::Restart
         }
-        Verdict::Stale
     }
 
     /// See [`Copies::take_evictions`].
@@ -340,6 +545,7 @@ impl Sequence {
         let slot = slot.min(MAX_SLOTS - 1);
         self.last[slot] = None;
         self.diverged &= !(1 << slot);
+        self.off[slot] = 0;
     }
 }
 

@@ -12,6 +12,7 @@ fn addr(port: u16) -> SocketAddr {
 fn settings(mode: Mode) -> Settings {
     Settings {
         mode,
+        agreement: Agreement::Off,
         session_timeout: Duration::from_secs(60),
         rate: None,
         max_datagram: 1500,
@@ -982,6 +983,7 @@ fn each_game_counts_its_traffic_and_two_tables_add_up() {
             packets: 4,
             delivered: 1,
             drops: 1,
+            ..GameTally::default()
         }
     );
     assert_eq!(counted(&set, "bazaar").sessions, 1);

@@ -214,6 +214,7 @@ fn the_alerting_rules_pass_promtool_and_their_unit_tests() {
         "SpotableSessionLimitNear",
         "SpotableKernelDrops",
         "SpotableAgentDrainPastDeadline",
+        "SpotableGameDivergent",
     ] {
         assert!(alerts.contains(want), "no alert {want}: {alerts:?}");
     }

@@ -3,6 +3,7 @@
 
 pub mod compare;
 pub mod demo;
+pub mod fit;
 pub mod loadgen;
 pub mod netns;
 pub mod peers;

@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use spotable_bench::{compare, demo, loadgen};
-use spotable_fixtures::replica;
+use spotable_bench::{compare, demo, fit, loadgen};
+use spotable_fixtures::{replica, tick};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,6 +23,11 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// A deterministic game-server stand-in: answers every datagram with its bytes.
     Replica(replica::ReplicaArgs),
+    /// An authoritative multiplayer server stand-in: fixed tick, a snapshot to every player.
+    Tick(tick::TickArgs),
+    /// Which dedupe mode a server fits, from its own answers: runs COMMAND as replicas behind
+    /// the proxy in every mode, a replica SIGKILLed half-way, and recommends one.
+    Fit(fit::FitArgs),
     /// Load generator: many flows, open or closed loop, counts lost/duplicate/late answers.
     Loadgen(loadgen::LoadArgs),
     /// The full comparison: direct, Spotable, nginx, Quilkin; writes BENCHMARKS.md and plots.
@@ -71,6 +76,8 @@ fn main() -> ExitCode {
         Cmd::Demo(args) if args.switch_proxy => spotable_bench::switch::run(&args).map(|_| ()),
         Cmd::Demo(args) => demo::run(&args).map(|_| ()),
         Cmd::Replica(args) => replica::run(&args),
+        Cmd::Tick(args) => tick::run(&args),
+        Cmd::Fit(args) => fit::run(&args).map(|_| ()),
         Cmd::Loadgen(args) => loadgen::run(&args).and_then(|r| {
             if args.json {
                 println!("{}", serde_json::to_string(&r)?);

@@ -44,6 +44,11 @@ pub struct DemoArgs {
     /// SIGKILLed at --kill-at; each copy of a stateful game sits behind the identity anchor.
     #[arg(long)]
     pub switch_proxy: bool,
+    /// The game: `echo`, the deterministic replica answering each datagram; or `tick`, an
+    /// authoritative multiplayer server (fixed tick, a snapshot of its own world to every
+    /// player), whose replicas never agree: the proxy must give each player one world.
+    #[arg(long, value_enum, default_value = "echo")]
+    pub game: DemoGame,
     /// Also draw the run as an SVG timeline: answers per replica per 10 ms, the copy the
     /// player got, the kill and the gap.
     #[arg(long, value_name = "FILE.svg")]
@@ -51,6 +56,15 @@ pub struct DemoArgs {
     /// Print the summary and the timeline as JSON on stdout (the text goes to stderr).
     #[arg(long)]
     pub json: bool,
+}
+
+/// The demo's game server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoGame {
+    /// Deterministic: every replica answers each datagram with its bytes.
+    Echo,
+    /// Authoritative tick server: each replica its own world.
+    Tick,
 }
 
 /// What `--json` prints: the summary, and the timeline `--plot` draws.

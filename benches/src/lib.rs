@@ -9,4 +9,5 @@ pub mod netns;
 pub mod peers;
 pub mod results;
 pub mod switch;
+pub mod tick_demo;
 pub mod timeline;

@@ -74,6 +74,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Demo(args) if args.switch_proxy => spotable_bench::switch::run(&args).map(|_| ()),
+        Cmd::Demo(args) if args.game == demo::DemoGame::Tick => {
+            spotable_bench::tick_demo::run(&args).map(|_| ())
+        }
         Cmd::Demo(args) => demo::run(&args).map(|_| ()),
         Cmd::Replica(args) => replica::run(&args),
         Cmd::Tick(args) => tick::run(&args),

@@ -133,3 +133,24 @@ fn switch_demo_shows_one_peer_per_game_when_a_proxy_dies_under_the_player() {
     assert!(field("lost (in flight to A)") <= 5, "{stdout}");
     assert!(stdout.contains("SIGKILL proxy A"), "{stdout}");
 }
+
+#[test]
+fn demo_with_the_tick_server_gives_every_player_one_world_through_a_kill() {
+    let out = Command::new(exe())
+        .args(["demo", "--game", "tick", "--duration", "4s", "--kill-at", "2s", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let players = r["players"].as_array().unwrap();
+    assert_eq!(players.len(), 4);
+    for p in players {
+        assert_eq!(p["steps_back_before"], 0, "{p}");
+        assert!(p["per_tick_before"].as_f64().unwrap() <= 1.02, "{p}");
+        assert!(p["per_tick_after"].as_f64().unwrap() >= 0.9, "{p}");
+    }
+    assert!(players.iter().any(|p| p["server_killed"] == true));
+    assert_eq!(r["divergent"], true);
+    assert_eq!(r["sessions_demoted"], 4);
+}

@@ -40,15 +40,10 @@ fn tick_game(apart: Duration, extra: &[&str]) -> TickGame {
 }
 
 impl TickGame {
-    /// Which server a snapshot of `tick` received at `at` came from: the one whose own count
-    /// of ticks at that moment is nearest (they started far enough apart to tell).
+    /// Which server a snapshot of `tick` received at `at` came from.
     fn source(&self, tick: u32, at: Instant) -> usize {
-        let off = |i: usize| {
-            let started: Instant = self.servers[i].1;
-            let expected = at.saturating_duration_since(started).as_secs_f64() * f64::from(HZ);
-            (expected - f64::from(tick)).abs()
-        };
-        if off(0) <= off(1) { 0 } else { 1 }
+        let started: Vec<Instant> = self.servers.iter().map(|s| s.1).collect();
+        tick::source(&started, HZ, tick, at)
     }
 }
 

@@ -85,6 +85,14 @@ pub struct CompareArgs {
     /// Skip the jitter runs.
     #[arg(long)]
     pub no_jitter: bool,
+    /// Tick-game rows: players, and how long each mode runs (a server is killed half-way).
+    #[arg(long, default_value_t = 8)]
+    pub tick_players: usize,
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    pub tick_time: Duration,
+    /// Skip the tick-game rows.
+    #[arg(long)]
+    pub no_tick: bool,
 }
 
 /// Which proxy a path goes through.
@@ -190,6 +198,11 @@ pub struct Results {
     pub jitter: Vec<JitterResult>,
     #[serde(default)]
     pub jitter_setting: String,
+    /// The tick game's rows (one run per mode), and how they ran.
+    #[serde(default)]
+    pub tick: Vec<crate::tick_rows::TickRow>,
+    #[serde(default)]
+    pub tick_setting: String,
     /// Paths not measured, and why.
     pub skipped: Vec<(String, String)>,
     pub seconds: f64,
@@ -670,7 +683,8 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     } else {
         0
     };
-    let runs = todo.len() as u64 * u64::from(args.rounds) + 2 + jitter_runs;
+    let tick_runs = if args.no_tick { 0 } else { 1 };
+    let runs = todo.len() as u64 * u64::from(args.rounds) + 2 + jitter_runs + tick_runs;
     let bar = ProgressBar::new(runs).with_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -801,6 +815,22 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     } else {
         (Vec::new(), String::new())
     };
+    let (tick, tick_setting) = if args.no_tick {
+        (Vec::new(), String::new())
+    } else {
+        bar.set_message("tick game");
+        let rows = crate::tick_rows::run(args.tick_players, args.tick_time)?;
+        bar.inc(1);
+        let setting = format!(
+            "Two authoritative tick servers (`spotable-bench tick`, {} Hz) started 0.8 s apart, \
+             behind Spotable ×2 on loopback; {} players send an input every tick for {}; the \
+             server the first player hears is SIGKILLed half-way.",
+            crate::tick_demo::HZ,
+            args.tick_players,
+            humantime::format_duration(args.tick_time)
+        );
+        (rows, setting)
+    };
     bar.finish_and_clear();
 
     let all = Results {
@@ -840,6 +870,8 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         failover,
         jitter,
         jitter_setting,
+        tick,
+        tick_setting,
         skipped,
         seconds: began.elapsed().as_secs_f64(),
     };

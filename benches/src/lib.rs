@@ -10,4 +10,5 @@ pub mod peers;
 pub mod results;
 pub mod switch;
 pub mod tick_demo;
+pub mod tick_rows;
 pub mod timeline;

@@ -338,6 +338,7 @@ pub fn markdown(r: &Results) -> String {
         );
     }
     jitter_section(&mut md, r);
+    crate::tick_rows::markdown(&mut md, &r.tick, &r.tick_setting);
     let _ = writeln!(
         md,
         "\n## Plots\n\n![Throughput by fan-out](results/throughput.svg)\n\n\
@@ -430,6 +431,13 @@ pub fn summary(r: &Results) -> String {
             p.p99,
             p.p999,
             j.report.duplicates
+        );
+    }
+    for t in &r.tick {
+        let _ = writeln!(
+            s,
+            "  tick {:<26} {:.2} per tick, {} from a second world, gap {:.0} ms",
+            t.mode, t.per_tick_before, t.second_world, t.gap_at_kill_ms
         );
     }
     for t in targets(r) {
@@ -845,6 +853,17 @@ mod tests {
                 },
             ],
             jitter_setting: "netem".into(),
+            tick: vec![crate::tick_rows::TickRow {
+                mode: "copies (default)".into(),
+                per_tick_before: 1.0,
+                second_world: 0,
+                steps_back: 0,
+                gap_at_kill_ms: 66.0,
+                per_tick_after: 0.97,
+                players_on_killed: 4,
+                sessions_demoted: 8,
+            }],
+            tick_setting: "Two tick servers.".into(),
             skipped: vec![("Quilkin ×1".into(), "not installed".into())],
             seconds: 1.0,
         }
@@ -887,6 +906,10 @@ mod tests {
     #[test]
     fn the_markdown_has_every_path_the_skips_and_the_verdicts() {
         let md = markdown(&results(80.0, 140.0, 0));
+        assert!(
+            md.contains("| copies (default) | 1.00 | 0 | 0 | 66 | 0.97 | 4 | 8 |"),
+            "{md}"
+        );
         assert!(md.contains("| Spotable ×1 (copies) | 80 | 0.40 |"), "{md}");
         // Quilkin x2 delivered a duplicate per request.
         assert!(

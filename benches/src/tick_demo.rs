@@ -46,6 +46,8 @@ pub struct PlayerStream {
     pub per_tick_before: f64,
     /// Times the tick stepped back before the kill (a second world).
     pub steps_back_before: usize,
+    /// Snapshots before the kill from a server other than its first one's.
+    pub second_world_before: usize,
     /// Whether the server it heard was the one killed.
     pub server_killed: bool,
     /// Snapshots per server tick after the kill.
@@ -54,36 +56,19 @@ pub struct PlayerStream {
     pub gap_after_ms: f64,
 }
 
-/// Runs it; fails when a player saw two worlds, or too little after the kill.
-pub fn run(args: &DemoArgs) -> anyhow::Result<TickReport> {
-    if args.plot.is_some() {
-        bail!("--plot draws the echo game's timeline; --game tick reports its streams only");
-    }
-    if args.kill_at >= args.duration {
-        bail!("--kill-at must come before the end of --duration");
-    }
-    let json = args.json;
-    let say = |line: String| {
-        if json {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
-        }
-    };
+/// Tick servers started [`APART`], a proxy with `flags`, `players` players for `duration`;
+/// the server the first player hears SIGKILLed at `kill_at`. `say` tells the story.
+pub fn play_game(
+    replicas: u8,
+    flags: &[&str],
+    players: usize,
+    duration: Duration,
+    kill_at: Duration,
+    say: &dyn Fn(String),
+) -> anyhow::Result<TickRun> {
     let exe = std::env::current_exe().context("cannot find our own executable")?;
-    say(format!(
-        "Spotable demo, a real multiplayer server: {} authoritative tick servers ({HZ} Hz) \
-         started {}ms apart, {PLAYERS} players, --dedupe {}.",
-        args.replicas,
-        APART.as_millis(),
-        args.dedupe
-    ));
-    say(format!(
-        "The server the first player hears is SIGKILLed at {:?}.\n",
-        args.kill_at
-    ));
     let mut servers: Vec<(ReplicaProcess, Instant)> = Vec::new();
-    for i in 0..args.replicas {
+    for i in 0..replicas {
         if i > 0 {
             std::thread::sleep(APART);
         }
@@ -96,10 +81,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<TickReport> {
         ));
         servers.push((p, Instant::now()));
     }
-    let mut extra = vec!["--rate-limit", "0", "--dedupe", args.dedupe.as_str()];
-    if args.dedupe == "sequence" {
-        extra.extend(["--sequence-offset", "0", "--sequence-width", "4"]);
-    }
+    let mut extra = vec!["--rate-limit", "0"];
+    extra.extend_from_slice(flags);
     let addrs: Vec<SocketAddr> = servers.iter().map(|(p, _)| p.addr).collect();
     let proxy_args = loopback_proxy_args(&addrs, 2, &extra);
     let proxy_args: Vec<&str> = proxy_args.iter().map(String::as_str).collect();
@@ -108,8 +91,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<TickReport> {
     say(format!("  proxy on {}\n", proxy.addr));
 
     let start = Instant::now();
-    let until = start + args.duration;
-    let logs: Vec<Arc<Mutex<PlayerLog>>> = (0..PLAYERS).map(|_| Arc::default()).collect();
+    let until = start + duration;
+    let logs: Vec<Arc<Mutex<PlayerLog>>> = (0..players).map(|_| Arc::default()).collect();
     let target = proxy.addr;
     let threads: Vec<_> = logs
         .iter()
@@ -121,7 +104,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<TickReport> {
             })
         })
         .collect();
-    std::thread::sleep(args.kill_at);
+    std::thread::sleep(kill_at);
     let started: Vec<Instant> = servers.iter().map(|s| s.1).collect();
     let heard = logs[0]
         .lock()
@@ -146,7 +129,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<TickReport> {
     std::thread::sleep(Duration::from_millis(250));
     let sessions_demoted = scrape(admin, "spotable_sessions_demoted_total", &[])? as u64;
     let divergent = scrape(admin, "spotable_game_divergent", &[])? == 1.0;
-    let mut players = Vec::new();
+    let mut streams = Vec::new();
     for (i, log) in logs.iter().enumerate() {
         let log = log
             .lock()
@@ -155,22 +138,93 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<TickReport> {
         let Some(last) = log.snapshots.iter().rfind(|s| s.at < kill).copied() else {
             bail!("player {} heard nothing before the kill", i + 1);
         };
-        let before = tick::stream(&log, HZ, start + Duration::from_millis(500), kill);
+        let settled = start + Duration::from_millis(500);
+        let before = tick::stream(&log, HZ, settled, kill);
         let end = log
             .snapshots
             .last()
             .map_or(until, |s| s.at + Duration::from_millis(1));
         let after = tick::stream(&log, HZ, kill, end);
-        players.push(PlayerStream {
+        // Its world: the server of its first snapshot; any other's before the kill is a
+        // second world.
+        let sources: Vec<usize> = log
+            .snapshots
+            .iter()
+            .filter(|s| s.at < kill)
+            .map(|s| tick::source(&started, HZ, s.tick, s.at))
+            .collect();
+        let world = sources.first().copied();
+        streams.push(PlayerStream {
             per_tick_before: before.per_tick,
             steps_back_before: before.steps_back,
+            second_world_before: sources.iter().filter(|&&s| Some(s) != world).count(),
             server_killed: tick::source(&started, HZ, last.tick, last.at) == victim,
             per_tick_after: after.per_tick,
             gap_after_ms: after.longest_gap.as_secs_f64() * 1e3,
         });
     }
-    drop(proxy);
-    drop(servers);
+    Ok(TickRun {
+        players: streams,
+        sessions_demoted,
+        divergent,
+    })
+}
+
+/// What [`play_game`] saw.
+#[derive(Debug, Clone)]
+pub struct TickRun {
+    /// Each player's stream.
+    pub players: Vec<PlayerStream>,
+    /// Sessions the proxy demoted.
+    pub sessions_demoted: u64,
+    /// The proxy marked the game divergent.
+    pub divergent: bool,
+}
+
+/// Runs it; fails when a player saw two worlds, or too little after the kill.
+pub fn run(args: &DemoArgs) -> anyhow::Result<TickReport> {
+    if args.plot.is_some() {
+        bail!("--plot draws the echo game's timeline; --game tick reports its streams only");
+    }
+    if args.kill_at >= args.duration {
+        bail!("--kill-at must come before the end of --duration");
+    }
+    let json = args.json;
+    let say = |line: String| {
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    say(format!(
+        "Spotable demo, a real multiplayer server: {} authoritative tick servers ({HZ} Hz) \
+         started {}ms apart, {PLAYERS} players, --dedupe {}.",
+        args.replicas,
+        APART.as_millis(),
+        args.dedupe
+    ));
+    say(format!(
+        "The server the first player hears is SIGKILLed at {:?}.\n",
+        args.kill_at
+    ));
+    let mut flags = vec!["--dedupe", args.dedupe.as_str()];
+    if args.dedupe == "sequence" {
+        flags.extend(["--sequence-offset", "0", "--sequence-width", "4"]);
+    }
+    let TickRun {
+        players,
+        sessions_demoted,
+        divergent,
+    } = play_game(
+        args.replicas,
+        &flags,
+        PLAYERS,
+        args.duration,
+        args.kill_at,
+        &say,
+    )?;
+
     say(format!(
         "  {:<8} {:>16} {:>12} {:>14} {:>15} {:>13}",
         "player", "per tick before", "steps back", "server killed", "per tick after", "gap after"

@@ -137,7 +137,16 @@ fn switch_demo_shows_one_peer_per_game_when_a_proxy_dies_under_the_player() {
 #[test]
 fn demo_with_the_tick_server_gives_every_player_one_world_through_a_kill() {
     let out = Command::new(exe())
-        .args(["demo", "--game", "tick", "--duration", "4s", "--kill-at", "2s", "--json"])
+        .args([
+            "demo",
+            "--game",
+            "tick",
+            "--duration",
+            "4s",
+            "--kill-at",
+            "2s",
+            "--json",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

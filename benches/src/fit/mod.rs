@@ -218,7 +218,7 @@ fn advice(
 ) -> String {
     let primary = &modes["primary"].outcome;
     let cost = format!(
-        "its failover costs each player on a dead replica about {:.0} ms without news and {} \
+        "costs each player on a dead replica about {:.0} ms without news and {} \
          answers lost in all (--failover-after {FAILOVER}, then the next replica's first answer)",
         primary.gap_at_kill_ms, primary.lost
     );
@@ -252,9 +252,9 @@ fn advice(
         ),
         Recommendation::Primary => format!(
             "{head}\nRecommended: primary (--dedupe primary); the default copies mode would run \
-             these sessions as primary too, after seeing them diverge. {cost}. A server that \
-             admits players by a token of its own (a challenge, a cookie) loses its players with \
-             the replica: move such a game off a reclaimed node instead (migration)."
+             these sessions as primary too, after seeing them diverge. Its failover {cost}. A \
+             server that admits players by a token of its own (a challenge, a cookie) loses the \
+             players a dead replica admitted: redundancy cannot save them."
         ),
     }
 }

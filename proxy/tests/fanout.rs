@@ -297,10 +297,10 @@ fn primary_mode_forwards_one_replica_and_fails_over_when_it_dies() {
     // The replica whose answer reaches the player first is its primary.
     let c = client(&s.proxy);
     let rx = Collector::start(&c);
-    let first = rx.first(|| {
+    let hello = rx.first(|| {
         c.send(b"hello").unwrap();
     });
-    let (primary, first, standby) = if first.ends_with(b"A") {
+    let (primary, first, standby) = if hello.ends_with(b"A") {
         (0, b'A', b'B')
     } else {
         (1, b'B', b'A')

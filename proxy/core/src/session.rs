@@ -679,6 +679,7 @@ impl SessionTable {
         if session.members.targets.is_empty() {
             return ClientVerdict::Drop(DropReason::NoReplicas);
         }
+        session.dedupe.on_request(now);
         let header = match self.games.get_mut(game) {
             Some(g) => {
                 g.tally.drops -= 1;

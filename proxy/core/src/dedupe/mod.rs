@@ -8,6 +8,7 @@
 mod copies;
 mod primary;
 mod sequence;
+mod silence;
 pub mod trust;
 
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ pub use sequence::{
     Endian, REORDER_TOLERANCE, ReplayWindow, SURVIVOR_SLACK, Sequence, SequenceSpec,
     WINDOW as SEQUENCE_WINDOW, Width,
 };
+pub use silence::Silence;
 pub use trust::{Changes, Stage, Trust};
 
 /// Most replicas one session can fan out to. Per-slot state lives in fixed arrays of this
@@ -190,11 +192,10 @@ impl Deduper {
             }),
             (Kind::Sequence(s), None) => s.on_answer(slot, payload, now),
             (Kind::Sequence(s), Some(t)) => {
-                let owner_gone = s.owner().is_some_and(|o| {
-                    slots.get(o).is_none_or(|st| !st.is_live())
-                        || t.heard(o)
-                            .is_none_or(|h| now.saturating_duration_since(h) >= t.failover_after())
-                });
+                let silent = s.owner_silent(slot, now, t.failover_after());
+                let owner_gone = s
+                    .owner()
+                    .is_some_and(|o| slots.get(o).is_none_or(|st| !st.is_live()) || silent);
                 s.judge(slot, payload, now, owner_gone, |fresh, matched, d| {
                     t.decide(slot, fresh, matched, d, now, slots)
                 })
@@ -230,6 +231,19 @@ impl Deduper {
             .as_mut()
             .map(Trust::take_changes)
             .unwrap_or_default()
+    }
+
+    /// The player sent a datagram at `now`: a replica the session relies on owes it an
+    /// answer (see [`Silence`]).
+    pub fn on_request(&mut self, now: Instant) {
+        match &mut self.kind {
+            Kind::Primary(p) => p.on_request(now),
+            Kind::Sequence(s) => s.on_request(now),
+            Kind::Copies(_) => {}
+        }
+        if let Some(t) = &mut self.trust {
+            t.on_request(now);
+        }
     }
 
     /// A replica joined (or re-used) `slot` of a running session.

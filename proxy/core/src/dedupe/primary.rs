@@ -4,6 +4,9 @@
 //! The price: answers the other replicas sent while the primary was failing are not
 //! delivered, so a silent death costs up to `failover_after` of answers.
 //!
+//! The primary fails over when it is silent in the sense of [`Silence`]: it owes the player an
+//! answer for `failover_after`, or another replica has answered without a pause that long.
+//!
 //! Until the session has delivered anything, the primary is only a guess: the first answer
 //! that any live replica gives is delivered and its replica becomes the primary. One world
 //! still holds (nothing was delivered before), and a one-datagram query is never lost to a
@@ -11,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{MAX_SLOTS, Slot, SlotState, Verdict};
+use super::{MAX_SLOTS, Silence, Slot, SlotState, Verdict};
 
 /// Per-session state of the `primary` mode.
 #[derive(Debug)]
@@ -20,6 +23,8 @@ pub struct Primary {
     primary: Option<Slot>,
     /// When the current primary last answered, or when it became primary.
     primary_heard: Instant,
+    /// The evidence that the primary has gone quiet.
+    silence: Silence,
     last_heard: [Option<Instant>; MAX_SLOTS],
     /// Something was delivered: from now on the primary changes only by failover.
     spoken: bool,
@@ -32,6 +37,7 @@ impl Primary {
             failover_after,
             primary: None,
             primary_heard: now,
+            silence: Silence::default(),
             last_heard: [None; MAX_SLOTS],
             spoken: false,
         };
@@ -51,7 +57,13 @@ impl Primary {
         }
         if self.primary == Some(slot) {
             self.primary_heard = now;
+            self.silence.heard();
         }
+    }
+
+    /// The player sent a datagram at `now`.
+    pub fn on_request(&mut self, now: Instant) {
+        self.silence.asked(now);
     }
 
     /// Makes `slot` the primary from `now`, as if it had just answered (the trust layer
@@ -59,12 +71,8 @@ impl Primary {
     pub fn take(&mut self, slot: Slot, now: Instant) {
         self.primary = Some(slot);
         self.primary_heard = now;
+        self.silence.heard();
         self.spoken = true;
-    }
-
-    /// How long the primary has been silent at `now`.
-    pub fn silence(&self, now: Instant) -> std::time::Duration {
-        now.saturating_duration_since(self.primary_heard)
     }
 
     /// The current primary slot.
@@ -80,22 +88,22 @@ impl Primary {
         self.last_heard[slot] = Some(now);
         if !self.spoken && slots.get(slot).is_some_and(|s| s.is_live()) {
             // Nothing delivered yet: whoever answers first speaks for the session.
-            self.spoken = true;
-            self.primary = Some(slot);
-            self.primary_heard = now;
+            self.take(slot, now);
             return Verdict::Forward;
         }
         match self.primary {
             Some(p) if p == slot => {
                 self.primary_heard = now;
+                self.silence.heard();
                 Verdict::Forward
             }
             Some(_) => {
-                let silent = now.saturating_duration_since(self.primary_heard);
+                let silent = self.silence.other(now, self.failover_after);
                 let eligible = slots.get(slot) == Some(&SlotState::Ready);
-                if silent >= self.failover_after && eligible {
+                if silent && eligible {
                     self.primary = Some(slot);
                     self.primary_heard = now;
+                    self.silence.heard();
                     Verdict::ForwardAfterFailover
                 } else {
                     Verdict::Duplicate
@@ -103,9 +111,7 @@ impl Primary {
             }
             None => {
                 // No primary could be chosen before (nothing live): take the first to speak.
-                self.spoken = true;
-                self.primary = Some(slot);
-                self.primary_heard = now;
+                self.take(slot, now);
                 Verdict::ForwardAfterFailover
             }
         }
@@ -134,6 +140,7 @@ impl Primary {
         }
         self.primary = next;
         self.primary_heard = now;
+        self.silence.heard();
         before.is_some() && next.is_some()
     }
 
@@ -204,11 +211,49 @@ mod tests {
         let slots = [Ready, Ready];
         let mut p = Primary::new(50 * MS, t, &slots);
         assert_eq!(p.on_answer(0, t, &slots), Forward);
-        assert_eq!(p.on_answer(1, t + 10 * MS, &slots), Duplicate);
-        assert_eq!(p.on_answer(1, t + 49 * MS, &slots), Duplicate);
-        assert_eq!(p.on_answer(1, t + 50 * MS, &slots), ForwardAfterFailover);
+        for ms in [10, 30, 50] {
+            assert_eq!(p.on_answer(1, t + ms * MS, &slots), Duplicate, "{ms}");
+        }
+        // Replica 1 has answered for 50 ms without a pause, and the primary has not.
+        assert_eq!(p.on_answer(1, t + 60 * MS, &slots), ForwardAfterFailover);
         assert_eq!(p.primary(), Some(1));
-        assert_eq!(p.on_answer(0, t + 51 * MS, &slots), Duplicate);
+        assert_eq!(p.on_answer(0, t + 61 * MS, &slots), Duplicate);
+    }
+
+    #[test]
+    fn a_first_answer_owes_the_player_nothing_more() {
+        // The query that opened the session was answered by the first speaker: a later
+        // datagram, answered first by the other replica, finds nothing owed.
+        let t = crate::epoch();
+        let slots = [Ready, Ready];
+        let mut p = Primary::new(30 * MS, t, &slots);
+        p.on_request(t);
+        assert_eq!(p.on_answer(1, t + MS, &slots), Forward);
+        assert_eq!(p.on_answer(0, t + 2 * MS, &slots), Duplicate);
+        p.on_request(t + 100 * MS);
+        assert_eq!(p.on_answer(0, t + 101 * MS, &slots), Duplicate);
+        assert_eq!(p.on_answer(1, t + 102 * MS, &slots), Forward);
+    }
+
+    #[test]
+    fn after_a_quiet_spell_a_standby_answering_first_is_no_failover() {
+        // A turn-based game: a request every second, both replicas answer, either first.
+        let t = crate::epoch();
+        let slots = [Ready, Ready];
+        let mut p = Primary::new(50 * MS, t, &slots);
+        assert_eq!(p.on_answer(0, t, &slots), Forward);
+        for turn in 1..5u32 {
+            let at = t + 1000 * MS * turn;
+            assert_eq!(p.on_answer(1, at, &slots), Duplicate, "turn {turn}");
+            assert_eq!(p.on_answer(0, at + 2 * MS, &slots), Forward, "turn {turn}");
+        }
+        // And a standby 300 ms behind the primary never takes over.
+        for turn in 5..10u32 {
+            let at = t + 1000 * MS * turn;
+            assert_eq!(p.on_answer(0, at, &slots), Forward);
+            assert_eq!(p.on_answer(1, at + 300 * MS, &slots), Duplicate);
+        }
+        assert_eq!(p.primary(), Some(0));
     }
 
     #[test]
@@ -219,6 +264,7 @@ mod tests {
         assert_eq!(p.on_answer(1, t, &slots), Forward, "speaks first");
         assert_eq!(p.on_answer(0, t + MS, &slots), Duplicate);
         // Replica 1 falls silent while replica 0 goes on: 0 takes over after the window.
+        assert_eq!(p.on_answer(0, t + 30 * MS, &slots), Duplicate);
         assert_eq!(p.on_answer(0, t + 60 * MS, &slots), ForwardAfterFailover);
     }
 

@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use super::trust::{DIVERGE_AFTER, Disagreement};
-use super::{Copies, MAX_SLOTS, Slot, Verdict};
+use super::{Copies, MAX_SLOTS, Silence, Slot, Verdict};
 
 /// Width of the sequence number in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +294,8 @@ pub struct Sequence {
     lag: Option<Duration>,
     /// The replica whose answer set the highest number delivered.
     owner: Option<Slot>,
+    /// The evidence that the owner has gone quiet.
+    silence: Silence,
     /// The first number delivered since the numbering (re)started: a replica's numbers
     /// before it predate the session, and say nothing of agreement.
     first: Option<u64>,
@@ -321,6 +323,7 @@ impl Sequence {
             delivered: [(u64::MAX, now); DELIVERED_RING],
             lag: None,
             owner: None,
+            silence: Silence::default(),
             first: None,
             off: [0; MAX_SLOTS],
         }
@@ -346,6 +349,21 @@ impl Sequence {
     /// The replica whose answer set the highest number delivered.
     pub fn owner(&self) -> Option<Slot> {
         self.owner
+    }
+
+    /// Notes an answer from `slot` at `now`: whether the owner of the numbering is silent
+    /// (see [`Silence`]) over `window`.
+    pub fn owner_silent(&mut self, slot: Slot, now: Instant, window: Duration) -> bool {
+        if self.owner.is_none_or(|o| o == slot) {
+            self.silence.heard();
+            return false;
+        }
+        self.silence.other(now, window)
+    }
+
+    /// The player sent a datagram at `now`.
+    pub fn on_request(&mut self, now: Instant) {
+        self.silence.asked(now);
     }
 
     /// Judges an answer, letting `decide` choose whether it reaches the player from what it
@@ -390,6 +408,9 @@ impl Sequence {
                     }
                 }
                 if self.window.highest() == Some(seq & self.spec.width.mask()) {
+                    if self.owner != Some(slot) {
+                        self.silence.heard();
+                    }
                     self.owner = Some(slot);
                 }
                 self.first.get_or_insert(seq);

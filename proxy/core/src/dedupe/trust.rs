@@ -21,7 +21,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{MAX_SLOTS, Primary, Slot, SlotState, Verdict};
+use super::{MAX_SLOTS, Primary, Silence, Slot, SlotState, Verdict};
 
 /// Evidence against a replica before its session is taken to hold two worlds: in `copies`,
 /// answers it sent first that no other replica has matched (each of two replicas must have
@@ -93,6 +93,8 @@ pub struct Trust {
     agree: [u32; MAX_SLOTS],
     /// Answers delivered, per slot: on a desync the world the player saw most is kept.
     delivered: [u32; MAX_SLOTS],
+    /// [`Stage::Trusted`]: the evidence that every trusted replica has gone quiet.
+    silence: Silence,
     changes: Changes,
 }
 
@@ -124,6 +126,7 @@ impl Trust {
             trusted: 0,
             agree: [0; MAX_SLOTS],
             delivered: [0; MAX_SLOTS],
+            silence: Silence::default(),
             changes: Changes::default(),
         }
     }
@@ -136,11 +139,6 @@ impl Trust {
     /// The replica delivering outside [`Stage::Trusted`].
     pub fn leader(&self) -> Option<Slot> {
         self.leader.primary()
-    }
-
-    /// When `slot` last answered.
-    pub fn heard(&self, slot: Slot) -> Option<Instant> {
-        self.leader.heard(slot)
     }
 
     /// The silence after which a replica is taken for gone.
@@ -208,11 +206,14 @@ impl Trust {
             }
             Stage::Trusted => {
                 self.leader.note(slot, now);
+                if self.trusted & bit(slot) != 0 {
+                    self.silence.heard();
+                }
                 if !fresh {
                     Verdict::Duplicate
                 } else if self.trusted & bit(slot) != 0 {
                     Verdict::Forward
-                } else if self.trusted_silent(now, slots) && slots[slot] == SlotState::Ready {
+                } else if self.trusted_silent(now) && slots[slot] == SlotState::Ready {
                     // Every trusted replica is gone quiet: this one speaks alone.
                     self.stage = Stage::Probation;
                     self.trusted = 0;
@@ -306,16 +307,15 @@ impl Trust {
         }
     }
 
-    /// No trusted replica has answered within the failover window.
-    fn trusted_silent(&self, now: Instant, slots: &[SlotState]) -> bool {
-        let live = live_mask(slots);
-        (0..MAX_SLOTS)
-            .filter(|&s| self.trusted & live & bit(s) != 0)
-            .all(|s| {
-                self.leader
-                    .heard(s)
-                    .is_none_or(|h| now.saturating_duration_since(h) >= self.failover_after)
-            })
+    /// Every trusted replica is silent (see [`Silence`]) as an untrusted one answers.
+    fn trusted_silent(&mut self, now: Instant) -> bool {
+        self.silence.other(now, self.failover_after)
+    }
+
+    /// The player sent a datagram at `now`.
+    pub fn on_request(&mut self, now: Instant) {
+        self.leader.on_request(now);
+        self.silence.asked(now);
     }
 
     /// A replica joined (or re-used) `slot`: it has matched nothing yet.

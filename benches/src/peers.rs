@@ -2,6 +2,7 @@
 //! processes with generated configuration. `benches/peers/install.sh` installs them.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -113,9 +114,12 @@ pub fn start_nginx(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        // Its workers die with the master only if the group is killed: a SIGKILLed master
+        // leaves them behind, holding the port and the machine's memory.
+        .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {}", paths.nginx.display()))?;
-    Ok(Guard::new(child))
+    Ok(Guard::group(child))
 }
 
 /// Starts Quilkin forwarding every datagram to all `endpoints`, listening on `port`.

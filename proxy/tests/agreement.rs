@@ -15,6 +15,10 @@ use spotable_fixtures::tick::{self, PlayerLog};
 use spotable_fixtures::wire;
 
 const HZ: u32 = 30;
+
+/// The tick games run one at a time: on a small CI machine two of them at once, beside the
+/// other tests, can stall a server for longer than the failover window.
+static ONE_GAME_AT_A_TIME: Mutex<()> = Mutex::new(());
 const PLAYERS: usize = 4;
 const MS: Duration = Duration::from_millis(1);
 
@@ -22,9 +26,13 @@ const MS: Duration = Duration::from_millis(1);
 struct TickGame {
     servers: Vec<(ReplicaProcess, Instant)>,
     proxy: ProxyProcess,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 fn tick_game(apart: Duration, extra: &[&str]) -> TickGame {
+    let turn = ONE_GAME_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let hz = HZ.to_string();
     let mut servers = Vec::new();
     for i in 0..2 {
@@ -36,7 +44,11 @@ fn tick_game(apart: Duration, extra: &[&str]) -> TickGame {
     }
     let addrs: Vec<SocketAddr> = servers.iter().map(|(p, _)| p.addr).collect();
     let proxy = start_proxy(&addrs, extra);
-    TickGame { servers, proxy }
+    TickGame {
+        servers,
+        proxy,
+        _turn: turn,
+    }
 }
 
 impl TickGame {

@@ -95,6 +95,7 @@ fn session_lookup(c: &mut Criterion) {
                 .map(|p| Replica::ready(SocketAddr::from(([10, 0, 0, 1], 7000 + p))))
                 .collect(),
             games: Vec::new(),
+            moves: Vec::new(),
         });
         let settings = Settings {
             mode: modes()[0].1.clone(),

@@ -58,6 +58,18 @@ pub struct Snapshot {
     pub replicas: Vec<Replica>,
     /// The games behind a token-routing proxy, by name; empty without token routing.
     pub games: Vec<Game>,
+    /// Replicas that moved (a game carried to a landing pad): each old address and the new
+    /// one, a member of this set. Sessions on the old one go on on the new, in place.
+    pub moves: Vec<Move>,
+}
+
+/// A replica that moved: the same game, at a new address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Move {
+    /// Where it was.
+    pub from: SocketAddr,
+    /// Where it is.
+    pub to: SocketAddr,
 }
 
 /// One game behind a token-routing proxy: a group of redundant replicas, reached through
@@ -319,7 +331,14 @@ impl ReplicaSet {
     /// `Draining` (the more recent or more capable report). Marks the set synced. Returns
     /// whether the set changed.
     pub fn publish(&self, replicas: Vec<Replica>) -> bool {
-        self.replace(normalized(replicas), Vec::new())
+        self.publish_with_moves(replicas, Vec::new())
+    }
+
+    /// [`Self::publish`], with the replicas that moved (discovery reports them).
+    pub fn publish_with_moves(&self, replicas: Vec<Replica>, mut moves: Vec<Move>) -> bool {
+        moves.sort();
+        moves.dedup();
+        self.replace(normalized(replicas), Vec::new(), moves)
     }
 
     /// Replaces the whole set with `games` (token routing): each game's replicas normalised
@@ -363,14 +382,15 @@ impl ReplicaSet {
                     version: 0,
                     replicas,
                     games: Vec::new(),
+                    moves: Vec::new(),
                 }),
                 settings,
             })
             .collect();
-        Ok(self.replace(all, games))
+        Ok(self.replace(all, games, Vec::new()))
     }
 
-    fn replace(&self, replicas: Vec<Replica>, games: Vec<Game>) -> bool {
+    fn replace(&self, replicas: Vec<Replica>, games: Vec<Game>, moves: Vec<Move>) -> bool {
         self.heard();
         {
             let mut current = self
@@ -378,7 +398,11 @@ impl ReplicaSet {
                 .current
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if current.replicas == replicas && current.games == games && self.is_synced() {
+            if current.replicas == replicas
+                && current.games == games
+                && current.moves == moves
+                && self.is_synced()
+            {
                 return false;
             }
             let version = current.version + 1;
@@ -386,6 +410,7 @@ impl ReplicaSet {
                 version,
                 replicas,
                 games,
+                moves,
             });
         }
         self.inner.synced.store(true, Ordering::Release);
@@ -488,6 +513,7 @@ pub(crate) fn test_snapshot(version: u64, replicas: &[(u16, ReplicaState)]) -> S
             })
             .collect(),
         games: Vec::new(),
+        moves: Vec::new(),
     }
 }
 

@@ -318,6 +318,18 @@ impl Members {
         let limit = settings.fanout.min(MAX_SLOTS);
         let mut changed = false;
         let mut joined = Vec::new();
+        // A replica that moved keeps its slot at its new address: the same game, the same
+        // players, the same upstream socket (the game still knows each player by it).
+        for m in &snapshot.moves {
+            let taken = self.addrs.contains(&m.to);
+            if let Some(slot) = self.addrs.iter().position(|a| *a == m.from)
+                && !taken
+                && snapshot.state_of(m.to).is_some()
+            {
+                self.addrs[slot] = m.to;
+                changed = true;
+            }
+        }
         let mut live = self.live();
         for (slot, (addr, state)) in self.addrs.iter().zip(self.states.iter_mut()).enumerate() {
             let new = slot_state(snapshot.state_of(*addr));

@@ -87,6 +87,7 @@ fn table_ops(data: &[u8], start: Instant) {
             version: 1,
             replicas: (0..3).map(|p| Replica::ready(addr(p))).collect(),
             games: Vec::new(),
+            moves: Vec::new(),
         }),
         9,
     );
@@ -138,6 +139,7 @@ fn table_ops(data: &[u8], start: Instant) {
                     version,
                     replicas,
                     games: Vec::new(),
+                    moves: Vec::new(),
                 });
                 closed.clear();
                 table.apply(snapshot.clone(), now, &mut closed);

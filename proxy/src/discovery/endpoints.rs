@@ -8,7 +8,13 @@ use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 
-use crate::replicas::{Replica, ReplicaState};
+use crate::replicas::{Move, Replica, ReplicaState};
+
+/// Annotation on an EndpointSlice that a landing pad publishes for the game it took over:
+/// the address (`IP:PORT`, comma-separated for several) of the replica its endpoint replaces.
+/// Only whoever may write EndpointSlices in the namespace (RBAC) can say a replica moved, so
+/// no player or game server can steer sessions to an address of its choice.
+pub const MOVED_FROM: &str = "spotable.io/moved-from";
 
 /// Why a slice contributed nothing (worth a log line, never fatal).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -149,6 +155,41 @@ pub fn replicas<'a>(
     (out, problems)
 }
 
+/// The replicas that moved, from the slices annotated [`MOVED_FROM`]: each old address to
+/// the slice's (first) live endpoint on its port. Unreadable annotations are skipped.
+pub fn moves<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    port_name: Option<&str>,
+) -> Vec<Move> {
+    let mut out = Vec::new();
+    for slice in slices {
+        let Some(from) = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(MOVED_FROM))
+        else {
+            continue;
+        };
+        let Ok(port) = port(slice, port_name) else {
+            continue;
+        };
+        let to = slice.endpoints.iter().find_map(|e| {
+            state(e.conditions.as_ref())?;
+            let ip = e.addresses.first()?.parse::<IpAddr>().ok()?;
+            Some(SocketAddr::new(ip, port))
+        });
+        let Some(to) = to else { continue };
+        out.extend(
+            from.split(',')
+                .filter_map(|a| a.trim().parse::<SocketAddr>().ok())
+                .filter(|f| *f != to)
+                .map(|from| Move { from, to }),
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +214,38 @@ mod tests {
             conditions: c,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_pads_slice_says_which_replica_it_replaces() {
+        let mut pad = slice(
+            "game-moved-pad-1",
+            "IPv4",
+            vec![udp(None, 7777)],
+            vec![ep("10.0.2.9", None)],
+        );
+        pad.metadata.annotations = Some(
+            [(MOVED_FROM.to_string(), "10.0.1.5:7777, bogus".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        let plain = slice(
+            "game-1",
+            "IPv4",
+            vec![udp(None, 7777)],
+            vec![ep("10.0.1.5", None)],
+        );
+        let m = moves([&plain, &pad], None);
+        assert_eq!(
+            m,
+            vec![Move {
+                from: "10.0.1.5:7777".parse().unwrap(),
+                to: "10.0.2.9:7777".parse().unwrap()
+            }]
+        );
+        // A pad whose game is not serving any more moves nothing.
+        pad.endpoints[0].conditions = Some(cond(Some(false), Some(false), Some(true)));
+        assert!(moves([&pad], None).is_empty());
     }
 
     fn udp(name: Option<&str>, port: i32) -> EndpointPort {

@@ -87,7 +87,14 @@ pub async fn run(client: Client, source: Source, replicas: ReplicaSet) {
                 for p in problems {
                     tracing::warn!("{p}");
                 }
-                if replicas.publish(found) {
+                let moves = endpoints::moves(
+                    slices.iter().map(AsRef::as_ref),
+                    source.port_name.as_deref(),
+                );
+                for m in &moves {
+                    tracing::info!(from = %m.from, to = %m.to, "a replica moved");
+                }
+                if replicas.publish_with_moves(found, moves) {
                     let snapshot = replicas.snapshot();
                     tracing::info!(
                         ready = snapshot.count(ReplicaState::Ready),

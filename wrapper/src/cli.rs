@@ -8,11 +8,11 @@ use std::time::{Duration, Instant, SystemTime};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use spotable_edge::LogFormat;
 use spotable_fleet::imds::{Identity, Imds, ImdsConfig};
-use spotable_fleet::inventory::{Message, PodRef, Publisher, Status};
-use tokio::sync::mpsc;
+use spotable_fleet::inventory::{Message, Status};
 
 use crate::expand;
 use crate::ports::{self, Allocation, PortRange, PortSpec};
+use crate::report::{Outbox, ServerInfo};
 use crate::supervise::{self, Supervisor};
 
 /// `spotable-wrapper` command line.
@@ -52,6 +52,15 @@ enum Sub {
     /// (`--replica-header proxy-v2`) and gives the game one stable peer per player,
     /// whichever proxy carries the player. Run it beside the game, in its pod.
     Anchor(AnchorArgs),
+    /// A landing pad: runs no game, waits for one moved off a reclaimed node (a wrapper with
+    /// --migrate) on its migration port, restores it with CRIU and supervises it as the run
+    /// mode would. Prints `listening ADDR` once it waits.
+    Land {
+        #[command(flatten)]
+        land: crate::migrate::land::LandArgs,
+        #[command(flatten)]
+        common: Box<Common>,
+    },
     /// Reads the inventory queue and prints the live fleet: status, game, address, node, age.
     /// It consumes the queue and keeps the fleet in --state, so every run shows all of it;
     /// with --peek it leaves the messages for the queue's real consumer (a matchmaker).
@@ -176,6 +185,30 @@ pub struct Common {
     /// Stop signal to SIGKILL.
     #[arg(long, default_value = "110s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub grace: Duration,
+    /// On SIGTERM (the eviction), move the running game to a landing pad (`spotable-wrapper
+    /// land`) with CRIU instead of stopping it; stop it only when no pad takes it or the move
+    /// fails. The game then runs as PID 1 of a PID namespace and in a time namespace of its
+    /// own (needs CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE, CAP_SYS_PTRACE).
+    #[arg(long)]
+    pub migrate: bool,
+    /// With --migrate: a landing pad to try (HOST:PORT of its migration port), in order
+    /// (repeatable).
+    #[arg(long = "pad", value_name = "ADDR")]
+    pub pads: Vec<std::net::SocketAddr>,
+    /// With --migrate: where this wrapper serves the game's memory to the pad, on the pod
+    /// network [default: $POD_IP:7101].
+    #[arg(long, value_name = "IP:PORT")]
+    pub page_server: Option<std::net::SocketAddr>,
+    /// With --migrate (and `land`): the criu program, 4.2 or newer.
+    #[arg(long, default_value = "criu", value_name = "PATH")]
+    pub criu: PathBuf,
+    /// With --migrate (and `land`): where CRIU's images are written.
+    #[arg(long, default_value = "/tmp/spotable-migrate", value_name = "DIR")]
+    pub migrate_dir: PathBuf,
+    /// With --migrate: the whole move, the last page of memory included; keep it under the
+    /// pod's grace period.
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub move_within: Duration,
     /// How long the game may take to bind its ports before `ready` is given up.
     #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub ready_timeout: Duration,
@@ -266,6 +299,23 @@ pub fn main() -> ExitCode {
             state,
         }) => return inventory(&queue_url, watch, peek, &state),
         Some(Sub::Anchor(args)) => return anchor(args),
+        Some(Sub::Land { land, common }) => {
+            let common = match common.settle() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("spotable-wrapper: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Err(e) = spotable_edge::init_logging(common.log_format, &common.log_level) {
+                eprintln!("spotable-wrapper: {e}");
+                return ExitCode::from(2);
+            }
+            return spotable_edge::block_on(
+                "spotable-wrapper",
+                crate::migrate::land::run(common, land),
+            );
+        }
         Some(Sub::Init { common, .. }) if common.anchor.is_some() => {
             eprintln!(
                 "spotable-wrapper: --anchor: the anchor runs beside the game, in run mode, not \
@@ -468,8 +518,9 @@ enum Mode {
 
 type BoxError = Box<dyn std::error::Error>;
 
-async fn run(common: Common, mode: Mode) -> Result<i32, BoxError> {
-    let _admin = match common.admin {
+/// The admin listener (`--admin`), serving until the returned guard is dropped.
+pub(crate) async fn admin(common: &Common) -> Result<Option<impl Drop>, BoxError> {
+    Ok(match common.admin {
         Some(addr) => {
             let metrics = spotable_edge::install_metrics("spotable-wrapper")?;
             let (_, task) = spotable_edge::serve(addr, admin_router(metrics))
@@ -478,11 +529,15 @@ async fn run(common: Common, mode: Mode) -> Result<i32, BoxError> {
             Some(AbortOnDrop(task))
         }
         None => None,
-    };
+    })
+}
+
+async fn run(common: Common, mode: Mode) -> Result<i32, BoxError> {
+    let _admin = admin(&common).await?;
     let mut alloc = ports::allocate(&common.ports, common.port_range, &common.lock_dir)?;
     tracing::info!(ports = ?alloc.ports, "ports allocated");
     let identity = identity(&common).await?;
-    let server = ServerInfo::new(&common, &alloc, identity);
+    let server = ServerInfo::new(&common, &alloc.ports, identity);
     let outbox = Outbox::start(common.queue_url.clone()).await;
     outbox.send(server.message(Status::Init));
     match mode {
@@ -553,11 +608,22 @@ async fn launch(
         drop(hold);
         (name, port)
     });
-    let mut cmd = std::process::Command::new(&command[0]);
-    cmd.args(command[1..].iter().map(|a| expand::expand(a, &env)))
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .process_group(0);
-    let child = match cmd.spawn() {
+    let args: Vec<OsString> = command[1..]
+        .iter()
+        .map(|a| expand::expand(a, &env))
+        .collect();
+    let spawned = if common.migrate {
+        crate::migrate::game::spawn(&command[0], &args, &env)
+            .map(|m| (m.unshare, Some((m.pid, m.pipes))))
+    } else {
+        std::process::Command::new(&command[0])
+            .args(&args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .process_group(0)
+            .spawn()
+            .map(|c| (c, None))
+    };
+    let (child, movable) = match spawned {
         Ok(c) => c,
         Err(e) => {
             let mut m = server.message(Status::Terminated);
@@ -568,7 +634,10 @@ async fn launch(
         }
     };
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
-    tracing::info!(pid = pid.as_raw(), "game started");
+    match movable {
+        Some((game, _)) => tracing::info!(pid = game, "game started, movable"),
+        None => tracing::info!(pid = pid.as_raw(), "game started"),
+    }
     if anchor.is_some() {
         // A socket per player: the anchor may need more descriptors than the container's soft
         // limit. Raised now, after the fork, so the game keeps the limit it was given.
@@ -620,14 +689,29 @@ async fn launch(
             }
         })
     };
-    let exit = supervisor
-        .run(pid, common.grace, |signal| {
-            tracing::info!(signal, "stopping the game");
-            let mut m = server.message(Status::Terminating);
-            m.reason = Some(signal.into());
-            outbox.send(m);
-        })
-        .await;
+    let on_stop = |signal: &'static str| {
+        tracing::info!(signal, "stopping the game");
+        let mut m = server.message(Status::Terminating);
+        m.reason = Some(signal.into());
+        outbox.send(m);
+    };
+    let (exit, moved) = match movable {
+        None => (supervisor.run(pid, common.grace, on_stop).await, None),
+        Some((game, pipes)) => {
+            crate::migrate::names::describe();
+            let plan = crate::migrate::plan(common, &alloc.ports, server, game, pipes)?;
+            let abort = plan.abort.clone();
+            let mover = move || crate::migrate::carry_out(&plan);
+            let game = nix::unistd::Pid::from_raw(game);
+            match supervisor
+                .run_movable(pid, game, common.grace, abort, mover, on_stop)
+                .await
+            {
+                supervise::Outcome::Exited(exit) => (exit, None),
+                supervise::Outcome::Moved(moved) => (supervise::Exit::Code(0), Some(moved)),
+            }
+        }
+    };
     ready.abort();
     if let Some(h) = health {
         h.abort();
@@ -648,15 +732,16 @@ async fn launch(
     }
     let mut m = server.message(Status::Terminated);
     m.exit_code = Some(exit.code());
-    m.reason = Some(match exit {
-        supervise::Exit::Code(_) => "exit".into(),
-        supervise::Exit::Signal(s) => format!("signal {s}"),
+    m.reason = Some(match (exit, &moved) {
+        (_, Some(moved)) => format!("moved to {}", moved.pad),
+        (supervise::Exit::Code(_), None) => "exit".into(),
+        (supervise::Exit::Signal(s), None) => format!("signal {s}"),
     });
     outbox.send(m);
     Ok(exit.code())
 }
 
-async fn identity(common: &Common) -> Result<Identity, BoxError> {
+pub(crate) async fn identity(common: &Common) -> Result<Identity, BoxError> {
     let mut id = Identity::default();
     if !common.no_imds {
         let imds = Imds::new(ImdsConfig {
@@ -697,75 +782,6 @@ async fn identity(common: &Common) -> Result<Identity, BoxError> {
     Ok(id)
 }
 
-/// What every message says about this game server.
-struct ServerInfo {
-    base: Message,
-    id: String,
-}
-
-impl ServerInfo {
-    fn new(common: &Common, alloc: &Allocation, identity: Identity) -> Self {
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let pod = match (env("POD_NAMESPACE"), env("POD_NAME")) {
-            (Some(namespace), Some(name)) => Some(PodRef {
-                namespace,
-                name,
-                uid: env("POD_UID"),
-            }),
-            _ => None,
-        };
-        let started = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        let id = pod
-            .as_ref()
-            .map(|p| {
-                p.uid
-                    .clone()
-                    .unwrap_or_else(|| format!("{}/{}", p.namespace, p.name))
-            })
-            .unwrap_or_else(|| format!("{}-{}-{started}", hostname(), std::process::id()));
-        let mut base = Message::new("", Status::Init);
-        base.kind = common.kind.clone();
-        base.ports = alloc.ports.clone();
-        base.public_hostname = identity.public_hostname;
-        base.public_ipv4 = identity.public_ipv4;
-        base.region = identity.region;
-        base.instance_id = identity.instance_id;
-        base.node = env("NODE_NAME");
-        base.pod = pod;
-        base.game = common.game.clone();
-        base.tokens = common.tokens.clone();
-        base.front_address = common.front_address.clone();
-        Self { base, id }
-    }
-
-    fn message(&self, status: Status) -> Message {
-        let mut m = self.base.clone();
-        let name = serde_status(status);
-        m.event_id = format!("{}:{name}", self.id);
-        m.status = status;
-        m.ts = spotable_fleet::inventory::now_rfc3339();
-        m
-    }
-}
-
-fn serde_status(s: Status) -> &'static str {
-    match s {
-        Status::Init => "init",
-        Status::Ready => "ready",
-        Status::Terminating => "terminating",
-        Status::Terminated => "terminated",
-        Status::Interrupted => "interrupted",
-    }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
 fn write_env_file(path: &std::path::Path, alloc: &Allocation) -> std::io::Result<()> {
     let mut text = String::new();
     for (k, v) in alloc.env() {
@@ -774,54 +790,4 @@ fn write_env_file(path: &std::path::Path, alloc: &Allocation) -> std::io::Result
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
-}
-
-/// Inventory messages, sent in order by one background task, each with bounded retries, so a
-/// slow or absent queue never holds up the game.
-#[derive(Clone)]
-struct Outbox {
-    tx: Option<mpsc::UnboundedSender<Message>>,
-    done: std::sync::Arc<tokio::sync::Notify>,
-}
-
-impl Outbox {
-    async fn start(queue_url: Option<String>) -> Self {
-        let done = std::sync::Arc::new(tokio::sync::Notify::new());
-        let Some(url) = queue_url else {
-            tracing::warn!("no --queue-url: inventory messages are not published");
-            return Self { tx: None, done };
-        };
-        let publisher = Publisher::from_env(url).await;
-        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
-        let notify = done.clone();
-        tokio::spawn(async move {
-            while let Some(m) = rx.recv().await {
-                match publisher.send_with_retry(&m, Duration::from_secs(10)).await {
-                    Ok(_) => tracing::info!(status = ?m.status, "inventory: published"),
-                    Err(e) => tracing::warn!(error = %e, "inventory: message dropped"),
-                }
-            }
-            notify.notify_one();
-        });
-        Self { tx: Some(tx), done }
-    }
-
-    fn send(&self, m: Message) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(m);
-        }
-    }
-
-    /// Waits up to `bound` for queued messages to go out.
-    async fn close(mut self, bound: Duration) {
-        if self.tx.take().is_none() {
-            return;
-        }
-        if tokio::time::timeout(bound, self.done.notified())
-            .await
-            .is_err()
-        {
-            tracing::warn!(?bound, "inventory: gave up waiting for the queue");
-        }
-    }
 }

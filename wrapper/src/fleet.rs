@@ -72,6 +72,16 @@ impl Fleet {
             }
             return;
         }
+        if m.status == Status::Moved
+            && let Some(from) = m.moved_from.as_ref().and_then(|f| f.pod.as_ref())
+        {
+            // The game went on elsewhere: its old server is done.
+            let old = format!("{}/{}", from.namespace, from.name);
+            if let Some(s) = self.servers.get_mut(&old) {
+                s.status = Status::Terminated;
+                s.updated = m.ts.clone();
+            }
+        }
         let id = server_id(m);
         let host = m
             .public_hostname
@@ -154,7 +164,7 @@ impl Fleet {
 fn lifecycle(s: Status) -> u8 {
     match s {
         Status::Init => 0,
-        Status::Ready => 1,
+        Status::Ready | Status::Moved => 1,
         Status::Interrupted => 2,
         Status::Terminating => 3,
         Status::Terminated => 4,

@@ -7,5 +7,7 @@ pub mod anchor;
 pub mod cli;
 pub mod expand;
 pub mod fleet;
+pub mod migrate;
 pub mod ports;
+mod report;
 pub mod supervise;

@@ -36,25 +36,85 @@ pub fn become_subreaper() -> nix::Result<()> {
     nix::sys::prctl::set_child_subreaper(true)
 }
 
-/// Reaps every child that has exited; returns the main child's exit if it is among them.
+/// Children whose exit another part of the wrapper waits for itself (CRIU's processes):
+/// the reaper leaves them alone.
+static OWNED: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps the reaper off child `pid` while it lives.
+#[derive(Debug)]
+pub struct Owned(i32);
+
+impl Owned {
+    /// Claims child `pid`.
+    pub fn new(pid: u32) -> Self {
+        let pid = i32::try_from(pid).unwrap_or(i32::MAX);
+        OWNED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(pid);
+        Self(pid)
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        OWNED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|p| *p != self.0);
+    }
+}
+
+/// Reaps every child that has exited but those [`Owned`]; returns the main child's exit if it
+/// is among them.
 pub fn reap(main: Pid) -> Option<Exit> {
     let mut exit = None;
     loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == main => exit = Some(Exit::Code(code)),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main => {
-                exit = Some(Exit::Signal(sig as i32));
-            }
-            Ok(WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _)) => {
-                tracing::debug!(pid = pid.as_raw(), "reaped an orphan");
-            }
-            Ok(WaitStatus::StillAlive) => break,
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => break, // ECHILD: nobody left
+        match waitpid(main, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => exit = Some(Exit::Code(code)),
+            Ok(WaitStatus::Signaled(_, sig, _)) => exit = Some(Exit::Signal(sig as i32)),
+            Err(nix::errno::Errno::EINTR) => continue,
+            _ => {}
+        }
+        break;
+    }
+    let owned = OWNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for pid in zombies() {
+        if pid != main.as_raw() && !owned.contains(&pid) {
+            let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+            tracing::debug!(pid, "reaped an orphan");
         }
     }
     exit
+}
+
+/// Our children that have exited and wait to be reaped (orphans reparented to us included).
+fn zombies() -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
+            continue;
+        };
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            if state == Some("Z") {
+                out.push(pid);
+            }
+        }
+    }
+    out
 }
 
 /// Signal streams, registered before the game starts so no signal is missed.
@@ -120,6 +180,122 @@ impl Supervisor {
                 }
             }
         }
+    }
+}
+
+/// How a movable game's supervision ended.
+#[derive(Debug)]
+pub enum Outcome<M> {
+    /// The game was moved; it runs elsewhere.
+    Moved(M),
+    /// The game ended here.
+    Exited(Exit),
+}
+
+impl Supervisor {
+    /// As [`Supervisor::run`], for a game that can be moved: `main` is the wrapper's child
+    /// (the game's parent outside its PID namespace), `game` the game (its own process
+    /// group). The first stop signal starts `mover` (a blocking move, in a thread) instead of
+    /// passing the signal on. When the move succeeds the game is gone from here; when it fails,
+    /// the signal is passed on then, `on_stop` is called and the grace period starts. A second
+    /// stop signal during the move sets `abort`, which the move heeds before it freezes the
+    /// game.
+    pub async fn run_movable<M: Send + 'static>(
+        mut self,
+        main: Pid,
+        game: Pid,
+        grace: Duration,
+        abort: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        mover: impl FnOnce() -> Result<M, String> + Send + 'static,
+        mut on_stop: impl FnMut(&'static str),
+    ) -> Outcome<M> {
+        let mut mover = Some(mover);
+        let mut moving: Option<tokio::task::JoinHandle<Result<M, String>>> = None;
+        let mut kill_at: Option<tokio::time::Instant> = None;
+        let mut stopped: Option<&'static str> = None;
+        let forward = |sig: Signal| {
+            for group in [game, main] {
+                let _ = killpg(group, sig);
+            }
+        };
+        loop {
+            if let Some(exit) = reap(main) {
+                // A moved game ends here when its last page has left: the move's word decides.
+                return match moving.take() {
+                    Some(handle) => match handle.await {
+                        Ok(Ok(m)) => Outcome::Moved(m),
+                        _ => Outcome::Exited(exit),
+                    },
+                    None => Outcome::Exited(exit),
+                };
+            }
+            let deadline = kill_at;
+            let stop = |name: &'static str, stopped: &mut Option<&'static str>| {
+                if stopped.is_none() {
+                    *stopped = Some(name);
+                    true
+                } else {
+                    false
+                }
+            };
+            tokio::select! {
+                _ = self.chld.recv() => {}
+                _ = self.term.recv() => {
+                    if stop("SIGTERM", &mut stopped) {
+                        if let Some(m) = mover.take() {
+                            moving = Some(tokio::task::spawn_blocking(m));
+                        }
+                    } else if moving.is_some() {
+                        abort.store(true, std::sync::atomic::Ordering::Release);
+                    } else {
+                        forward(Signal::SIGTERM);
+                    }
+                }
+                _ = self.int.recv() => {
+                    if stop("SIGINT", &mut stopped) {
+                        if let Some(m) = mover.take() {
+                            moving = Some(tokio::task::spawn_blocking(m));
+                        }
+                    } else if moving.is_some() {
+                        abort.store(true, std::sync::atomic::Ordering::Release);
+                    } else {
+                        forward(Signal::SIGINT);
+                    }
+                }
+                _ = self.hup.recv() => forward(Signal::SIGHUP),
+                result = join(&mut moving) => {
+                    moving = None;
+                    match result {
+                        Ok(m) => return Outcome::Moved(m),
+                        Err(why) => {
+                            tracing::warn!(why, "the game could not be moved; stopping it here");
+                            let name = stopped.unwrap_or("SIGTERM");
+                            forward(if name == "SIGINT" { Signal::SIGINT } else { Signal::SIGTERM });
+                            on_stop(name);
+                            kill_at = Some(tokio::time::Instant::now() + grace);
+                        }
+                    }
+                }
+                () = sleep_until(deadline) => {
+                    tracing::warn!(grace = ?grace, "grace period over; SIGKILL");
+                    forward(Signal::SIGKILL);
+                    kill_at = None;
+                }
+            }
+        }
+    }
+}
+
+/// The move's result, once it is done; pending while there is none.
+async fn join<M>(
+    moving: &mut Option<tokio::task::JoinHandle<Result<M, String>>>,
+) -> Result<M, String> {
+    match moving {
+        Some(handle) => match handle.await {
+            Ok(result) => result,
+            Err(e) => Err(format!("the move panicked: {e}")),
+        },
+        None => std::future::pending().await,
     }
 }
 

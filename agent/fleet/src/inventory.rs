@@ -11,12 +11,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-/// Schema version carried in `v`. Version 2 added `game`, `tokens` and `front_address`; the
-/// JSON Schema of the current version is `deploy/schema/inventory.v2.json`.
-pub const SCHEMA_VERSION: u32 = 2;
+/// Schema version carried in `v`. Version 2 added `game`, `tokens` and `front_address`,
+/// version 3 the status `moved` and `moved_from`; the JSON Schema of the current version is
+/// `deploy/schema/inventory.v3.json`.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The keys every message carries (null when unknown), as documented for consumers.
-pub const KEYS: [&str; 18] = [
+pub const KEYS: [&str; 19] = [
     "v",
     "event_id",
     "status",
@@ -34,6 +35,7 @@ pub const KEYS: [&str; 18] = [
     "game",
     "tokens",
     "front_address",
+    "moved_from",
     "ts",
 ];
 
@@ -51,6 +53,20 @@ pub enum Status {
     Terminated,
     /// Its node is being reclaimed.
     Interrupted,
+    /// A landing pad took over a game moved off a reclaimed node: this message is the new
+    /// server's, `moved_from` names the old one.
+    Moved,
+}
+
+/// The game server a `moved` message's server took over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedFrom {
+    /// Its pod.
+    pub pod: Option<PodRef>,
+    /// Its node.
+    pub node: Option<String>,
+    /// `IP:PORT` the proxies sent to.
+    pub address: Option<String>,
 }
 
 /// Transport of a port.
@@ -127,6 +143,9 @@ pub struct Message {
     /// the server itself.
     #[serde(default)]
     pub front_address: Option<String>,
+    /// For `moved`: the game server this one took over.
+    #[serde(default)]
+    pub moved_from: Option<MovedFrom>,
     /// When the message was made (RFC 3339).
     pub ts: String,
 }
@@ -152,6 +171,7 @@ impl Message {
             game: None,
             tokens: Vec::new(),
             front_address: None,
+            moved_from: None,
             ts: now_rfc3339(),
         }
     }
@@ -350,7 +370,8 @@ mod tests {
         }
         assert_eq!(v["status"], "interrupted");
         assert_eq!(v["ports"]["game"]["proto"], "udp");
-        assert_eq!(v["v"], 2);
+        assert_eq!(v["v"], 3);
+        assert!(v["moved_from"].is_null());
         let back: Message = serde_json::from_value(v).unwrap();
         assert_eq!(back, m);
     }

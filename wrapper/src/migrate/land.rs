@@ -1,0 +1,139 @@
+//! `spotable-wrapper land`: the landing pad's life. It waits for a game, restores it, then
+//! supervises it exactly as the run mode would (PID-1 duty, inventory); if the game's memory
+//! stops arriving before it is all here (the source died mid-transfer), the restored copy is
+//! killed cleanly and the pad waits again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::Args;
+use spotable_fleet::inventory::{MovedFrom, Status};
+
+use super::criu::Criu;
+use super::pad::{Pad, kill_group};
+use super::{game, names};
+use crate::cli::Common;
+use crate::report::{Outbox, ServerInfo};
+use crate::supervise::{self, Supervisor};
+
+type BoxError = Box<dyn std::error::Error>;
+
+/// `spotable-wrapper land` flags.
+#[derive(Debug, Clone, Args)]
+pub struct LandArgs {
+    /// The migration port: where wrappers moving a game connect (TCP, on the pod network).
+    #[arg(long = "listen", default_value = "0.0.0.0:7100", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// A network whose wrappers may send a game (the game pods' network; repeatable).
+    /// Nothing is trusted until this is given.
+    #[arg(long = "trust", value_name = "CIDR", required = true)]
+    pub trust: Vec<ipnet::IpNet>,
+}
+
+/// Runs the pad until a game that landed here ends; its exit code is ours.
+pub async fn run(common: Common, args: LandArgs) -> Result<i32, BoxError> {
+    let _admin = crate::cli::admin(&common).await?;
+    if let Err(e) = supervise::become_subreaper() {
+        return Err(format!("a pad must reap the game it restores: {e}").into());
+    }
+    names::describe();
+    let pad = Arc::new(
+        Pad::bind(
+            args.listen,
+            args.trust.clone(),
+            Criu {
+                binary: common.criu.clone(),
+            },
+            common.migrate_dir.clone(),
+        )
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?,
+    );
+    let local = pad.local_addr()?;
+    tracing::info!(listen = %local, trust = ?args.trust, "landing pad waiting for a game");
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening {local}")?;
+        out.flush()?;
+    }
+    let identity = crate::cli::identity(&common).await?;
+    let outbox = Outbox::start(common.queue_url.clone()).await;
+    loop {
+        let waiting = pad.clone();
+        let landed = tokio::task::spawn_blocking(move || waiting.land(|_, _| Ok(())))
+            .await
+            .map_err(|e| format!("the pad panicked: {e}"))??;
+        let pid = landed.restored.pid;
+        tracing::info!(pid, from = %landed.from, "a game landed");
+        metrics::counter!(names::MOVES, "result" => "landed").increment(1);
+        let [out, err] = landed.output;
+        game::pass_on(out, false);
+        game::pass_on(err, true);
+        let server = ServerInfo::new(&common, &landed.hello.ports, identity.clone());
+        outbox.send(server.message(Status::Ready));
+        let mut moved = server.message(Status::Moved);
+        moved.moved_from = Some(MovedFrom {
+            pod: landed.hello.pod.clone(),
+            node: landed.hello.node.clone(),
+            address: landed.hello.address.clone(),
+        });
+        outbox.send(moved);
+        // While a game runs here, other sources are refused at once.
+        let busy = Arc::new(AtomicBool::new(true));
+        pad.refuse_while(busy.clone());
+        let mut restored = landed.restored;
+        let mut pages = tokio::task::spawn_blocking(move || restored.pages());
+        let supervisor = Supervisor::new()?;
+        let stopping = outbox.clone();
+        let on_stop = |signal: &'static str| {
+            tracing::info!(signal, "stopping the game");
+            let mut m = server.message(Status::Terminating);
+            m.reason = Some(signal.into());
+            stopping.send(m);
+        };
+        let game = nix::unistd::Pid::from_raw(pid);
+        let supervised = supervisor.run(game, common.grace, on_stop);
+        tokio::pin!(supervised);
+        let exit = tokio::select! {
+            exit = &mut supervised => Some(exit),
+            result = &mut pages => match result {
+                Ok(Ok(())) => {
+                    tracing::info!(pid, "the game's memory is all here");
+                    None
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "the game's memory stopped arriving: ending it");
+                    kill_group(pid);
+                    let exit = supervised.await;
+                    metrics::counter!(names::MOVES, "result" => "lost").increment(1);
+                    let mut m = server.message(Status::Terminated);
+                    m.exit_code = Some(exit.code());
+                    m.reason = Some(format!("move failed: {e}"));
+                    outbox.send(m);
+                    landed.dir.exists().then(|| std::fs::remove_dir_all(&landed.dir));
+                    busy.store(false, Ordering::Release);
+                    tracing::info!("landing pad waiting for a game again");
+                    continue;
+                }
+                Err(e) => return Err(format!("the page watch panicked: {e}").into()),
+            },
+        };
+        let exit = match exit {
+            Some(exit) => exit,
+            None => supervised.await,
+        };
+        let _ = std::fs::remove_dir_all(&landed.dir);
+        tracing::info!(exit = ?exit, "game exited");
+        let mut m = server.message(Status::Terminated);
+        m.exit_code = Some(exit.code());
+        m.reason = Some(match exit {
+            supervise::Exit::Code(_) => "exit".into(),
+            supervise::Exit::Signal(s) => format!("signal {s}"),
+        });
+        outbox.send(m);
+        outbox.close(Duration::from_secs(5).min(common.grace)).await;
+        return Ok(exit.code());
+    }
+}

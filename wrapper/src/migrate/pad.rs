@@ -1,0 +1,253 @@
+//! The landing pad: waits, running no game, for one to arrive on its migration port; takes
+//! it only from a trusted peer and only with its ports free; restores it with CRIU (its
+//! memory following from the source's page server); then hands it to the caller, which
+//! supervises it as the run mode would.
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use spotable_fleet::inventory::Proto;
+
+use super::criu::{Criu, Restored};
+use super::wire::{self, Frame, Hello, VERSION};
+
+/// Most image bytes a game may send (memory follows separately, on demand).
+const MAX_IMAGES: u64 = 2 << 30;
+
+/// A pad, listening.
+#[derive(Debug)]
+pub struct Pad {
+    listener: TcpListener,
+    trust: Vec<IpNet>,
+    criu: Criu,
+    work_dir: PathBuf,
+}
+
+/// A game that landed and runs here.
+#[derive(Debug)]
+pub struct Landed {
+    /// What the source said of it.
+    pub hello: Hello,
+    /// The restored game, its memory still arriving.
+    pub restored: Restored,
+    /// Its standard output and error.
+    pub output: [std::io::PipeReader; 2],
+    /// Where the images are (removed by [`Landed::clean`]).
+    pub dir: PathBuf,
+    /// Who sent it.
+    pub from: SocketAddr,
+}
+
+impl Landed {
+    /// Removes the images.
+    pub fn clean(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Pad {
+    /// Listens on `listen` (TCP) for games from `trust`ed networks.
+    pub fn bind(
+        listen: SocketAddr,
+        trust: Vec<IpNet>,
+        criu: Criu,
+        work_dir: PathBuf,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            listener: TcpListener::bind(listen)?,
+            trust,
+            criu,
+            work_dir,
+        })
+    }
+
+    /// Where sources connect.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// While `busy` is set (a game runs here), refuses every source at once, so it tries
+    /// another pad instead of waiting on this one.
+    pub fn refuse_while(&self, busy: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        let Ok(listener) = self.listener.try_clone() else {
+            return;
+        };
+        std::thread::spawn(move || {
+            if listener.set_nonblocking(true).is_err() {
+                return;
+            }
+            while busy.load(std::sync::atomic::Ordering::Acquire) {
+                match listener.accept() {
+                    Ok((mut stream, peer)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                        let _ = wire::read(&mut stream);
+                        let _ = wire::write(
+                            &mut stream,
+                            &Frame::Refuse("busy: a game runs here".into()),
+                        );
+                        tracing::info!(%peer, "refused a game: one runs here already");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+            let _ = listener.set_nonblocking(false);
+        });
+    }
+
+    /// Waits for a game and restores it. `announce` runs once it runs here and before the
+    /// source is told so (publishing the move, so that proxies follow before the old address
+    /// goes away); its error fails the move. A game that cannot land is refused or failed,
+    /// and the pad waits on.
+    pub fn land(
+        &self,
+        mut announce: impl FnMut(&Hello, i32) -> Result<(), String>,
+    ) -> std::io::Result<Landed> {
+        loop {
+            let (mut stream, peer) = match self.listener.accept() {
+                Ok(got) => got,
+                // Still non-blocking from a refusing spell that is ending.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let _ = stream.set_nonblocking(false);
+            if !self.trust.iter().any(|n| n.contains(&peer.ip())) {
+                tracing::warn!(%peer, "migration from an untrusted address refused");
+                continue;
+            }
+            match self.take(&mut stream, peer, &mut announce) {
+                Ok(landed) => return Ok(landed),
+                Err(why) => {
+                    tracing::warn!(%peer, why, "a game did not land");
+                    let _ = wire::write(&mut stream, &Frame::Failed(why));
+                }
+            }
+        }
+    }
+
+    /// One source's game: `Err` when it did not land (the source is told).
+    fn take(
+        &self,
+        stream: &mut TcpStream,
+        peer: SocketAddr,
+        announce: &mut impl FnMut(&Hello, i32) -> Result<(), String>,
+    ) -> Result<Landed, String> {
+        let _ = stream.set_nodelay(true);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let hello = match wire::read(stream) {
+            Ok(Frame::Hello(h)) => h,
+            Ok(other) => return Err(format!("expected a hello, got {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        };
+        if let Err(why) = check(&hello) {
+            let _ = wire::write(stream, &Frame::Refuse(why.clone()));
+            return Err(why);
+        }
+        wire::write(stream, &Frame::Accept).map_err(|e| e.to_string())?;
+        let dir = self.work_dir.join(format!("land-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let result = self.receive_and_restore(stream, &dir, &hello, announce);
+        match result {
+            Ok((restored, output)) => {
+                wire::write(stream, &Frame::Restored(restored.pid.unsigned_abs()))
+                    .map_err(|e| e.to_string())?;
+                Ok(Landed {
+                    hello,
+                    restored,
+                    output,
+                    dir,
+                    from: peer,
+                })
+            }
+            Err(why) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(why)
+            }
+        }
+    }
+
+    fn receive_and_restore(
+        &self,
+        stream: &mut TcpStream,
+        dir: &std::path::Path,
+        hello: &Hello,
+        announce: &mut impl FnMut(&Hello, i32) -> Result<(), String>,
+    ) -> Result<(Restored, [std::io::PipeReader; 2]), String> {
+        let mut total = 0u64;
+        loop {
+            match wire::read(stream).map_err(|e| e.to_string())? {
+                Frame::File { name, data } => {
+                    total += data.len() as u64;
+                    if total > MAX_IMAGES {
+                        return Err(format!("images over {MAX_IMAGES} bytes"));
+                    }
+                    let mut f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(dir.join(&name))
+                        .map_err(|e| e.to_string())?;
+                    f.write_all(&data).map_err(|e| e.to_string())?;
+                }
+                Frame::Done => break,
+                other => return Err(format!("expected images, got {other:?}")),
+            }
+        }
+        let (out_r, out_w) = std::io::pipe().map_err(|e| e.to_string())?;
+        let (err_r, err_w) = std::io::pipe().map_err(|e| e.to_string())?;
+        let mut restored = self
+            .criu
+            .restore_lazy(
+                dir,
+                hello.page_server,
+                hello.pipes,
+                out_w.into(),
+                err_w.into(),
+            )
+            .map_err(|e| e.to_string())?;
+        if let Err(why) = announce(hello, restored.pid) {
+            // Nobody can reach it: better no game than one the proxies do not know.
+            kill_group(restored.pid);
+            let _ = restored.lazy.kill();
+            let _ = restored.lazy.wait();
+            return Err(format!("could not announce the move: {why}"));
+        }
+        Ok((restored, [out_r, err_r]))
+    }
+}
+
+/// Whether this pad can take the game: the protocol's version, and its ports free here.
+fn check(hello: &Hello) -> Result<(), String> {
+    if hello.version != VERSION {
+        return Err(format!(
+            "protocol version {} (this pad speaks {VERSION})",
+            hello.version
+        ));
+    }
+    for (name, p) in &hello.ports {
+        let free = match p.proto {
+            Proto::Udp => std::net::UdpSocket::bind(("0.0.0.0", p.port)).is_ok(),
+            Proto::Tcp => TcpListener::bind(("0.0.0.0", p.port)).is_ok(),
+        };
+        if !free {
+            return Err(format!("port {name} ({}) is taken here", p.port));
+        }
+    }
+    Ok(())
+}
+
+/// SIGKILLs a restored game's process group (it leads its own session).
+pub fn kill_group(pid: i32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}

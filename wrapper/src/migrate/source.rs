@@ -1,0 +1,202 @@
+//! The migrating side: on the eviction's SIGTERM, find a landing pad that takes the game,
+//! dump the game lazily, send the pad its images, and serve the pad its memory until the
+//! last page has left. Any step that fails before the pad runs the game leaves the game
+//! running where it was, for the caller's fallback (today's path: SIGTERM to the game).
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::criu::{Criu, CriuError};
+use super::wire::{self, Frame, Hello};
+
+/// Where and how to move.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// CRIU.
+    pub criu: Criu,
+    /// The game's pid.
+    pub pid: i32,
+    /// Pads to try, in order.
+    pub pads: Vec<SocketAddr>,
+    /// What the pads are told (its `page_server` is where this side serves memory).
+    pub hello: Hello,
+    /// Where the images are written.
+    pub work_dir: PathBuf,
+    /// The whole move, last page included.
+    pub within: Duration,
+    /// Set to call the move off (a second stop signal): heeded before the game is frozen.
+    pub abort: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A move that succeeded.
+#[derive(Debug, Clone)]
+pub struct Moved {
+    /// The pad that runs the game now.
+    pub pad: SocketAddr,
+    /// The game's pid there.
+    pub pid: u32,
+    /// From the freeze to the pad's word that the game runs: the player's pause, but for the
+    /// first datagrams' way to the new address.
+    pub pause: Duration,
+    /// Image bytes sent (memory pages excluded: they follow on demand).
+    pub bytes: u64,
+    /// From the freeze until the last page left.
+    pub last_page: Duration,
+}
+
+/// Why a move did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    /// No pad would take the game; each one's answer.
+    #[error("no landing pad took the game ({0})")]
+    NoPad(String),
+    /// CRIU failed before the pad ran the game.
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    /// The pad failed to restore it, or the connection broke.
+    #[error("the pad at {pad} failed: {why}")]
+    Pad {
+        /// Which.
+        pad: SocketAddr,
+        /// Why.
+        why: String,
+    },
+    /// The images could not be read.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Called off before the game was frozen.
+    #[error("called off by a second stop signal")]
+    Aborted,
+}
+
+impl Plan {
+    /// Moves the game; on an error the game still runs here (or, once the pad has it, there:
+    /// only a failure after the pad ran the game leaves it nowhere, which CRIU's page server
+    /// reports as a failed dump).
+    pub fn run(&self) -> Result<Moved, MoveError> {
+        let start = Instant::now();
+        let aborted = || self.abort.load(std::sync::atomic::Ordering::Acquire);
+        if aborted() {
+            return Err(MoveError::Aborted);
+        }
+        let (pad, mut stream) = self.claim()?;
+        let dir = self.work_dir.join(format!("dump-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        if aborted() {
+            return Err(MoveError::Aborted);
+        }
+        let dump = self
+            .criu
+            .dump_lazy(self.pid, &dir, self.hello.page_server)?;
+        let frozen = dump.started;
+        let sent = match send_images(&mut stream, &dir) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                dump.abort();
+                return Err(MoveError::Pad {
+                    pad,
+                    why: format!("sending the images: {e}"),
+                });
+            }
+        };
+        let left = self.within.saturating_sub(start.elapsed());
+        let _ = stream.set_read_timeout(Some(left.max(Duration::from_secs(1))));
+        let pid = match wire::read(&mut stream) {
+            Ok(Frame::Restored(pid)) => pid,
+            Ok(Frame::Failed(why)) => {
+                dump.abort();
+                return Err(MoveError::Pad { pad, why });
+            }
+            Ok(other) => {
+                dump.abort();
+                return Err(MoveError::Pad {
+                    pad,
+                    why: format!("unexpected {other:?}"),
+                });
+            }
+            Err(e) => {
+                dump.abort();
+                return Err(MoveError::Pad {
+                    pad,
+                    why: e.to_string(),
+                });
+            }
+        };
+        let pause = frozen.elapsed();
+        let last_page = dump.finish(self.within.saturating_sub(start.elapsed()))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(Moved {
+            pad,
+            pid,
+            pause,
+            bytes: sent,
+            last_page,
+        })
+    }
+
+    /// The first pad, in order, that accepts the hello.
+    fn claim(&self) -> Result<(SocketAddr, TcpStream), MoveError> {
+        let mut answers = Vec::new();
+        for &pad in &self.pads {
+            match offer(pad, &self.hello) {
+                Ok(stream) => return Ok((pad, stream)),
+                Err(why) => {
+                    tracing::warn!(%pad, why, "landing pad did not take the game");
+                    answers.push(format!("{pad}: {why}"));
+                }
+            }
+        }
+        if answers.is_empty() {
+            answers.push("none known".into());
+        }
+        Err(MoveError::NoPad(answers.join("; ")))
+    }
+}
+
+/// Offers the game to `pad`: the connection when it accepts, else why not.
+fn offer(pad: SocketAddr, hello: &Hello) -> Result<TcpStream, String> {
+    let mut stream =
+        TcpStream::connect_timeout(&pad, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    wire::write(&mut stream, &Frame::Hello(hello.clone())).map_err(|e| e.to_string())?;
+    match wire::read(&mut stream) {
+        Ok(Frame::Accept) => Ok(stream),
+        Ok(Frame::Refuse(why)) => Err(why),
+        Ok(other) => Err(format!("unexpected {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Sends every image file of `dir` (CRIU's logs stay here), then `Done`; returns the bytes.
+fn send_images(stream: &mut TcpStream, dir: &Path) -> std::io::Result<u64> {
+    let mut bytes = 0;
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| !n.ends_with(".log"))
+        .collect();
+    names.sort();
+    for name in names {
+        let data = std::fs::read(dir.join(&name))?;
+        bytes += data.len() as u64;
+        if data.is_empty() {
+            wire::write(stream, &Frame::File { name, data })?;
+            continue;
+        }
+        for chunk in data.chunks(wire::MAX_CHUNK) {
+            wire::write(
+                stream,
+                &Frame::File {
+                    name: name.clone(),
+                    data: chunk.to_vec(),
+                },
+            )?;
+        }
+    }
+    wire::write(stream, &Frame::Done)?;
+    Ok(bytes)
+}

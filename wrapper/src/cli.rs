@@ -199,6 +199,10 @@ pub struct Common {
     /// network [default: $POD_IP:7101].
     #[arg(long, value_name = "IP:PORT")]
     pub page_server: Option<std::net::SocketAddr>,
+    /// With --migrate (and `land`): the Kubernetes API to find and claim pads and publish
+    /// moves at [default: the cluster's, with the pod's service account].
+    #[arg(long, value_name = "URL")]
+    pub kube_api: Option<String>,
     /// With --migrate (and `land`): the criu program, 4.2 or newer.
     #[arg(long, default_value = "criu", value_name = "PATH")]
     pub criu: PathBuf,

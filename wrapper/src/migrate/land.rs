@@ -30,6 +30,70 @@ pub struct LandArgs {
     /// Nothing is trusted until this is given.
     #[arg(long = "trust", value_name = "CIDR", required = true)]
     pub trust: Vec<ipnet::IpNet>,
+    /// The game's Service: a game that lands here is published as its endpoint, the address
+    /// it replaces named (an EndpointSlice the proxies follow). Needs the Kubernetes API
+    /// (--kube-api, or the pod's service account), POD_NAME, POD_NAMESPACE and POD_IP.
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+}
+
+/// What the pad publishes in Kubernetes.
+struct Cluster {
+    kube: super::kube::Kube,
+    service: String,
+    pod: String,
+    ip: std::net::IpAddr,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Cluster {
+    fn from_env(common: &Common, service: &str) -> Result<Self, BoxError> {
+        let env = |k: &str| {
+            std::env::var(k).map_err(|_| format!("--service needs {k} (the downward API)"))
+        };
+        let kube = super::kube::Kube::new(common.kube_api.as_deref())?;
+        Ok(Self {
+            kube,
+            service: service.to_string(),
+            pod: env("POD_NAME")?,
+            ip: env("POD_IP")?
+                .parse()
+                .map_err(|_| "POD_IP is not an IP address".to_string())?,
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// Publishes the landed game as the Service's endpoint in place of its old address.
+    fn announce(&self, hello: &super::wire::Hello) -> Result<(), String> {
+        let from = hello
+            .address
+            .clone()
+            .ok_or("the source did not say its address: the proxies could not follow")?;
+        let ports: Vec<(String, u16)> = hello
+            .ports
+            .iter()
+            .filter(|(_, p)| p.proto == spotable_fleet::inventory::Proto::Udp)
+            .map(|(n, p)| (n.clone(), p.port))
+            .collect();
+        self.runtime
+            .block_on(
+                self.kube
+                    .publish_move(&self.service, &self.pod, &from, self.ip, &ports),
+            )
+            .map_err(|e| e.to_string())?;
+        let message = format!("took over the game from {from}");
+        self.runtime
+            .block_on(self.kube.event(&self.pod, "GameLanded", &message, false));
+        Ok(())
+    }
+
+    /// The pad is free again: no endpoint of the game, its claim released.
+    async fn free(&self) {
+        if let Err(e) = self.kube.withdraw_move(&self.service, &self.pod).await {
+            tracing::warn!(error = %e, "cannot withdraw the moved endpoint");
+        }
+        let _ = self.kube.release(&self.pod).await;
+    }
 }
 
 /// Runs the pad until a game that landed here ends; its exit code is ours.
@@ -60,11 +124,31 @@ pub async fn run(common: Common, args: LandArgs) -> Result<i32, BoxError> {
     }
     let identity = crate::cli::identity(&common).await?;
     let outbox = Outbox::start(common.queue_url.clone()).await;
+    let cluster = match &args.service {
+        Some(service) => Some(Arc::new(Cluster::from_env(&common, service)?)),
+        None => None,
+    };
     loop {
+        if let Some(c) = &cluster {
+            c.free().await;
+        }
         let waiting = pad.clone();
-        let landed = tokio::task::spawn_blocking(move || waiting.land(|_, _| Ok(())))
-            .await
-            .map_err(|e| format!("the pad panicked: {e}"))??;
+        let publishing = cluster.clone();
+        let landed = tokio::task::spawn_blocking(move || {
+            waiting.land(
+                |hello, _| match &publishing {
+                    Some(c) => c.announce(hello),
+                    None => Ok(()),
+                },
+                || {
+                    if let Some(c) = &publishing {
+                        c.runtime.block_on(c.free());
+                    }
+                },
+            )
+        })
+        .await
+        .map_err(|e| format!("the pad panicked: {e}"))??;
         let pid = landed.restored.pid;
         tracing::info!(pid, from = %landed.from, "a game landed");
         metrics::counter!(names::MOVES, "result" => "landed").increment(1);
@@ -113,6 +197,9 @@ pub async fn run(common: Common, args: LandArgs) -> Result<i32, BoxError> {
                     m.reason = Some(format!("move failed: {e}"));
                     outbox.send(m);
                     landed.dir.exists().then(|| std::fs::remove_dir_all(&landed.dir));
+                    if let Some(c) = &cluster {
+                        c.kube.event(&c.pod, "GameLost", &format!("move failed: {e}"), true).await;
+                    }
                     busy.store(false, Ordering::Release);
                     tracing::info!("landing pad waiting for a game again");
                     continue;
@@ -133,6 +220,9 @@ pub async fn run(common: Common, args: LandArgs) -> Result<i32, BoxError> {
             supervise::Exit::Signal(s) => format!("signal {s}"),
         });
         outbox.send(m);
+        if let Some(c) = &cluster {
+            c.free().await;
+        }
         outbox.close(Duration::from_secs(5).min(common.grace)).await;
         return Ok(exit.code());
     }

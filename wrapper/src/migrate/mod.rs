@@ -9,6 +9,7 @@
 
 pub mod criu;
 pub mod game;
+pub mod kube;
 pub mod land;
 pub mod pad;
 pub mod source;
@@ -83,12 +84,31 @@ pub(crate) fn plan(
                 .find(|p| p.proto == spotable_fleet::inventory::Proto::Udp)
         });
     let base = server.message(spotable_fleet::inventory::Status::Ready);
+    let pads = if common.pads.is_empty() {
+        let game = common
+            .game
+            .clone()
+            .ok_or("--migrate without --pad finds pads in Kubernetes by --game: give one")?;
+        let kube = kube::Kube::new(common.kube_api.as_deref()).map_err(|e| e.to_string())?;
+        source::Pads::Kubernetes {
+            kube,
+            game,
+            node: base.node.clone(),
+            holder: base
+                .pod
+                .as_ref()
+                .map_or_else(|| format!("pid-{}", std::process::id()), |p| p.name.clone()),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    } else {
+        source::Pads::Static(common.pads.clone())
+    };
     Ok(source::Plan {
         criu: criu::Criu {
             binary: common.criu.clone(),
         },
         pid,
-        pads: common.pads.clone(),
+        pads,
         hello: wire::Hello {
             version: wire::VERSION,
             page_server,
@@ -123,6 +143,20 @@ pub(crate) fn carry_out(plan: &source::Plan) -> Result<source::Moved, String> {
             metrics::gauge!(names::PAUSE).set(m.pause.as_secs_f64());
             metrics::gauge!(names::BYTES).set(m.bytes as f64);
             metrics::gauge!(names::LAST_PAGE).set(m.last_page.as_secs_f64());
+            if let source::Pads::Kubernetes {
+                kube,
+                holder,
+                runtime,
+                ..
+            } = &plan.pads
+            {
+                let message = format!(
+                    "the game moved to {} (pause {} ms)",
+                    m.pad,
+                    m.pause.as_millis()
+                );
+                runtime.block_on(kube.event(holder, "GameMoved", &message, false));
+            }
             Ok(m)
         }
         Err(e) => {

@@ -105,6 +105,7 @@ impl Pad {
     pub fn land(
         &self,
         mut announce: impl FnMut(&Hello, i32) -> Result<(), String>,
+        mut freed: impl FnMut(),
     ) -> std::io::Result<Landed> {
         loop {
             let (mut stream, peer) = match self.listener.accept() {
@@ -126,6 +127,7 @@ impl Pad {
                 Err(why) => {
                     tracing::warn!(%peer, why, "a game did not land");
                     let _ = wire::write(&mut stream, &Frame::Failed(why));
+                    freed();
                 }
             }
         }

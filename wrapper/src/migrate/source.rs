@@ -17,8 +17,8 @@ pub struct Plan {
     pub criu: Criu,
     /// The game's pid.
     pub pid: i32,
-    /// Pads to try, in order.
-    pub pads: Vec<SocketAddr>,
+    /// Pads to try.
+    pub pads: Pads,
     /// What the pads are told (its `page_server` is where this side serves memory).
     pub hello: Hello,
     /// Where the images are written.
@@ -27,6 +27,26 @@ pub struct Plan {
     pub within: Duration,
     /// Set to call the move off (a second stop signal): heeded before the game is frozen.
     pub abort: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Where pads come from.
+#[derive(Debug, Clone)]
+pub enum Pads {
+    /// These, in order (`--pad`).
+    Static(Vec<SocketAddr>),
+    /// The game's pads in Kubernetes, each claimed with a Lease before it is offered the game.
+    Kubernetes {
+        /// The API.
+        kube: super::kube::Kube,
+        /// The game whose pads are wanted.
+        game: String,
+        /// This node (pads here go down with it).
+        node: Option<String>,
+        /// Who claims (this pod).
+        holder: String,
+        /// The runtime the API calls run on.
+        runtime: tokio::runtime::Handle,
+    },
 }
 
 /// A move that succeeded.
@@ -136,17 +156,52 @@ impl Plan {
         })
     }
 
-    /// The first pad, in order, that accepts the hello.
+    /// The first pad that accepts the hello (in Kubernetes, one this move claimed first).
     fn claim(&self) -> Result<(SocketAddr, TcpStream), MoveError> {
         let mut answers = Vec::new();
-        for &pad in &self.pads {
-            match offer(pad, &self.hello) {
-                Ok(stream) => return Ok((pad, stream)),
-                Err(why) => {
-                    tracing::warn!(%pad, why, "landing pad did not take the game");
-                    answers.push(format!("{pad}: {why}"));
+        match &self.pads {
+            Pads::Static(pads) => {
+                for &pad in pads {
+                    match offer(pad, &self.hello) {
+                        Ok(stream) => return Ok((pad, stream)),
+                        Err(why) => answers.push(format!("{pad}: {why}")),
+                    }
                 }
             }
+            Pads::Kubernetes {
+                kube,
+                game,
+                node,
+                holder,
+                runtime,
+            } => {
+                let pads = runtime
+                    .block_on(kube.pads(game, node.as_deref()))
+                    .map_err(|e| MoveError::NoPad(format!("cannot list pads: {e}")))?;
+                for pad in pads {
+                    match runtime.block_on(kube.claim(&pad.name, holder)) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            answers.push(format!("{}: claimed by another move", pad.name));
+                            continue;
+                        }
+                        Err(e) => {
+                            answers.push(format!("{}: {e}", pad.name));
+                            continue;
+                        }
+                    }
+                    match offer(pad.addr, &self.hello) {
+                        Ok(stream) => return Ok((pad.addr, stream)),
+                        Err(why) => {
+                            answers.push(format!("{} ({}): {why}", pad.name, pad.addr));
+                            let _ = runtime.block_on(kube.release(&pad.name));
+                        }
+                    }
+                }
+            }
+        }
+        for a in &answers {
+            tracing::warn!(answer = a, "landing pad did not take the game");
         }
         if answers.is_empty() {
             answers.push("none known".into());

@@ -334,10 +334,12 @@ impl ReplicaSet {
         self.publish_with_moves(replicas, Vec::new())
     }
 
-    /// [`Self::publish`], with the replicas that moved (discovery reports them).
-    pub fn publish_with_moves(&self, replicas: Vec<Replica>, mut moves: Vec<Move>) -> bool {
+    /// [`Self::publish`], with the replicas that moved (discovery reports them). A replica
+    /// that moved is gone from its old address, whatever a stale report still says of it.
+    pub fn publish_with_moves(&self, mut replicas: Vec<Replica>, mut moves: Vec<Move>) -> bool {
         moves.sort();
         moves.dedup();
+        replicas.retain(|r| !moves.iter().any(|m| m.from == r.addr));
         self.replace(normalized(replicas), Vec::new(), moves)
     }
 
@@ -559,6 +561,26 @@ mod tests {
         set.publish(vec![Replica::ready(addr(2)), Replica::ready(addr(1))]);
         assert_eq!(set.snapshot().version, 1);
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_replica_that_moved_is_gone_from_its_old_address_while_a_stale_report_lists_it() {
+        // The pad publishes the move before the old pod's endpoint is withdrawn: for that
+        // moment both addresses are listed, and the old one must not come back as a replica.
+        let set = ReplicaSet::new();
+        let moved = Move {
+            from: addr(1),
+            to: addr(9),
+        };
+        set.publish_with_moves(
+            vec![Replica::ready(addr(1)), Replica::ready(addr(9))],
+            vec![moved, moved],
+        );
+        let snap = set.snapshot();
+        assert_eq!(snap.replicas, vec![Replica::ready(addr(9))]);
+        assert_eq!(snap.moves, vec![moved]);
+        // Once the old endpoint is withdrawn nothing changes.
+        assert!(!set.publish_with_moves(vec![Replica::ready(addr(9))], vec![moved]));
     }
 
     fn snap(replicas: &[(u16, ReplicaState)]) -> Snapshot {

@@ -91,7 +91,8 @@ pub async fn run(client: Client, source: Source, replicas: ReplicaSet) {
                     slices.iter().map(AsRef::as_ref),
                     source.port_name.as_deref(),
                 );
-                for m in &moves {
+                let known = replicas.snapshot().moves.clone();
+                for m in moves.iter().filter(|m| !known.contains(m)) {
                     tracing::info!(from = %m.from, to = %m.to, "a replica moved");
                 }
                 if replicas.publish_with_moves(found, moves) {

@@ -77,6 +77,8 @@ impl Kube {
     pub fn new(url: Option<&str>) -> Result<Self, KubeError> {
         let namespace = std::env::var("POD_NAMESPACE")
             .map_err(|_| KubeError::Config("POD_NAMESPACE is not set".into()))?;
+        // Any client is built on rustls, plain HTTP or not.
+        spotable_fleet::ensure_crypto_provider();
         let mut builder = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .connect_timeout(Duration::from_secs(2))
@@ -96,7 +98,6 @@ impl Kube {
                     .map_err(|e| KubeError::Config(format!("service account token: {e}")))?;
                 let ca = std::fs::read(dir.join("ca.crt"))
                     .map_err(|e| KubeError::Config(format!("service account CA: {e}")))?;
-                spotable_fleet::ensure_crypto_provider();
                 let cert = reqwest::Certificate::from_pem(&ca)?;
                 builder = builder.add_root_certificate(cert);
                 let host = match host.parse::<IpAddr>() {

@@ -1,0 +1,483 @@
+//! Moving the game off a reclaimed node, with real processes: nodes are network namespaces,
+//! the game is the authoritative tick server behind the real proxy (`primary`, one copy),
+//! the wrapper runs it with `--migrate` on node A, a landing pad waits on node B, the real
+//! agent hears a spot notice from the fake instance metadata and evicts the game's pod (the
+//! test plays the kubelet: SIGTERM to the wrapper), and node A is destroyed once the move is
+//! done. Everything Kubernetes is the fake API; CRIU is built from the vendored source.
+//!
+//! These tests need root and CRIU: where they cannot run they skip with one line, and under
+//! `CI=true` they fail instead.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use spotable_fixtures::imds::FakeImds;
+use spotable_fixtures::kube::{FakeApi, running_pod};
+use spotable_fixtures::node::Node;
+use spotable_fixtures::process::{ProxyProcess, scrape, spawn_proxy_env, workspace_binary};
+use spotable_fixtures::tick::{self, PlayerLog};
+
+const HZ: u32 = 30;
+const PLAYERS: usize = 4;
+const PORT: u16 = 7777;
+const NS: &str = "games";
+const PODS: &str = "/api/v1/namespaces/games/pods";
+const NODES: &str = "/api/v1/nodes";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/games/endpointslices";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/games/leases";
+
+/// Migration tests share the nodes' address plan and the machine: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn wrapper() -> &'static str {
+    env!("CARGO_BIN_EXE_spotable-wrapper")
+}
+
+/// A process in a node, its output lines collected.
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn start(mut cmd: Command, label: &'static str) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    eprintln!("  [{label}] {l}");
+                    lines.lock().unwrap().push(l);
+                }
+            });
+        }
+        Self { child, lines }
+    }
+
+    /// Waits (15 s at most) for a line containing `text`.
+    fn wait_for(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| l.contains(text)) {
+                return l.clone();
+            }
+            assert!(Instant::now() < deadline, "no line with {text:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn said(&self, text: &str) -> bool {
+        self.lines.lock().unwrap().iter().any(|l| l.contains(text))
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Waits for it to exit (`within`), returning its status.
+    fn exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "still running after {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node_object(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": {}})
+}
+
+fn pod(name: &str, node: &str, ip: std::net::Ipv4Addr, role: &str) -> Value {
+    let mut p = running_pod(NS, name, node, 30, Some("ReplicaSet"));
+    p["metadata"]["labels"] = json!({"spotable.io/role": role, "spotable.io/game": "tick"});
+    p["status"]["podIP"] = json!(ip.to_string());
+    p["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+    p
+}
+
+fn slice(name: &str, endpoints: &[std::net::Ipv4Addr]) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": "tick"}},
+        "addressType": "IPv4",
+        "endpoints": endpoints.iter().map(|ip| json!({
+            "addresses": [ip.to_string()],
+            "conditions": {"ready": true},
+        })).collect::<Vec<_>>(),
+        "ports": [{"name": "game", "port": PORT, "protocol": "UDP"}],
+    })
+}
+
+/// Two nodes, the game on A behind a proxy, a pad on B.
+struct Scene {
+    _turn: std::sync::MutexGuard<'static, ()>,
+    api: FakeApi,
+    a: Node,
+    b: Node,
+    source: Proc,
+    pad: Proc,
+    proxy: ProxyProcess,
+    dir: PathBuf,
+}
+
+impl Scene {
+    fn new(criu: &std::path::Path, ballast_mib: u32) -> Self {
+        let turn = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dir = std::env::temp_dir().join(format!("spotable-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let api = FakeApi::start_on(std::net::Ipv4Addr::UNSPECIFIED.into()).unwrap();
+        let (a, b) = (Node::create().unwrap(), Node::create().unwrap());
+        api.apply(NODES, node_object("node-a"));
+        api.apply(NODES, node_object("node-b"));
+        api.apply(PODS, pod("game-a", "node-a", a.ip, "game"));
+        api.apply(PODS, pod("pad-b", "node-b", b.ip, "pad"));
+        api.apply(SLICES, slice("tick-1", &[a.ip]));
+        let criu = criu.display().to_string();
+        let in_node = |node: &Node, pod: &str, node_name: &str, args: &[String]| {
+            let mut c = node.command(wrapper());
+            c.args(args)
+                .env("POD_NAME", pod)
+                .env("POD_NAMESPACE", NS)
+                .env("POD_IP", node.ip.to_string())
+                .env("NODE_NAME", node_name)
+                .env_remove("QUEUE_URL");
+            c
+        };
+        let common = |node: &Node| -> Vec<String> {
+            [
+                "--criu",
+                &criu,
+                "--no-imds",
+                "--front-address",
+                "play.example.com:7777",
+                "--kube-api",
+                &api.url_at(node.host_ip.into()),
+                "--migrate-dir",
+                &dir.join(&node.name).display().to_string(),
+                "--grace",
+                "10s",
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        let mut land = vec![
+            "land",
+            "--listen",
+            "0.0.0.0:7100",
+            "--trust",
+            "10.0.0.0/8",
+            "--service",
+            "tick",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        land.extend(common(&b));
+        let pad = Proc::start(in_node(&b, "pad-b", "node-b", &land), "pad");
+        pad.wait_for("listening");
+        let tick_exe = tick::exe().display().to_string();
+        let mut run = vec![
+            "--migrate".to_string(),
+            "--game".into(),
+            "tick".into(),
+            "--port".into(),
+            "game/udp".into(),
+            "--port-range".into(),
+            format!("{PORT}-{PORT}"),
+            "--lock-dir".into(),
+            dir.join("locks").display().to_string(),
+        ];
+        run.extend(common(&a));
+        run.extend([
+            "--".to_string(),
+            tick_exe,
+            "--hz".into(),
+            HZ.to_string(),
+            "--ballast-mib".into(),
+            ballast_mib.to_string(),
+            "--listen".into(),
+            "0.0.0.0:$SERVER_PORT".into(),
+        ]);
+        let source = Proc::start(in_node(&a, "game-a", "node-a", &run), "source");
+        source.wait_for(&format!("listening 0.0.0.0:{PORT}"));
+        let kubeconfig = api.write_kubeconfig(&dir, NS).unwrap();
+        let proxy = spawn_proxy_env(
+            &workspace_binary("spotable-proxy", "spotable-proxy"),
+            &[],
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--workers",
+                "2",
+                "--kubernetes-service",
+                "tick",
+                "--namespace",
+                NS,
+                "--dedupe",
+                "primary",
+            ],
+            true,
+            &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+        )
+        .unwrap();
+        let admin = proxy.admin.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while scrape(admin, "spotable_replicas", &[("state", "ready")]).unwrap() < 1.0 {
+            assert!(Instant::now() < deadline, "the proxy never saw the game");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            _turn: turn,
+            api,
+            a,
+            b,
+            source,
+            pad,
+            proxy,
+            dir,
+        }
+    }
+
+    /// Players through the proxy until `until`, recording into shared logs.
+    fn players(
+        &self,
+        until: Instant,
+    ) -> (Vec<Arc<Mutex<PlayerLog>>>, Vec<std::thread::JoinHandle<()>>) {
+        let target = self.proxy.addr;
+        let logs: Vec<Arc<Mutex<PlayerLog>>> = (0..PLAYERS).map(|_| Arc::default()).collect();
+        let threads = logs
+            .iter()
+            .map(|log| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                    tick::play_into(&socket, target, Duration::from_secs(1) / HZ, until, &log)
+                        .unwrap();
+                })
+            })
+            .collect();
+        (logs, threads)
+    }
+
+    /// Plays the kubelet: once the agent evicts pod `game-a`, SIGTERM to its wrapper.
+    fn kubelet(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let evicted = self
+                .api
+                .actions()
+                .iter()
+                .any(|a| a.verb == "EVICT" && a.path.ends_with("/pods/game-a"));
+            if evicted {
+                self.source.signal(nix::sys::signal::Signal::SIGTERM);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent never evicted the game"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        self.a.destroy();
+        self.b.destroy();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The real agent on node A, watching the fake instance metadata.
+fn agent(imds: &FakeImds, api: &FakeApi, dir: &std::path::Path) -> Proc {
+    let kubeconfig = api.write_kubeconfig(dir, NS).unwrap();
+    let mut c = Command::new(workspace_binary("spotable-agent", "spotable-agent"));
+    c.args([
+        "--node-name",
+        "node-a",
+        "--imds-endpoint",
+        &imds.endpoint(),
+        "--poll-interval",
+        "100ms",
+    ])
+    .env("KUBECONFIG", kubeconfig)
+    .env_remove("QUEUE_URL");
+    Proc::start(c, "agent")
+}
+
+/// What a player saw: its snapshots before the move and after it.
+fn check_player(i: usize, log: &PlayerLog, moved_at: Instant, end: Instant, max_gap: Duration) {
+    let s = &log.snapshots;
+    assert!(!s.is_empty(), "player {i} heard nothing");
+    let first = s[0].at;
+    // No player disconnected: snapshots go on to the end.
+    let last = s.last().unwrap();
+    assert!(
+        end.saturating_duration_since(last.at) < Duration::from_millis(300),
+        "player {i}: nothing after {:?} before the end",
+        end.saturating_duration_since(last.at)
+    );
+    let stream = tick::stream(log, HZ, first, end);
+    assert!(
+        stream.longest_gap <= max_gap,
+        "player {i}: a gap of {:?}",
+        stream.longest_gap
+    );
+    // One game, carried on: the tick never steps back or repeats, and the game still counts
+    // four players (a player it forgot would come back as a fifth).
+    assert_eq!(stream.steps_back, 0, "player {i}: the tick stepped back");
+    assert!(
+        s.windows(2).all(|w| w[1].tick > w[0].tick),
+        "player {i}: a tick twice"
+    );
+    let before = s.iter().rfind(|x| x.at < moved_at).unwrap();
+    let after = s
+        .iter()
+        .find(|x| x.at > moved_at + Duration::from_millis(300))
+        .unwrap();
+    // The game's clocks (its own time namespace) go on from where the dump stopped them: it
+    // lives through the pause as if none had passed, so it runs behind by the pause at most.
+    let elapsed_ticks = after.at.duration_since(before.at).as_secs_f64() * f64::from(HZ);
+    let paused_ticks = max_gap.as_secs_f64() * f64::from(HZ);
+    let ticks = f64::from(after.tick - before.tick);
+    assert!(
+        ticks <= elapsed_ticks + 2.0 && ticks >= elapsed_ticks - paused_ticks - 2.0,
+        "player {i}: tick {} then {} over {elapsed_ticks:.1} ticks of time",
+        before.tick,
+        after.tick
+    );
+    assert!(
+        after.last_input > before.last_input,
+        "player {i}: its inputs were forgotten"
+    );
+}
+
+#[test]
+fn a_spot_notice_moves_the_game_to_a_pad_and_no_player_notices() {
+    let Some(criu) = spotable_fixtures::criu::require("migration tests") else {
+        return;
+    };
+    moves_and_carries_on(&criu, 0, Duration::from_millis(250));
+}
+
+#[test]
+fn a_game_with_200_mb_resident_moves_within_300_ms() {
+    let Some(criu) = spotable_fixtures::criu::require("migration tests") else {
+        return;
+    };
+    moves_and_carries_on(&criu, 200, Duration::from_millis(300));
+}
+
+fn moves_and_carries_on(criu: &std::path::Path, ballast_mib: u32, max_gap: Duration) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let imds = runtime.block_on(FakeImds::start()).unwrap();
+    imds.set_identity("i-0aaa", "eu-west-1", "ip-a.example", "1.2.3.4");
+    let mut scene = Scene::new(criu, ballast_mib);
+    let _agent = agent(&imds, &scene.api, &scene.dir);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(7);
+    let (logs, threads) = scene.players(end);
+    // Every player is in the game before the notice.
+    let deadline = start + Duration::from_secs(5);
+    while logs.iter().any(|l| l.lock().unwrap().snapshots.len() < 20) {
+        assert!(
+            Instant::now() < deadline,
+            "the players never got into the game"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let time =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(120));
+    imds.set(
+        "meta-data/spot/instance-action",
+        &format!(r#"{{"action": "terminate", "time": "{time}"}}"#),
+    );
+    scene.kubelet(Duration::from_secs(10));
+    let moved_at = Instant::now();
+    let status = scene.source.exit(Duration::from_secs(20));
+    assert!(status.success(), "the source wrapper: {status}");
+    assert!(scene.source.said("the game moved"));
+    scene.pad.wait_for("the game's memory is all here");
+    // The kubelet and the endpoint controller: the old pod's endpoint goes; node A is lost.
+    scene.api.apply(SLICES, slice("tick-1", &[]));
+    scene.a.destroy();
+    for t in threads {
+        t.join().unwrap();
+    }
+    for (i, log) in logs.iter().enumerate() {
+        check_player(i, &log.lock().unwrap(), moved_at, end, max_gap);
+    }
+    // The pad claimed by a Lease, published as the game's endpoint in the old one's place,
+    // and the proxy followed: no session was opened again, no datagram lost a replica.
+    assert!(scene.api.get(LEASES, "spotable-pad-pad-b").is_some());
+    let moved = scene
+        .api
+        .get(SLICES, "tick-moved-pad-b")
+        .expect("the move published");
+    assert_eq!(
+        moved["metadata"]["annotations"]["spotable.io/moved-from"],
+        format!("{}:{PORT}", scene.a.ip)
+    );
+    let admin = scene.proxy.admin.unwrap();
+    assert_eq!(
+        scrape(admin, "spotable_sessions_opened_total", &[]).unwrap(),
+        PLAYERS as f64
+    );
+    assert_eq!(
+        scrape(admin, "spotable_replicas", &[("state", "ready")]).unwrap(),
+        1.0
+    );
+    // The game still counts every player: none was forgotten and none came back as new.
+    for (i, log) in logs.iter().enumerate() {
+        let log = log.lock().unwrap();
+        let raw = log.snapshots.last().unwrap();
+        assert_eq!(
+            raw.players, PLAYERS as u32,
+            "player {i}: the game counts {}",
+            raw.players
+        );
+    }
+    assert!(scene.pad.said("a game landed"));
+}

@@ -17,10 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use spotable_fixtures::aws::{Moto, create_queue, receive_all, sqs_client_for};
 use spotable_fixtures::imds::FakeImds;
 use spotable_fixtures::kube::{FakeApi, running_pod};
-use spotable_fixtures::node::Node;
-use spotable_fixtures::process::{ProxyProcess, scrape, spawn_proxy_env, workspace_binary};
+use spotable_fixtures::node::{HOST, Node};
+use spotable_fixtures::process::{
+    ProxyProcess, scrape, scrape_until, spawn_proxy_env, workspace_binary,
+};
 use spotable_fixtures::tick::{self, PlayerLog};
 
 const HZ: u32 = 30;
@@ -144,23 +147,45 @@ fn slice(name: &str, endpoints: &[std::net::Ipv4Addr]) -> Value {
     })
 }
 
-/// Two nodes, the game on A behind a proxy, a pad on B.
+/// Two nodes, the game on A behind a proxy, a pad on B, the inventory queue in moto.
 struct Scene {
     _turn: std::sync::MutexGuard<'static, ()>,
+    runtime: tokio::runtime::Runtime,
+    _moto: Moto,
+    sqs: aws_sdk_sqs::Client,
+    queue: String,
     api: FakeApi,
     a: Node,
     b: Node,
     source: Proc,
     pad: Proc,
+    /// With [`Scene::with_rival`]: a second game, on node C, moving at the same time.
+    rival: Option<(Node, Proc)>,
     proxy: ProxyProcess,
     dir: PathBuf,
 }
 
 impl Scene {
     fn new(criu: &std::path::Path, ballast_mib: u32) -> Self {
+        Self::with(criu, ballast_mib, false)
+    }
+
+    /// Two games, on nodes A and C, and the one pad on B.
+    fn with_rival(criu: &std::path::Path) -> Self {
+        Self::with(criu, 0, true)
+    }
+
+    fn with(criu: &std::path::Path, ballast_mib: u32, rival: bool) -> Self {
         let turn = ONE_AT_A_TIME
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let moto = Moto::start_everywhere().unwrap();
+        let sqs = sqs_client_for(&moto.endpoint());
+        let queue = runtime.block_on(create_queue(&sqs, "inventory.fifo"));
+        // The nodes reach moto at the host's address toward them.
+        let moto_at = format!("http://{HOST}:{}", moto.port());
+        let node_queue = queue.replace("127.0.0.1", &HOST.to_string());
         let dir = std::env::temp_dir().join(format!("spotable-migrate-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -179,7 +204,8 @@ impl Scene {
                 .env("POD_NAMESPACE", NS)
                 .env("POD_IP", node.ip.to_string())
                 .env("NODE_NAME", node_name)
-                .env_remove("QUEUE_URL");
+                .env("QUEUE_URL", &node_queue)
+                .envs(moto.env_at(&moto_at));
             c
         };
         let common = |node: &Node| -> Vec<String> {
@@ -215,30 +241,43 @@ impl Scene {
         let pad = Proc::start(in_node(&b, "pad-b", "node-b", &land), "pad");
         pad.wait_for("listening");
         let tick_exe = tick::exe().display().to_string();
-        let mut run = vec![
-            "--migrate".to_string(),
-            "--game".into(),
-            "tick".into(),
-            "--port".into(),
-            "game/udp".into(),
-            "--port-range".into(),
-            format!("{PORT}-{PORT}"),
-            "--lock-dir".into(),
-            dir.join("locks").display().to_string(),
-        ];
-        run.extend(common(&a));
-        run.extend([
-            "--".to_string(),
-            tick_exe,
-            "--hz".into(),
-            HZ.to_string(),
-            "--ballast-mib".into(),
-            ballast_mib.to_string(),
-            "--listen".into(),
-            "0.0.0.0:$SERVER_PORT".into(),
-        ]);
-        let source = Proc::start(in_node(&a, "game-a", "node-a", &run), "source");
-        source.wait_for(&format!("listening 0.0.0.0:{PORT}"));
+        let start_source = |node: &Node, pod: &str, node_name: &str, label: &'static str| {
+            let mut run = vec![
+                "--migrate".to_string(),
+                "--game".into(),
+                "tick".into(),
+                "--port".into(),
+                "game/udp".into(),
+                "--port-range".into(),
+                format!("{PORT}-{PORT}"),
+                "--lock-dir".into(),
+                dir.join(&node.name).join("locks").display().to_string(),
+            ];
+            run.extend(common(node));
+            run.extend([
+                "--".to_string(),
+                tick_exe.clone(),
+                "--hz".into(),
+                HZ.to_string(),
+                "--ballast-mib".into(),
+                ballast_mib.to_string(),
+                "--listen".into(),
+                "0.0.0.0:$SERVER_PORT".into(),
+            ]);
+            let source = Proc::start(in_node(node, pod, node_name, &run), label);
+            source.wait_for(&format!("listening 0.0.0.0:{PORT}"));
+            source
+        };
+        let source = start_source(&a, "game-a", "node-a", "source");
+        let rival = rival.then(|| {
+            let c = Node::create().unwrap();
+            api.apply(NODES, node_object("node-c"));
+            api.apply(PODS, pod("game-c", "node-c", c.ip, "game"));
+            api.apply(SLICES, slice("tick-2", &[c.ip]));
+            let p = start_source(&c, "game-c", "node-c", "rival");
+            (c, p)
+        });
+        let games = if rival.is_some() { 2.0 } else { 1.0 };
         let kubeconfig = api.write_kubeconfig(&dir, NS).unwrap();
         let proxy = spawn_proxy_env(
             &workspace_binary("spotable-proxy", "spotable-proxy"),
@@ -263,17 +302,22 @@ impl Scene {
         .unwrap();
         let admin = proxy.admin.unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while scrape(admin, "spotable_replicas", &[("state", "ready")]).unwrap() < 1.0 {
+        while scrape(admin, "spotable_replicas", &[("state", "ready")]).unwrap() < games {
             assert!(Instant::now() < deadline, "the proxy never saw the game");
             std::thread::sleep(Duration::from_millis(20));
         }
         Self {
             _turn: turn,
+            runtime,
+            _moto: moto,
+            sqs,
+            queue,
             api,
             a,
             b,
             source,
             pad,
+            rival,
             proxy,
             dir,
         }
@@ -322,10 +366,28 @@ impl Scene {
     }
 }
 
+impl Scene {
+    /// The inventory's messages so far: (status, pod, reason, moved_from pod).
+    fn inventory(&self) -> Vec<Value> {
+        self.runtime
+            .block_on(receive_all(
+                &self.sqs,
+                &self.queue,
+                Duration::from_millis(800),
+            ))
+            .into_iter()
+            .map(|m| serde_json::from_str(&m.body).unwrap())
+            .collect()
+    }
+}
+
 impl Drop for Scene {
     fn drop(&mut self) {
         self.a.destroy();
         self.b.destroy();
+        if let Some((c, _)) = &mut self.rival {
+            c.destroy();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -411,10 +473,9 @@ fn a_game_with_200_mb_resident_moves_within_300_ms() {
 }
 
 fn moves_and_carries_on(criu: &std::path::Path, ballast_mib: u32, max_gap: Duration) {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let imds = runtime.block_on(FakeImds::start()).unwrap();
-    imds.set_identity("i-0aaa", "eu-west-1", "ip-a.example", "1.2.3.4");
     let mut scene = Scene::new(criu, ballast_mib);
+    let imds = scene.runtime.block_on(FakeImds::start()).unwrap();
+    imds.set_identity("i-0aaa", "eu-west-1", "ip-a.example", "1.2.3.4");
     let _agent = agent(&imds, &scene.api, &scene.dir);
     let start = Instant::now();
     let end = start + Duration::from_secs(7);
@@ -480,4 +541,162 @@ fn moves_and_carries_on(criu: &std::path::Path, ballast_mib: u32, max_gap: Durat
         );
     }
     assert!(scene.pad.said("a game landed"));
+    // The inventory: the new server ready, then moved, naming the old pod and address.
+    let messages = scene.inventory();
+    let of = |pod: &str| -> Vec<&str> {
+        messages
+            .iter()
+            .filter(|m| m["pod"]["name"] == pod)
+            .map(|m| m["status"].as_str().unwrap())
+            .collect()
+    };
+    assert_eq!(of("pad-b"), ["ready", "moved"], "{messages:#?}");
+    let moved = messages.iter().find(|m| m["status"] == "moved").unwrap();
+    assert_eq!(moved["moved_from"]["pod"]["name"], "game-a");
+    assert_eq!(
+        moved["moved_from"]["address"],
+        format!("{}:{PORT}", scene.a.ip)
+    );
+}
+
+#[test]
+fn the_source_dying_mid_transfer_ends_the_restored_copy_and_frees_the_pad() {
+    let Some(criu) = spotable_fixtures::criu::require("migration tests") else {
+        return;
+    };
+    // 1 GB resident: its pages take seconds to follow, and the source dies meanwhile.
+    let mut scene = Scene::new(&criu, 1024);
+    let start = Instant::now();
+    let (logs, threads) = scene.players(start + Duration::from_secs(12));
+    let deadline = start + Duration::from_secs(5);
+    while logs.iter().any(|l| l.lock().unwrap().snapshots.len() < 10) {
+        assert!(
+            Instant::now() < deadline,
+            "the players never got into the game"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    scene.source.signal(nix::sys::signal::Signal::SIGTERM);
+    scene.pad.wait_for("a game landed");
+    assert!(
+        !scene.pad.said("the game's memory is all here"),
+        "the pages were all here before the source died: nothing was tested"
+    );
+    let restored: i32 = scene
+        .b
+        .pids()
+        .into_iter()
+        .find(|p| *p != scene.pad.child.id() as i32)
+        .expect("the restored game runs on node B");
+    scene.a.destroy();
+    let died = Instant::now();
+    scene.pad.wait_for("the game's memory stopped arriving");
+    scene.pad.wait_for("landing pad waiting for a game again");
+    eprintln!("the pad gave up {:?} after the source died", died.elapsed());
+    // Nothing left behind: the pad alone in node B, no images, no endpoint, no claim.
+    assert!(!std::path::Path::new(&format!("/proc/{restored}")).exists());
+    assert_eq!(scene.b.pids(), vec![scene.pad.child.id() as i32]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while scene.api.get(SLICES, "tick-moved-pad-b").is_some()
+        || scene.api.get(LEASES, "spotable-pad-pad-b").is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the pad still published or claimed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pad_dir = scene.dir.join(&scene.b.name);
+    let left: Vec<_> = std::fs::read_dir(&pad_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "images left behind: {left:?}");
+    // The proxy has no replica to send to: the sessions end as they would today.
+    let admin = scene.proxy.admin.unwrap();
+    scrape_until(admin, "spotable_replicas", &[("state", "ready")], |v| {
+        v == 0.0
+    })
+    .unwrap();
+    // The inventory says what happened; the Events too.
+    let messages = scene.inventory();
+    let pad: Vec<&Value> = messages
+        .iter()
+        .filter(|m| m["pod"]["name"] == "pad-b")
+        .collect();
+    let statuses: Vec<&str> = pad.iter().map(|m| m["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["ready", "moved", "terminated"], "{messages:#?}");
+    assert!(pad[2]["reason"].as_str().unwrap().contains("move failed"));
+    assert!(scene.api.actions().iter().any(|a| a.verb == "CREATE"
+        && a.path.contains("/events")
+        && a.body["reason"] == "GameLost"));
+    drop(threads);
+}
+
+#[test]
+fn two_games_moving_at_once_race_for_one_pad_and_exactly_one_wins() {
+    let Some(criu) = spotable_fixtures::criu::require("migration tests") else {
+        return;
+    };
+    let mut scene = Scene::with_rival(&criu);
+    // No pad is an endpoint of the game until it holds one.
+    let b = scene.b.ip.to_string();
+    let endpoints = |api: &FakeApi| -> Vec<String> {
+        ["tick-1", "tick-2", "tick-moved-pad-b"]
+            .iter()
+            .filter_map(|n| api.get(SLICES, n))
+            .flat_map(|s| {
+                s["endpoints"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|e| e["addresses"][0].as_str().map(String::from))
+            })
+            .collect()
+    };
+    assert!(!endpoints(&scene.api).contains(&b));
+    // Both kubelets at once.
+    let (_, rival) = scene.rival.as_mut().unwrap();
+    rival.signal(nix::sys::signal::Signal::SIGTERM);
+    scene.source.signal(nix::sys::signal::Signal::SIGTERM);
+    let a_status = scene.source.exit(Duration::from_secs(30));
+    let (_, rival) = scene.rival.as_mut().unwrap();
+    let c_status = rival.exit(Duration::from_secs(30));
+    let a_moved = scene.source.said("the game moved");
+    let c_moved = rival.said("the game moved");
+    assert!(
+        a_moved ^ c_moved,
+        "exactly one game moves (A: {a_moved}, C: {c_moved})"
+    );
+    let (winner, loser, loser_status, winner_status) = if a_moved {
+        ("game-a", &*rival, c_status, a_status)
+    } else {
+        ("game-c", &scene.source, a_status, c_status)
+    };
+    assert!(winner_status.success(), "{winner_status}");
+    // The other had no pad: it fell back to stopping its game, as without --migrate.
+    assert!(loser.said("landing pad did not take the game"));
+    assert!(
+        loser.said("the game could not be moved; stopping it here"),
+        "the loser did not fall back"
+    );
+    let _ = loser_status;
+    // One claim, its holder the winner; the loser's creation refused by the API server.
+    let lease = scene.api.get(LEASES, "spotable-pad-pad-b").unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], winner);
+    let claims: Vec<String> = scene
+        .api
+        .actions()
+        .iter()
+        .filter(|a| a.path.ends_with("/leases/spotable-pad-pad-b"))
+        .map(|a| a.verb.clone())
+        .collect();
+    assert_eq!(
+        claims.iter().filter(|v| *v == "CREATE").count(),
+        1,
+        "{claims:?}"
+    );
+    // Now the pad is the winner's endpoint.
+    scene.pad.wait_for("the game's memory is all here");
+    assert!(endpoints(&scene.api).contains(&b));
 }

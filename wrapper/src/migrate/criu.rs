@@ -224,9 +224,15 @@ impl Criu {
 
 impl LazyDump {
     /// Waits until the last page has left (CRIU then ends the game), up to `within`.
-    pub fn finish(mut self, within: Duration) -> Result<Duration, CriuError> {
+    /// `beat` runs every few milliseconds meanwhile (the source's heartbeat to the pad).
+    pub fn finish(
+        mut self,
+        within: Duration,
+        mut beat: impl FnMut(),
+    ) -> Result<Duration, CriuError> {
         let deadline = Instant::now() + within;
         loop {
+            beat();
             if let Some(status) = self.child.try_wait()? {
                 return if status.success() {
                     Ok(self.started.elapsed())
@@ -269,8 +275,26 @@ impl LazyDump {
 impl Restored {
     /// Waits for the last page to arrive: `Ok` once the game's memory is all here, an error
     /// when the source went away first (the game cannot go on).
-    pub fn pages(&mut self) -> Result<(), CriuError> {
-        let status = self.lazy.wait()?;
+    /// `lost` set meanwhile (the source went silent) ends the wait: the daemon is killed
+    /// and the game cannot go on.
+    pub fn pages(&mut self, lost: &std::sync::atomic::AtomicBool) -> Result<(), CriuError> {
+        let status = loop {
+            if let Some(status) = self.lazy.try_wait()? {
+                break status;
+            }
+            if lost.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = self.lazy.kill();
+                let _ = self.lazy.wait();
+                return Err(CriuError::Failed {
+                    step: "lazy-pages",
+                    log: format!(
+                        "the source went silent before the last page ({})",
+                        tail(&self.dir, "lazy-pages.log")
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         if status.success() {
             Ok(())
         } else {

@@ -6,7 +6,10 @@
 //! - **Pads**: pods labelled `spotable.io/role=pad` and `spotable.io/game=<game>`, running and
 //!   ready, on another node. A pad is claimed by creating the Lease `spotable-pad-<pod>`:
 //!   the API server lets one creation through and answers 409 to the rest, so two wrappers
-//!   moving at once never take the same pad.
+//!   moving at once never take the same pad. The pad renews the claim while it holds a game
+//!   and deletes it when free; a claim left by a wrapper that died before using it lapses
+//!   after [`CLAIM_FOR`], and is then taken over by an update that names the version read
+//!   (one of two racing takers wins again).
 //! - **The move**: the pad that took a game publishes an EndpointSlice of the game's Service
 //!   naming its own address, annotated `spotable.io/moved-from` with the old one: the proxies
 //!   follow it in place (only whoever may write EndpointSlices can say a replica moved).
@@ -25,6 +28,8 @@ pub const GAME: &str = "spotable.io/game";
 pub const MIGRATION_PORT: &str = "spotable.io/migration-port";
 /// The EndpointSlice annotation the proxies read.
 pub const MOVED_FROM: &str = "spotable.io/moved-from";
+/// How long a claim holds without renewal.
+pub const CLAIM_FOR: Duration = Duration::from_secs(60);
 /// A pad's migration port unless annotated otherwise.
 pub const DEFAULT_MIGRATION_PORT: u16 = 7100;
 
@@ -204,25 +209,66 @@ impl Kube {
         Ok(pads)
     }
 
-    /// Claims `pad` for `holder`: true when this call created its Lease, false when another
-    /// wrapper holds it.
+    /// Claims `pad` for `holder`: true when this call created its Lease (or took over one
+    /// that lapsed), false when another wrapper holds it.
     pub async fn claim(&self, pad: &str, holder: &str) -> Result<bool, KubeError> {
         let path = self.path("/apis/coordination.k8s.io/v1", "leases");
+        let now = micro_time(std::time::SystemTime::now());
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
             "metadata": {"name": lease_name(pad), "labels": {ROLE: "pad-claim"}},
-            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 600},
+            "spec": {
+                "holderIdentity": holder,
+                "leaseDurationSeconds": CLAIM_FOR.as_secs(),
+                "acquireTime": now,
+                "renewTime": now,
+            },
         });
         match self.call("POST", &path, Some(&lease)).await? {
-            (200..=299, _) => Ok(true),
-            (409, _) => Ok(false),
-            (status, body) => Err(KubeError::Status {
-                method: "POST",
-                path,
-                status,
-                body: body.to_string().chars().take(200).collect(),
-            }),
+            (200..=299, _) => return Ok(true),
+            (409, _) => {}
+            (status, body) => return Err(status_error("POST", path, status, &body)),
+        }
+        let one = format!("{path}/{}", lease_name(pad));
+        let (status, held) = self.call("GET", &one, None).await?;
+        match status {
+            200 => {}
+            // Released in between: try once more from the start next time.
+            404 => return Ok(false),
+            _ => return Err(status_error("GET", one, status, &held)),
+        }
+        if !lapsed(&held, std::time::SystemTime::now()) {
+            return Ok(false);
+        }
+        let Some(version) = held["metadata"]["resourceVersion"].as_str() else {
+            return Ok(false);
+        };
+        let take = json!({
+            "metadata": {"resourceVersion": version},
+            "spec": {"holderIdentity": holder, "acquireTime": now, "renewTime": now},
+        });
+        match self.call("PATCH", &one, Some(&take)).await? {
+            (200..=299, _) => {
+                tracing::info!(pad, "took over a claim that had lapsed");
+                Ok(true)
+            }
+            (409 | 404, _) => Ok(false),
+            (status, body) => Err(status_error("PATCH", one, status, &body)),
+        }
+    }
+
+    /// Renews the claim on `pad` (the pad, while it holds a game).
+    pub async fn renew(&self, pad: &str) -> Result<(), KubeError> {
+        let path = format!(
+            "{}/{}",
+            self.path("/apis/coordination.k8s.io/v1", "leases"),
+            lease_name(pad)
+        );
+        let renew = json!({"spec": {"renewTime": micro_time(std::time::SystemTime::now())}});
+        match self.call("PATCH", &path, Some(&renew)).await? {
+            (200..=299, _) => Ok(()),
+            (status, body) => Err(status_error("PATCH", path, status, &body)),
         }
     }
 
@@ -327,6 +373,35 @@ impl Kube {
     }
 }
 
+fn status_error(method: &'static str, path: String, status: u16, body: &Value) -> KubeError {
+    KubeError::Status {
+        method,
+        path,
+        status,
+        body: body.to_string().chars().take(200).collect(),
+    }
+}
+
+/// A Lease's `MicroTime`.
+fn micro_time(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+/// Whether a Lease's holder has let it lapse: neither acquired nor renewed within its
+/// duration. A Lease that cannot be read is held (never take what may be in use).
+fn lapsed(lease: &Value, now: std::time::SystemTime) -> bool {
+    let spec = &lease["spec"];
+    let Some(duration) = spec["leaseDurationSeconds"].as_u64() else {
+        return false;
+    };
+    let last = ["renewTime", "acquireTime"]
+        .iter()
+        .filter_map(|k| spec[*k].as_str())
+        .filter_map(|t| humantime::parse_rfc3339_weak(t).ok())
+        .max();
+    last.is_some_and(|t| t + Duration::from_secs(duration) < now)
+}
+
 fn lease_name(pad: &str) -> String {
     format!("spotable-pad-{pad}")
 }
@@ -336,4 +411,32 @@ fn moved_slice(service: &str, pod: &str) -> String {
     let mut name = format!("{service}-moved-{pod}");
     name.truncate(253);
     name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn lease(renewed: SystemTime, secs: u64) -> Value {
+        json!({"spec": {
+            "holderIdentity": "game-a",
+            "leaseDurationSeconds": secs,
+            "acquireTime": micro_time(renewed - Duration::from_secs(600)),
+            "renewTime": micro_time(renewed),
+        }})
+    }
+
+    #[test]
+    fn a_claim_lapses_only_once_neither_acquired_nor_renewed_within_its_duration() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert!(!lapsed(&lease(t, 60), t + Duration::from_secs(59)));
+        assert!(lapsed(&lease(t, 60), t + Duration::from_secs(61)));
+        // What cannot be read is held: never take a pad that may be in use.
+        assert!(!lapsed(&json!({"spec": {"holderIdentity": "x"}}), t));
+        let mut odd = lease(t, 60);
+        odd["spec"]["renewTime"] = json!("yesterday");
+        odd["spec"]["acquireTime"] = json!(null);
+        assert!(!lapsed(&odd, t + Duration::from_secs(3600)));
+    }
 }

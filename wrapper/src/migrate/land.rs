@@ -96,6 +96,15 @@ impl Cluster {
     }
 }
 
+/// Stops renewing the claim when dropped.
+struct Renewing(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewing {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs the pad until a game that landed here ends; its exit code is ours.
 pub async fn run(common: Common, args: LandArgs) -> Result<i32, BoxError> {
     let _admin = crate::cli::admin(&common).await?;
@@ -164,11 +173,34 @@ pub async fn run(common: Common, args: LandArgs) -> Result<i32, BoxError> {
             address: landed.hello.address.clone(),
         });
         outbox.send(moved);
+        // The claim holds while the game runs here (a claim nobody renews lapses).
+        let _renewing = cluster.as_ref().map(|c| {
+            let c = c.clone();
+            Renewing(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(super::kube::CLAIM_FOR / 3).await;
+                    if let Err(e) = c.kube.renew(&c.pod).await {
+                        tracing::warn!(error = %e, "cannot renew the claim on this pad");
+                    }
+                }
+            }))
+        });
         // While a game runs here, other sources are refused at once.
         let busy = Arc::new(AtomicBool::new(true));
         pad.refuse_while(busy.clone());
         let mut restored = landed.restored;
-        let mut pages = tokio::task::spawn_blocking(move || restored.pages());
+        let lost = Arc::new(AtomicBool::new(false));
+        let watching = lost.clone();
+        let control = landed.control;
+        std::thread::spawn(move || {
+            if let Err(why) = super::pad::watch_source(control, &watching) {
+                tracing::warn!(
+                    why,
+                    "the source is gone before the game's memory is all here"
+                );
+            }
+        });
+        let mut pages = tokio::task::spawn_blocking(move || restored.pages(&lost));
         let supervisor = Supervisor::new()?;
         let stopping = outbox.clone();
         let on_stop = |signal: &'static str| {

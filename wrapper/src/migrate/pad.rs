@@ -39,6 +39,8 @@ pub struct Landed {
     pub dir: PathBuf,
     /// Who sent it.
     pub from: SocketAddr,
+    /// The source's connection, on which it beats until the last page has left.
+    pub control: TcpStream,
 }
 
 impl Landed {
@@ -168,6 +170,7 @@ impl Pad {
                     output,
                     dir,
                     from: peer,
+                    control: stream.try_clone().map_err(|e| e.to_string())?,
                 })
             }
             Err(why) => {
@@ -244,6 +247,33 @@ fn check(hello: &Hello) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Listens to the source until its last page has left: `Ok` then; an error, with `lost`
+/// set, when it falls silent for [`wire::SOURCE_SILENCE`] or says something else first.
+pub fn watch_source(
+    mut control: TcpStream,
+    lost: &std::sync::atomic::AtomicBool,
+) -> Result<(), String> {
+    let _ = control.set_read_timeout(Some(wire::SOURCE_SILENCE));
+    let why = loop {
+        match wire::read(&mut control) {
+            Ok(Frame::Alive) => {}
+            Ok(Frame::Sent) => return Ok(()),
+            Ok(other) => break format!("the source said {other:?} while its pages left"),
+            Err(wire::WireError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break format!("nothing from the source for {:?}", wire::SOURCE_SILENCE);
+            }
+            Err(e) => break format!("the source's connection failed: {e}"),
+        }
+    };
+    lost.store(true, std::sync::atomic::Ordering::Release);
+    Err(why)
 }
 
 /// SIGKILLs a restored game's process group (it leads its own session).

@@ -145,7 +145,15 @@ impl Plan {
             }
         };
         let pause = frozen.elapsed();
-        let last_page = dump.finish(self.within.saturating_sub(start.elapsed()))?;
+        // The pad takes our silence for our death: beat until the last page has left.
+        let mut beaten = Instant::now();
+        let last_page = dump.finish(self.within.saturating_sub(start.elapsed()), || {
+            if beaten.elapsed() >= wire::HEARTBEAT {
+                beaten = Instant::now();
+                let _ = wire::write(&mut stream, &Frame::Alive);
+            }
+        })?;
+        let _ = wire::write(&mut stream, &Frame::Sent);
         let _ = std::fs::remove_dir_all(&dir);
         Ok(Moved {
             pad,

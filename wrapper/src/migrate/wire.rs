@@ -5,7 +5,11 @@
 //! - source → pad: [`Frame::Hello`] (the game, as JSON: [`Hello`]), then one [`Frame::File`]
 //!   per chunk of each CRIU image file (a name, then bytes), then [`Frame::Done`];
 //! - pad → source: [`Frame::Accept`] or [`Frame::Refuse`] after the hello, then
-//!   [`Frame::Restored`] (the game runs on the pad) or [`Frame::Failed`].
+//!   [`Frame::Restored`] (the game runs on the pad) or [`Frame::Failed`];
+//! - source → pad, while the game's memory is still leaving: [`Frame::Alive`] every
+//!   [`HEARTBEAT`], then [`Frame::Sent`] once the last page has left. A pad that hears
+//!   nothing for [`SOURCE_SILENCE`] before that takes the source for dead (a node lost
+//!   mid-transfer closes no connection).
 //!
 //! The pad reads bytes from the network, so every length is bounded before anything is
 //! allocated, names are plain file names (no path, no `..`), and the whole is fuzzed
@@ -23,6 +27,10 @@ pub const MAX_MESSAGE: usize = 64 << 10;
 pub const MAX_CHUNK: usize = 4 << 20;
 /// Longest image file name.
 pub const MAX_NAME: usize = 255;
+/// How often a source says it is alive while its page server runs.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
+/// Silence after which a pad takes the source for dead.
+pub const SOURCE_SILENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +54,10 @@ pub enum Frame {
     Restored(u32),
     /// The restore failed, and why.
     Failed(String),
+    /// The source is alive, its memory still leaving.
+    Alive,
+    /// The game's last page has left the source.
+    Sent,
 }
 
 /// What the source tells the pad about the game.
@@ -81,6 +93,8 @@ const ACCEPT: u8 = 10;
 const REFUSE: u8 = 11;
 const RESTORED: u8 = 12;
 const FAILED: u8 = 13;
+const ALIVE: u8 = 20;
+const SENT: u8 = 21;
 
 /// Why bytes were not a frame.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +131,7 @@ pub fn read(r: &mut impl Read) -> Result<Frame, WireError> {
         FILE => 2 + MAX_NAME + MAX_CHUNK,
         HELLO | REFUSE | FAILED => MAX_MESSAGE,
         RESTORED => 4,
-        DONE | ACCEPT => 0,
+        DONE | ACCEPT | ALIVE | SENT => 0,
         other => return Err(WireError::Kind(other)),
     };
     if len > max {
@@ -161,6 +175,8 @@ pub fn read(r: &mut impl Read) -> Result<Frame, WireError> {
             Frame::Restored(u32::from_be_bytes(b))
         }
         FAILED => Frame::Failed(text(body)?),
+        ALIVE => Frame::Alive,
+        SENT => Frame::Sent,
         other => return Err(WireError::Kind(other)),
     })
 }
@@ -196,6 +212,8 @@ pub fn write(w: &mut impl Write, frame: &Frame) -> io::Result<()> {
         Frame::Refuse(why) => (REFUSE, clip(why)),
         Frame::Restored(pid) => (RESTORED, pid.to_be_bytes().to_vec()),
         Frame::Failed(why) => (FAILED, clip(why)),
+        Frame::Alive => (ALIVE, Vec::new()),
+        Frame::Sent => (SENT, Vec::new()),
     };
     let mut head = [0u8; 5];
     head[0] = kind;
@@ -252,6 +270,8 @@ mod tests {
             Frame::Refuse("busy".into()),
             Frame::Restored(4242),
             Frame::Failed("restore: bad size".into()),
+            Frame::Alive,
+            Frame::Sent,
         ];
         let mut buf = Vec::new();
         for f in &frames {

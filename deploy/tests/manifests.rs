@@ -132,9 +132,9 @@ fn container_argv(c: &Value) -> Vec<String> {
             .into_iter()
             .find(|b| image.contains(&format!("/{b}:")))
             .or_else(|| {
-                image
-                    .contains("/spotable-game-demo:")
-                    .then_some("spotable-wrapper")
+                (image.contains("/spotable-game-demo:")
+                    || image.contains("/spotable-game-demo-migrate:"))
+                .then_some("spotable-wrapper")
             });
         if let Some(entry) = entry {
             v.insert(0, entry.to_string());
@@ -267,12 +267,45 @@ fn rbac_has_no_wildcard_and_grants_exactly_what_is_used() {
                     "events.k8s.io/events:create",
                     "events.k8s.io/events:patch",
                 ]),
+                ("Role", "spotable-game-migrate") if overlay == "migrate" => set(&[
+                    "/pods:list",
+                    "coordination.k8s.io/leases:create",
+                    "coordination.k8s.io/leases:get",
+                    "coordination.k8s.io/leases:patch",
+                    "coordination.k8s.io/leases:delete",
+                    "/events:create",
+                ]),
+                ("Role", "spotable-landing-pad") if overlay == "migrate" => set(&[
+                    "discovery.k8s.io/endpointslices:create",
+                    "discovery.k8s.io/endpointslices:delete",
+                    "coordination.k8s.io/leases:patch",
+                    "coordination.k8s.io/leases:delete",
+                    "/events:create",
+                ]),
                 _ => panic!("{overlay}: unexpected role {}", id(o)),
             };
             assert_eq!(grants, expected, "{overlay}: {}", id(o));
         }
         assert!(roles >= 1, "{overlay}: no RBAC at all");
     }
+}
+
+/// What a container that moves games with CRIU needs (measured; the `migrate` overlay).
+const MOVE_CAPS: &[&str] = &[
+    "CHECKPOINT_RESTORE",
+    "SYS_PTRACE",
+    "SYS_ADMIN",
+    "SYS_TIME",
+    "SYS_CHROOT",
+    "SETPCAP",
+    "NET_ADMIN",
+];
+
+/// Whether a container moves games: a wrapper with `--migrate`, or a landing pad.
+fn moves_games(c: &Value) -> bool {
+    let argv = container_argv(c);
+    argv.first().is_some_and(|p| p == "spotable-wrapper")
+        && (argv.iter().any(|a| a == "--migrate") || argv.get(1).is_some_and(|a| a == "land"))
 }
 
 #[test]
@@ -287,13 +320,22 @@ fn every_container_is_non_root_hardened_and_requests_resources() {
                     c.pointer(&format!("/securityContext/{k}"))
                         .or_else(|| pod_ctx.and_then(|p| p.get(k)))
                 };
-                assert_eq!(
-                    field("runAsNonRoot"),
-                    Some(&Value::Bool(true)),
-                    "{at}: runAsNonRoot"
-                );
-                let uid = field("runAsUser").and_then(Value::as_u64);
-                assert!(uid.is_some_and(|u| u > 0), "{at}: runAsUser {uid:?}");
+                let added = strings(c.pointer("/securityContext/capabilities/add"));
+                if overlay == "migrate" && moves_games(c) {
+                    // CRIU runs as root: with exactly the capabilities a move was measured
+                    // to need (the migration tests run under the same list) and no more.
+                    assert_eq!(added, set(MOVE_CAPS), "{at}: capabilities");
+                    assert_eq!(field("runAsUser").and_then(Value::as_u64), Some(0), "{at}");
+                } else {
+                    assert_eq!(
+                        field("runAsNonRoot"),
+                        Some(&Value::Bool(true)),
+                        "{at}: runAsNonRoot"
+                    );
+                    let uid = field("runAsUser").and_then(Value::as_u64);
+                    assert!(uid.is_some_and(|u| u > 0), "{at}: runAsUser {uid:?}");
+                    assert!(added.is_empty(), "{at}: adds capabilities {added:?}");
+                }
                 assert_eq!(
                     c.pointer("/securityContext/allowPrivilegeEscalation"),
                     Some(&Value::Bool(false)),
@@ -332,6 +374,9 @@ fn game_server_copies_never_share_a_node_and_spread_over_zones() {
         for game in games {
             game_copies_are_spread(&overlay, game);
         }
+        if overlay == "migrate" {
+            pads_wait_apart_from_the_game(&objects);
+        }
     }
 }
 
@@ -349,10 +394,12 @@ fn game_copies_are_spread(overlay: &str, game: &Value) {
         let pod = pod_specs(game)[0];
         let at = format!("{overlay}: {}", id(game));
         let replicas = game.pointer("/spec/replicas").and_then(Value::as_u64);
+        // Migration keeps one copy: the pads, not a second copy, carry it over a notice.
+        let copies = if overlay == "migrate" { 1 } else { 2 };
         assert_eq!(
             replicas,
-            Some(2),
-            "{at}: the documented default of 2 copies"
+            Some(copies),
+            "{at}: the documented default of {copies} copies"
         );
         assert_eq!(str_at(pod, "/nodeSelector/lifecycle"), "spot", "{at}");
         let spread: BTreeMap<String, String> = items(pod, "/topologySpreadConstraints")
@@ -400,6 +447,60 @@ fn game_copies_are_spread(overlay: &str, game: &Value) {
             }
         }
     }
+}
+
+/// Landing pads: never on a game's node, never an endpoint of the game until they hold it,
+/// spread over zones, and given the game's grace period (a pad that holds a game is it).
+fn pads_wait_apart_from_the_game(objects: &[Value]) {
+    let pads = objects
+        .iter()
+        .find(|o| str_at(o, "/metadata/name") == "landing-pads")
+        .expect("migrate: a landing-pads Deployment");
+    let game = objects
+        .iter()
+        .find(|o| {
+            str_at(o, "/kind") == "Deployment" && str_at(o, "/metadata/name") == "game-server"
+        })
+        .expect("migrate: the game");
+    let (pad_labels, game_labels) = (pod_labels(pads), pod_labels(game));
+    assert_eq!(
+        pad_labels.get("spotable.io/role").map(String::as_str),
+        Some("pad")
+    );
+    assert_eq!(
+        pad_labels.get("spotable.io/game"),
+        game_labels.get("spotable.io/game"),
+        "a pad names the game it waits for"
+    );
+    let pod = pod_specs(pads)[0];
+    let anti = items(
+        pod,
+        "/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution",
+    );
+    assert!(
+        anti.iter()
+            .any(|t| str_at(t, "/topologyKey") == "kubernetes.io/hostname"
+                && selects(t.pointer("/labelSelector/matchLabels"), &game_labels)),
+        "pads must never share a node with the game"
+    );
+    let service = objects
+        .iter()
+        .find(|o| str_at(o, "/kind") == "Service" && str_at(o, "/metadata/name") == "game-server")
+        .expect("the game's Service");
+    let selector = service.pointer("/spec/selector");
+    assert!(
+        selects(selector, &game_labels),
+        "the Service selects the game"
+    );
+    assert!(
+        !selects(selector, &pad_labels),
+        "a waiting pad is no endpoint of the game"
+    );
+    let grace = |p: &Value| {
+        p.get("terminationGracePeriodSeconds")
+            .and_then(Value::as_u64)
+    };
+    assert_eq!(grace(pod), grace(pod_specs(game)[0]));
 }
 
 fn parse_secs(s: &str) -> u64 {

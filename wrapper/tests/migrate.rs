@@ -42,6 +42,24 @@ fn wrapper() -> &'static str {
     env!("CARGO_BIN_EXE_spotable-wrapper")
 }
 
+/// The capabilities the `migrate` overlay gives a container that moves games: the wrappers
+/// here run with these and no other (and no new privileges), so the overlay's list is tested.
+fn overlay_caps() -> Vec<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/overlays/migrate/game-server.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add: ["))
+        .expect("the overlay adds capabilities");
+    line.trim_end_matches(']')
+        .split(',')
+        .map(|c| c.trim().trim_matches('"').to_ascii_lowercase())
+        .collect()
+}
+
 /// A process in a node, its output lines collected.
 struct Proc {
     child: Child,
@@ -197,9 +215,18 @@ impl Scene {
         api.apply(PODS, pod("pad-b", "node-b", b.ip, "pad"));
         api.apply(SLICES, slice("tick-1", &[a.ip]));
         let criu = criu.display().to_string();
+        let caps = overlay_caps()
+            .iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let in_node = |node: &Node, pod: &str, node_name: &str, args: &[String]| {
-            let mut c = node.command(wrapper());
-            c.args(args)
+            let mut c = node.command("setpriv");
+            c.args(["--no-new-privs", "--inh-caps", "-all", "--bounding-set"])
+                .arg(format!("-all,{caps}"))
+                .arg("--")
+                .arg(wrapper())
+                .args(args)
                 .env("POD_NAME", pod)
                 .env("POD_NAMESPACE", NS)
                 .env("POD_IP", node.ip.to_string())

@@ -274,15 +274,18 @@ impl LazyDump {
 
 impl Restored {
     /// Waits for the last page to arrive: `Ok` once the game's memory is all here, an error
-    /// when the source went away first (the game cannot go on).
-    /// `lost` set meanwhile (the source went silent) ends the wait: the daemon is killed
-    /// and the game cannot go on.
+    /// when the source went away first (the game cannot go on). `lost` set meanwhile (the
+    /// source went silent) ends the wait.
+    ///
+    /// Either way the game is SIGKILLed before the daemon is: once the daemon is gone its
+    /// missing pages read as zeros, and a game running on zeros would send players garbage.
     pub fn pages(&mut self, lost: &std::sync::atomic::AtomicBool) -> Result<(), CriuError> {
         let status = loop {
             if let Some(status) = self.lazy.try_wait()? {
                 break status;
             }
             if lost.load(std::sync::atomic::Ordering::Acquire) {
+                super::pad::kill_group(self.pid);
                 let _ = self.lazy.kill();
                 let _ = self.lazy.wait();
                 return Err(CriuError::Failed {
@@ -293,11 +296,12 @@ impl Restored {
                     ),
                 });
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(2));
         };
         if status.success() {
             Ok(())
         } else {
+            super::pad::kill_group(self.pid);
             Err(CriuError::Failed {
                 step: "lazy-pages",
                 log: tail(&self.dir, "lazy-pages.log"),

@@ -96,6 +96,16 @@ impl Cluster {
     }
 }
 
+/// How a landing went.
+enum Landing {
+    /// The game's memory is all here; the game runs on.
+    AllHere,
+    /// The game ended on its own, its memory all here or no word either way.
+    Ended(supervise::Exit),
+    /// The source went away first: the game cannot go on (and may have ended already).
+    Lost(String, Option<supervise::Exit>),
+}
+
 /// Stops renewing the claim when dropped.
 struct Renewing(tokio::task::JoinHandle<()>);
 
@@ -200,6 +210,7 @@ pub async fn run(common: Common, args: LandArgs) -> Result<i32, BoxError> {
                 );
             }
         });
+        let stop_pages = lost.clone();
         let mut pages = tokio::task::spawn_blocking(move || restored.pages(&lost));
         let supervisor = Supervisor::new()?;
         let stopping = outbox.clone();
@@ -212,36 +223,57 @@ pub async fn run(common: Common, args: LandArgs) -> Result<i32, BoxError> {
         let game = nix::unistd::Pid::from_raw(pid);
         let supervised = supervisor.run(game, common.grace, on_stop);
         tokio::pin!(supervised);
-        let exit = tokio::select! {
-            exit = &mut supervised => Some(exit),
+        let outcome = tokio::select! {
+            exit = &mut supervised => {
+                // A game that ends before its memory is all here may have died of the
+                // missing pages: how the move ended decides what its end was.
+                let settle = super::wire::SOURCE_SILENCE + Duration::from_secs(1);
+                match tokio::time::timeout(settle, &mut pages).await {
+                    Ok(Ok(Err(e))) => Landing::Lost(e.to_string(), Some(exit)),
+                    Ok(Err(e)) => return Err(format!("the page watch panicked: {e}").into()),
+                    Ok(Ok(Ok(()))) => Landing::Ended(exit),
+                    Err(_) => {
+                        stop_pages.store(true, Ordering::Release);
+                        Landing::Ended(exit)
+                    }
+                }
+            }
             result = &mut pages => match result {
                 Ok(Ok(())) => {
                     tracing::info!(pid, "the game's memory is all here");
-                    None
+                    Landing::AllHere
                 }
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "the game's memory stopped arriving: ending it");
-                    kill_group(pid);
-                    let exit = supervised.await;
-                    metrics::counter!(names::MOVES, "result" => "lost").increment(1);
-                    let mut m = server.message(Status::Terminated);
-                    m.exit_code = Some(exit.code());
-                    m.reason = Some(format!("move failed: {e}"));
-                    outbox.send(m);
-                    landed.dir.exists().then(|| std::fs::remove_dir_all(&landed.dir));
-                    if let Some(c) = &cluster {
-                        c.kube.event(&c.pod, "GameLost", &format!("move failed: {e}"), true).await;
-                    }
-                    busy.store(false, Ordering::Release);
-                    tracing::info!("landing pad waiting for a game again");
-                    continue;
-                }
+                Ok(Err(e)) => Landing::Lost(e.to_string(), None),
                 Err(e) => return Err(format!("the page watch panicked: {e}").into()),
             },
         };
-        let exit = match exit {
-            Some(exit) => exit,
-            None => supervised.await,
+        let exit = match outcome {
+            Landing::Ended(exit) => exit,
+            Landing::AllHere => supervised.await,
+            Landing::Lost(e, exit) => {
+                tracing::error!(error = %e, "the game's memory stopped arriving: ending it");
+                let exit = match exit {
+                    Some(exit) => exit,
+                    None => {
+                        kill_group(pid);
+                        supervised.await
+                    }
+                };
+                metrics::counter!(names::MOVES, "result" => "lost").increment(1);
+                let mut m = server.message(Status::Terminated);
+                m.exit_code = Some(exit.code());
+                m.reason = Some(format!("move failed: {e}"));
+                outbox.send(m);
+                let _ = std::fs::remove_dir_all(&landed.dir);
+                if let Some(c) = &cluster {
+                    c.kube
+                        .event(&c.pod, "GameLost", &format!("move failed: {e}"), true)
+                        .await;
+                }
+                busy.store(false, Ordering::Release);
+                tracing::info!("landing pad waiting for a game again");
+                continue;
+            }
         };
         let _ = std::fs::remove_dir_all(&landed.dir);
         tracing::info!(exit = ?exit, "game exited");

@@ -35,19 +35,12 @@ pub struct Landed {
     pub restored: Restored,
     /// Its standard output and error.
     pub output: [std::io::PipeReader; 2],
-    /// Where the images are (removed by [`Landed::clean`]).
+    /// Where the images are (the pad removes them once the game is done with them).
     pub dir: PathBuf,
     /// Who sent it.
     pub from: SocketAddr,
     /// The source's connection, on which it beats until the last page has left.
     pub control: TcpStream,
-}
-
-impl Landed {
-    /// Removes the images.
-    pub fn clean(&self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 impl Pad {

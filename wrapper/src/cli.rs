@@ -675,6 +675,7 @@ async fn launch(
                     .iter()
                     .all(|(port, protos)| protos.iter().all(|p| ports::in_use(*port, *p)));
                 if all {
+                    tracing::info!("the game is ready: its ports are bound");
                     outbox.send(message);
                     if let Some(sdk) = sdk {
                         let left = timeout.saturating_sub(start.elapsed());

@@ -9,418 +9,68 @@
 //! `CI=true` they fail instead.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use spotable_fixtures::aws::{Moto, create_queue, receive_all, sqs_client_for};
+use serde_json::Value;
 use spotable_fixtures::imds::FakeImds;
-use spotable_fixtures::kube::{FakeApi, running_pod};
-use spotable_fixtures::node::{HOST, Node};
-use spotable_fixtures::process::{
-    ProxyProcess, scrape, scrape_until, spawn_proxy_env, workspace_binary,
-};
+use spotable_fixtures::kube::FakeApi;
+use spotable_fixtures::migration::{LEASES, NS, NodeProc, SLICES, Stage, StageOptions, slice};
+use spotable_fixtures::process::{scrape, scrape_until, workspace_binary};
 use spotable_fixtures::tick::{self, PlayerLog};
 
 const HZ: u32 = 30;
 const PLAYERS: usize = 4;
 const PORT: u16 = 7777;
-const NS: &str = "games";
-const PODS: &str = "/api/v1/namespaces/games/pods";
-const NODES: &str = "/api/v1/nodes";
-const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/games/endpointslices";
-const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/games/leases";
 
-/// Migration tests share the nodes' address plan and the machine: one at a time.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn wrapper() -> &'static str {
-    env!("CARGO_BIN_EXE_spotable-wrapper")
-}
-
-/// The capabilities the `migrate` overlay gives a container that moves games: the wrappers
-/// here run with these and no other (and no new privileges), so the overlay's list is tested.
-fn overlay_caps() -> Vec<String> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/overlays/migrate/game-server.yaml"
-    );
-    let text = std::fs::read_to_string(path).unwrap();
-    let line = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("add: ["))
-        .expect("the overlay adds capabilities");
-    line.trim_end_matches(']')
-        .split(',')
-        .map(|c| c.trim().trim_matches('"').to_ascii_lowercase())
-        .collect()
-}
-
-/// A process in a node, its output lines collected.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn start(mut cmd: Command, label: &'static str) -> Self {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for l in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    eprintln!("  [{label}] {l}");
-                    lines.lock().unwrap().push(l);
-                }
-            });
-        }
-        Self { child, lines }
-    }
-
-    /// Waits (15 s at most) for a line containing `text`.
-    fn wait_for(&self, text: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| l.contains(text)) {
-                return l.clone();
-            }
-            assert!(Instant::now() < deadline, "no line with {text:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn said(&self, text: &str) -> bool {
-        self.lines.lock().unwrap().iter().any(|l| l.contains(text))
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-
-    /// Waits for it to exit (`within`), returning its status.
-    fn exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "still running after {within:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn node_object(name: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": {}})
-}
-
-fn pod(name: &str, node: &str, ip: std::net::Ipv4Addr, role: &str) -> Value {
-    let mut p = running_pod(NS, name, node, 30, Some("ReplicaSet"));
-    p["metadata"]["labels"] = json!({"spotable.io/role": role, "spotable.io/game": "tick"});
-    p["status"]["podIP"] = json!(ip.to_string());
-    p["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
-    p
-}
-
-fn slice(name: &str, endpoints: &[std::net::Ipv4Addr]) -> Value {
-    json!({
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": "tick"}},
-        "addressType": "IPv4",
-        "endpoints": endpoints.iter().map(|ip| json!({
-            "addresses": [ip.to_string()],
-            "conditions": {"ready": true},
-        })).collect::<Vec<_>>(),
-        "ports": [{"name": "game", "port": PORT, "protocol": "UDP"}],
+/// The tick game on node A (and a rival on C), `ballast_mib` resident, a pad on B.
+fn stage(criu: &std::path::Path, ballast_mib: u32, rival: bool) -> Stage {
+    Stage::start(&StageOptions {
+        wrapper: env!("CARGO_BIN_EXE_spotable-wrapper").into(),
+        proxy: workspace_binary("spotable-proxy", "spotable-proxy"),
+        criu: criu.to_path_buf(),
+        game: vec![
+            tick::exe().display().to_string(),
+            "--hz".into(),
+            HZ.to_string(),
+            "--ballast-mib".into(),
+            ballast_mib.to_string(),
+            "--listen".into(),
+            "0.0.0.0:$SERVER_PORT".into(),
+        ],
+        port: PORT,
+        ready_line: Some(format!("listening 0.0.0.0:{PORT}")),
+        rival,
+        inventory: true,
+        echo: true,
     })
+    .unwrap()
 }
 
-/// Two nodes, the game on A behind a proxy, a pad on B, the inventory queue in moto.
-struct Scene {
-    _turn: std::sync::MutexGuard<'static, ()>,
-    runtime: tokio::runtime::Runtime,
-    _moto: Moto,
-    sqs: aws_sdk_sqs::Client,
-    queue: String,
-    api: FakeApi,
-    a: Node,
-    b: Node,
-    source: Proc,
-    pad: Proc,
-    /// With [`Scene::with_rival`]: a second game, on node C, moving at the same time.
-    rival: Option<(Node, Proc)>,
-    proxy: ProxyProcess,
-    dir: PathBuf,
-}
-
-impl Scene {
-    fn new(criu: &std::path::Path, ballast_mib: u32) -> Self {
-        Self::with(criu, ballast_mib, false)
-    }
-
-    /// Two games, on nodes A and C, and the one pad on B.
-    fn with_rival(criu: &std::path::Path) -> Self {
-        Self::with(criu, 0, true)
-    }
-
-    fn with(criu: &std::path::Path, ballast_mib: u32, rival: bool) -> Self {
-        let turn = ONE_AT_A_TIME
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let moto = Moto::start_everywhere().unwrap();
-        let sqs = sqs_client_for(&moto.endpoint());
-        let queue = runtime.block_on(create_queue(&sqs, "inventory.fifo"));
-        // The nodes reach moto at the host's address toward them.
-        let moto_at = format!("http://{HOST}:{}", moto.port());
-        let node_queue = queue.replace("127.0.0.1", &HOST.to_string());
-        let dir = std::env::temp_dir().join(format!("spotable-migrate-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let api = FakeApi::start_on(std::net::Ipv4Addr::UNSPECIFIED.into()).unwrap();
-        let (a, b) = (Node::create().unwrap(), Node::create().unwrap());
-        api.apply(NODES, node_object("node-a"));
-        api.apply(NODES, node_object("node-b"));
-        api.apply(PODS, pod("game-a", "node-a", a.ip, "game"));
-        api.apply(PODS, pod("pad-b", "node-b", b.ip, "pad"));
-        api.apply(SLICES, slice("tick-1", &[a.ip]));
-        let criu = criu.display().to_string();
-        let caps = overlay_caps()
-            .iter()
-            .map(|c| format!("+{c}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let in_node = |node: &Node, pod: &str, node_name: &str, args: &[String]| {
-            let mut c = node.command("setpriv");
-            c.args(["--no-new-privs", "--inh-caps", "-all", "--bounding-set"])
-                .arg(format!("-all,{caps}"))
-                .arg("--")
-                .arg(wrapper())
-                .args(args)
-                .env("POD_NAME", pod)
-                .env("POD_NAMESPACE", NS)
-                .env("POD_IP", node.ip.to_string())
-                .env("NODE_NAME", node_name)
-                .env("QUEUE_URL", &node_queue)
-                .envs(moto.env_at(&moto_at));
-            c
-        };
-        let common = |node: &Node| -> Vec<String> {
-            [
-                "--criu",
-                &criu,
-                "--no-imds",
-                "--front-address",
-                "play.example.com:7777",
-                "--kube-api",
-                &api.url_at(node.host_ip.into()),
-                "--migrate-dir",
-                &dir.join(&node.name).display().to_string(),
-                "--grace",
-                "10s",
-            ]
-            .map(String::from)
-            .to_vec()
-        };
-        let mut land = vec![
-            "land",
-            "--listen",
-            "0.0.0.0:7100",
-            "--trust",
-            "10.0.0.0/8",
-            "--service",
-            "tick",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
-        land.extend(common(&b));
-        let pad = Proc::start(in_node(&b, "pad-b", "node-b", &land), "pad");
-        pad.wait_for("listening");
-        let tick_exe = tick::exe().display().to_string();
-        let start_source = |node: &Node, pod: &str, node_name: &str, label: &'static str| {
-            let mut run = vec![
-                "--migrate".to_string(),
-                "--game".into(),
-                "tick".into(),
-                "--port".into(),
-                "game/udp".into(),
-                "--port-range".into(),
-                format!("{PORT}-{PORT}"),
-                "--lock-dir".into(),
-                dir.join(&node.name).join("locks").display().to_string(),
-            ];
-            run.extend(common(node));
-            run.extend([
-                "--".to_string(),
-                tick_exe.clone(),
-                "--hz".into(),
-                HZ.to_string(),
-                "--ballast-mib".into(),
-                ballast_mib.to_string(),
-                "--listen".into(),
-                "0.0.0.0:$SERVER_PORT".into(),
-            ]);
-            let source = Proc::start(in_node(node, pod, node_name, &run), label);
-            source.wait_for(&format!("listening 0.0.0.0:{PORT}"));
-            source
-        };
-        let source = start_source(&a, "game-a", "node-a", "source");
-        let rival = rival.then(|| {
-            let c = Node::create().unwrap();
-            api.apply(NODES, node_object("node-c"));
-            api.apply(PODS, pod("game-c", "node-c", c.ip, "game"));
-            api.apply(SLICES, slice("tick-2", &[c.ip]));
-            let p = start_source(&c, "game-c", "node-c", "rival");
-            (c, p)
-        });
-        let games = if rival.is_some() { 2.0 } else { 1.0 };
-        let kubeconfig = api.write_kubeconfig(&dir, NS).unwrap();
-        let proxy = spawn_proxy_env(
-            &workspace_binary("spotable-proxy", "spotable-proxy"),
-            &[],
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--workers",
-                "2",
-                "--kubernetes-service",
-                "tick",
-                "--namespace",
-                NS,
-                "--dedupe",
-                "primary",
-            ],
-            true,
-            &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-        )
-        .unwrap();
-        let admin = proxy.admin.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while scrape(admin, "spotable_replicas", &[("state", "ready")]).unwrap() < games {
-            assert!(Instant::now() < deadline, "the proxy never saw the game");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            _turn: turn,
-            runtime,
-            _moto: moto,
-            sqs,
-            queue,
-            api,
-            a,
-            b,
-            source,
-            pad,
-            rival,
-            proxy,
-            dir,
-        }
-    }
-
-    /// Players through the proxy until `until`, recording into shared logs.
-    fn players(
-        &self,
-        until: Instant,
-    ) -> (Vec<Arc<Mutex<PlayerLog>>>, Vec<std::thread::JoinHandle<()>>) {
-        let target = self.proxy.addr;
-        let logs: Vec<Arc<Mutex<PlayerLog>>> = (0..PLAYERS).map(|_| Arc::default()).collect();
-        let threads = logs
-            .iter()
-            .map(|log| {
-                let log = log.clone();
-                std::thread::spawn(move || {
-                    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-                    tick::play_into(&socket, target, Duration::from_secs(1) / HZ, until, &log)
-                        .unwrap();
-                })
+/// Players through the proxy until `until`, recording into shared logs.
+fn players(
+    scene: &Stage,
+    until: Instant,
+) -> (Vec<Arc<Mutex<PlayerLog>>>, Vec<std::thread::JoinHandle<()>>) {
+    let target = scene.proxy.addr;
+    let logs: Vec<Arc<Mutex<PlayerLog>>> = (0..PLAYERS).map(|_| Arc::default()).collect();
+    let threads = logs
+        .iter()
+        .map(|log| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                tick::play_into(&socket, target, Duration::from_secs(1) / HZ, until, &log).unwrap();
             })
-            .collect();
-        (logs, threads)
-    }
-
-    /// Plays the kubelet: once the agent evicts pod `game-a`, SIGTERM to its wrapper.
-    fn kubelet(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let evicted = self
-                .api
-                .actions()
-                .iter()
-                .any(|a| a.verb == "EVICT" && a.path.ends_with("/pods/game-a"));
-            if evicted {
-                self.source.signal(nix::sys::signal::Signal::SIGTERM);
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent never evicted the game"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Scene {
-    /// The inventory's messages so far: (status, pod, reason, moved_from pod).
-    fn inventory(&self) -> Vec<Value> {
-        self.runtime
-            .block_on(receive_all(
-                &self.sqs,
-                &self.queue,
-                Duration::from_millis(800),
-            ))
-            .into_iter()
-            .map(|m| serde_json::from_str(&m.body).unwrap())
-            .collect()
-    }
-}
-
-impl Drop for Scene {
-    fn drop(&mut self) {
-        self.a.destroy();
-        self.b.destroy();
-        if let Some((c, _)) = &mut self.rival {
-            c.destroy();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+        })
+        .collect();
+    (logs, threads)
 }
 
 /// The real agent on node A, watching the fake instance metadata.
-fn agent(imds: &FakeImds, api: &FakeApi, dir: &std::path::Path) -> Proc {
+fn agent(imds: &FakeImds, api: &FakeApi, dir: &std::path::Path) -> NodeProc {
     let kubeconfig = api.write_kubeconfig(dir, NS).unwrap();
     let mut c = Command::new(workspace_binary("spotable-agent", "spotable-agent"));
     c.args([
@@ -433,7 +83,7 @@ fn agent(imds: &FakeImds, api: &FakeApi, dir: &std::path::Path) -> Proc {
     ])
     .env("KUBECONFIG", kubeconfig)
     .env_remove("QUEUE_URL");
-    Proc::start(c, "agent")
+    NodeProc::start(c, "agent", true).unwrap()
 }
 
 /// What a player saw: its snapshots before the move and after it.
@@ -500,13 +150,13 @@ fn a_game_with_200_mb_resident_moves_within_300_ms() {
 }
 
 fn moves_and_carries_on(criu: &std::path::Path, ballast_mib: u32, max_gap: Duration) {
-    let mut scene = Scene::new(criu, ballast_mib);
+    let mut scene = stage(criu, ballast_mib, false);
     let imds = scene.runtime.block_on(FakeImds::start()).unwrap();
     imds.set_identity("i-0aaa", "eu-west-1", "ip-a.example", "1.2.3.4");
     let _agent = agent(&imds, &scene.api, &scene.dir);
     let start = Instant::now();
     let end = start + Duration::from_secs(7);
-    let (logs, threads) = scene.players(end);
+    let (logs, threads) = players(&scene, end);
     // Every player is in the game before the notice.
     let deadline = start + Duration::from_secs(5);
     while logs.iter().any(|l| l.lock().unwrap().snapshots.len() < 20) {
@@ -522,14 +172,14 @@ fn moves_and_carries_on(criu: &std::path::Path, ballast_mib: u32, max_gap: Durat
         "meta-data/spot/instance-action",
         &format!(r#"{{"action": "terminate", "time": "{time}"}}"#),
     );
-    scene.kubelet(Duration::from_secs(10));
+    scene.kubelet(Duration::from_secs(10)).unwrap();
     let moved_at = Instant::now();
-    let status = scene.source.exit(Duration::from_secs(20));
+    let status = scene.source.exit(Duration::from_secs(20)).unwrap();
     assert!(status.success(), "the source wrapper: {status}");
     assert!(scene.source.said("the game moved"));
-    scene.pad.wait_for("the game's memory is all here");
+    scene.pad.wait_for("the game's memory is all here").unwrap();
     // The kubelet and the endpoint controller: the old pod's endpoint goes; node A is lost.
-    scene.api.apply(SLICES, slice("tick-1", &[]));
+    scene.api.apply(SLICES, slice("tick-1", &[], PORT));
     scene.a.destroy();
     for t in threads {
         t.join().unwrap();
@@ -592,9 +242,9 @@ fn the_source_dying_mid_transfer_ends_the_restored_copy_and_frees_the_pad() {
         return;
     };
     // 1 GB resident: its pages take seconds to follow, and the source dies meanwhile.
-    let mut scene = Scene::new(&criu, 1024);
+    let mut scene = stage(&criu, 1024, false);
     let start = Instant::now();
-    let (logs, threads) = scene.players(start + Duration::from_secs(12));
+    let (logs, threads) = players(&scene, start + Duration::from_secs(12));
     let deadline = start + Duration::from_secs(5);
     while logs.iter().any(|l| l.lock().unwrap().snapshots.len() < 10) {
         assert!(
@@ -603,8 +253,11 @@ fn the_source_dying_mid_transfer_ends_the_restored_copy_and_frees_the_pad() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    scene.source.signal(nix::sys::signal::Signal::SIGTERM);
-    scene.pad.wait_for("a game landed");
+    scene
+        .source
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    scene.pad.wait_for("a game landed").unwrap();
     assert!(
         !scene.pad.said("the game's memory is all here"),
         "the pages were all here before the source died: nothing was tested"
@@ -613,16 +266,22 @@ fn the_source_dying_mid_transfer_ends_the_restored_copy_and_frees_the_pad() {
         .b
         .pids()
         .into_iter()
-        .find(|p| *p != scene.pad.child.id() as i32)
+        .find(|p| *p != scene.pad.pid())
         .expect("the restored game runs on node B");
     scene.a.destroy();
     let died = Instant::now();
-    scene.pad.wait_for("the game's memory stopped arriving");
-    scene.pad.wait_for("landing pad waiting for a game again");
+    scene
+        .pad
+        .wait_for("the game's memory stopped arriving")
+        .unwrap();
+    scene
+        .pad
+        .wait_for("landing pad waiting for a game again")
+        .unwrap();
     eprintln!("the pad gave up {:?} after the source died", died.elapsed());
     // Nothing left behind: the pad alone in node B, no images, no endpoint, no claim.
     assert!(!std::path::Path::new(&format!("/proc/{restored}")).exists());
-    assert_eq!(scene.b.pids(), vec![scene.pad.child.id() as i32]);
+    assert_eq!(scene.b.pids(), vec![scene.pad.pid()]);
     let deadline = Instant::now() + Duration::from_secs(5);
     while scene.api.get(SLICES, "tick-moved-pad-b").is_some()
         || scene.api.get(LEASES, "spotable-pad-pad-b").is_some()
@@ -664,7 +323,7 @@ fn two_games_moving_at_once_race_for_one_pad_and_exactly_one_wins() {
     let Some(criu) = spotable_fixtures::criu::require("migration tests") else {
         return;
     };
-    let mut scene = Scene::with_rival(&criu);
+    let mut scene = stage(&criu, 0, true);
     // No pad is an endpoint of the game until it holds one.
     let b = scene.b.ip.to_string();
     let endpoints = |api: &FakeApi| -> Vec<String> {
@@ -684,11 +343,14 @@ fn two_games_moving_at_once_race_for_one_pad_and_exactly_one_wins() {
     assert!(!endpoints(&scene.api).contains(&b));
     // Both kubelets at once.
     let (_, rival) = scene.rival.as_mut().unwrap();
-    rival.signal(nix::sys::signal::Signal::SIGTERM);
-    scene.source.signal(nix::sys::signal::Signal::SIGTERM);
-    let a_status = scene.source.exit(Duration::from_secs(30));
+    rival.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    scene
+        .source
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let a_status = scene.source.exit(Duration::from_secs(30)).unwrap();
     let (_, rival) = scene.rival.as_mut().unwrap();
-    let c_status = rival.exit(Duration::from_secs(30));
+    let c_status = rival.exit(Duration::from_secs(30)).unwrap();
     let a_moved = scene.source.said("the game moved");
     let c_moved = rival.said("the game moved");
     assert!(
@@ -724,6 +386,6 @@ fn two_games_moving_at_once_race_for_one_pad_and_exactly_one_wins() {
         "{claims:?}"
     );
     // Now the pad is the winner's endpoint.
-    scene.pad.wait_for("the game's memory is all here");
+    scene.pad.wait_for("the game's memory is all here").unwrap();
     assert!(endpoints(&scene.api).contains(&b));
 }

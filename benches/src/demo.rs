@@ -56,6 +56,20 @@ pub struct DemoArgs {
     /// Print the summary and the timeline as JSON on stdout (the text goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Instead: ONE copy of the game on a simulated node A, a landing pad on node B, a spot
+    /// notice at --kill-at; the agent evicts the game, its wrapper moves it to the pad with
+    /// CRIU (root, CRIU 4.2+: built from .ci/vendor when missing), node A is lost once the
+    /// move is done. The game is the tick server, or the COMMAND after `--`.
+    #[arg(long)]
+    pub migrate: bool,
+    /// With --migrate: replay the players of this capture (tcpdump -w) instead of built-in
+    /// ones, each client address one player, with its recorded timing.
+    #[arg(long, value_name = "FILE.pcap", requires = "migrate")]
+    pub capture: Option<std::path::PathBuf>,
+    /// With --migrate: the game server; `{port}` in its arguments becomes its UDP port,
+    /// which is also in SERVER_PORT. It must bind 0.0.0.0 (the pad's address differs).
+    #[arg(last = true, value_name = "COMMAND", requires = "migrate")]
+    pub command: Vec<String>,
 }
 
 /// The demo's game server.

@@ -5,6 +5,7 @@ pub mod compare;
 pub mod demo;
 pub mod fit;
 pub mod loadgen;
+pub mod migrate_demo;
 pub mod netns;
 pub mod peers;
 pub mod results;

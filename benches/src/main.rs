@@ -73,6 +73,7 @@ fn run_anchor(listen: std::net::SocketAddr, game: std::net::SocketAddr) -> anyho
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Cmd::Demo(args) if args.migrate => spotable_bench::migrate_demo::run(&args).map(|_| ()),
         Cmd::Demo(args) if args.switch_proxy => spotable_bench::switch::run(&args).map(|_| ()),
         Cmd::Demo(args) if args.game == demo::DemoGame::Tick => {
             spotable_bench::tick_demo::run(&args).map(|_| ())

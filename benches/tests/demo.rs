@@ -163,3 +163,82 @@ fn demo_with_the_tick_server_gives_every_player_one_world_through_a_kill() {
     assert_eq!(r["divergent"], true);
     assert_eq!(r["sessions_demoted"], 4);
 }
+
+/// `demo --migrate --json` with `extra` args; `None` where moving cannot run here.
+fn migrate_demo(extra: &[&str]) -> Option<serde_json::Value> {
+    spotable_fixtures::criu::require("demo --migrate")?;
+    let mut args = vec![
+        "demo",
+        "--migrate",
+        "--json",
+        "--duration",
+        "4s",
+        "--kill-at",
+        "1500ms",
+    ];
+    args.extend_from_slice(extra);
+    let out = Command::new(exe()).args(&args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("N notice, M moved, X node A lost"),
+        "no timeline: {stderr}"
+    );
+    Some(serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}")))
+}
+
+fn check_moved(r: &serde_json::Value) {
+    assert_eq!(r["moved"], true, "{r:#}");
+    assert_eq!(r["lost"], 0, "{r:#}");
+    assert_eq!(r["duplicates"], 0, "{r:#}");
+    assert_eq!(r["players_disconnected"], 0, "{r:#}");
+    let pause = r["pause_ms"].as_f64().unwrap();
+    assert!(pause > 0.0 && pause < 1000.0, "{r:#}");
+    let at = |k: &str| r["events"][k].as_f64().unwrap();
+    assert!(
+        at("notice") < at("moved") && at("moved") <= at("node_lost"),
+        "{r:#}"
+    );
+}
+
+#[test]
+fn demo_migrate_moves_the_tick_server_and_nobody_notices() {
+    if let Some(r) = migrate_demo(&[]) {
+        check_moved(&r);
+    }
+}
+
+#[test]
+fn demo_migrate_moves_a_studios_game_with_its_players_replayed_from_a_capture() {
+    // Two players' inputs, 33 ms apart for 4 s, as tcpdump would have recorded them.
+    let server: std::net::SocketAddr = "10.0.0.1:7777".parse().unwrap();
+    let inputs: Vec<[u8; 8]> = (1..=120u64).map(u64::to_be_bytes).collect();
+    let mut datagrams = Vec::new();
+    for p in 0..2u16 {
+        let player = std::net::SocketAddr::from(([10, 0, 0, 2], 40_000 + p));
+        for (i, input) in inputs.iter().enumerate() {
+            let at = std::time::Duration::from_secs(1_700_000_000)
+                + std::time::Duration::from_millis(33 * i as u64 + 5 * u64::from(p));
+            datagrams.push((at, player, server, &input[..]));
+        }
+    }
+    datagrams.sort_by_key(|d| d.0);
+    let dir = std::env::temp_dir().join(format!("spotable-demo-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let capture = dir.join("players.pcap");
+    std::fs::write(&capture, spotable_pcap::write(&datagrams)).unwrap();
+    let tick = spotable_fixtures::tick::exe().display().to_string();
+    let r = migrate_demo(&[
+        "--capture",
+        capture.to_str().unwrap(),
+        "--",
+        &tick,
+        "--listen",
+        "0.0.0.0:{port}",
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(r) = r {
+        check_moved(&r);
+    }
+}

@@ -9,7 +9,7 @@
 //! (`copies`), numbered alike (`sequence`, with the field), or neither (`primary`)?
 
 pub mod evidence;
-mod players;
+pub(crate) mod players;
 pub mod relay;
 mod servers;
 

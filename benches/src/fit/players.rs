@@ -25,7 +25,7 @@ pub(super) struct Played {
 }
 
 /// A player's datagrams, each with when it goes (from the players' start).
-pub(super) type Script = Vec<(Duration, Vec<u8>)>;
+pub(crate) type Script = Vec<(Duration, Vec<u8>)>;
 
 /// Where the players' datagrams come from.
 #[derive(Debug, Clone)]
@@ -61,6 +61,11 @@ impl Source {
 /// Reads a capture: the server is the endpoint most peers talk to (on a tie, the lower
 /// port); every other endpoint is one player, its datagrams to the server replayed.
 pub(super) fn capture(path: &Path) -> anyhow::Result<Source> {
+    capture_scripts(path).map(Source::Capture)
+}
+
+/// The players of a capture, each its datagrams to the server with their timing.
+pub(crate) fn capture_scripts(path: &Path) -> anyhow::Result<Vec<Script>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let c = spotable_pcap::read(&bytes).with_context(|| format!("{}", path.display()))?;
     let mut peers: HashMap<SocketAddr, std::collections::HashSet<SocketAddr>> = HashMap::new();
@@ -92,9 +97,7 @@ pub(super) fn capture(path: &Path) -> anyhow::Result<Source> {
     if players.is_empty() {
         bail!("{}: no datagram to the server {server}", path.display());
     }
-    Ok(Source::Capture(
-        players.into_iter().map(|(_, v)| v).collect(),
-    ))
+    Ok(players.into_iter().map(|(_, v)| v).collect())
 }
 
 /// Players running until `until`; their records grow as they play.

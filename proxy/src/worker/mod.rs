@@ -336,8 +336,12 @@ impl<N: Net> Worker<N> {
             return;
         }
         self.closed.clear();
+        let moves = snapshot.moves.clone();
         let report = self.table.apply(snapshot, now, &mut self.closed);
         self.close_sockets();
+        if !moves.is_empty() {
+            self.follow_moves(&moves, now);
+        }
         self.applied.store(version, Ordering::Release);
         self.local.failovers += report.failovers;
         self.local.late_joins += report.late_joins;
@@ -347,6 +351,32 @@ impl<N: Net> Worker<N> {
                 sessions = report.degraded,
                 "sessions lost a replica and run with less redundancy"
             );
+        }
+    }
+
+    /// Points sockets connected to a replica that moved at its new address now, not at the
+    /// player's next datagram: a connected socket takes datagrams only from its peer, and a
+    /// moved game that speaks first would otherwise be unheard until then.
+    fn follow_moves(&mut self, moves: &[crate::replicas::Move], now: Instant) {
+        for up in self.upstreams.iter_mut().flatten() {
+            let Some(to) = up
+                .connected
+                .and_then(|c| moves.iter().find(|m| m.from == c))
+                .map(|m| m.to)
+            else {
+                continue;
+            };
+            if up.v6 == to.is_ipv6() && self.net.connect(&up.socket, to).is_ok() {
+                up.connected = Some(to);
+                continue;
+            }
+            // Not reconnectable here: unconnected, it hears everyone until the next send.
+            if let Err(e) = self.net.disconnect(&up.socket)
+                && let Some(held) = self.logs.disconnect.hit(now)
+            {
+                tracing::warn!(error = %e, held, "cannot disconnect an upstream socket");
+            }
+            up.connected = None;
         }
     }
 

@@ -238,6 +238,43 @@ fn connect_switching_follows_the_replica_set_and_keeps_the_port() {
 }
 
 #[test]
+fn a_moved_game_that_speaks_first_is_heard_before_the_player_sends_again() {
+    let mut r = Rig::new(&[A]);
+    r.client_sends(b"1");
+    r.settle();
+    let port = r.session_port();
+    r.net().take_sent();
+    // The game moved from A to B (a pad published it); the player has not sent since.
+    r.shared.replicas.publish_with_moves(
+        vec![Replica::ready(addr(B))],
+        vec![crate::replicas::Move {
+            from: addr(A),
+            to: addr(B),
+        }],
+    );
+    r.net().wake();
+    r.settle();
+    assert_eq!(
+        r.net().connects,
+        2,
+        "reconnected at the move, not at the next send"
+    );
+    r.net().answer_at(port, addr(B), b"tick 2");
+    r.settle();
+    assert_eq!(
+        r.net().filtered,
+        0,
+        "the kernel's filter let the new address through"
+    );
+    assert_eq!(
+        Rig::delivered(&r.net().take_sent()),
+        vec![(CLIENT, b"tick 2".to_vec())]
+    );
+    r.net().answer_at(port, addr(A), b"late from a");
+    assert_eq!(r.net().filtered, 1, "and the old address is heard no more");
+}
+
+#[test]
 fn more_answers_than_the_arena_holds_are_delivered_in_arrival_order() {
     let mut r = Rig::new(&[A]);
     r.client_sends(b"go");

@@ -163,7 +163,14 @@ impl Criu {
         let pidfile = dir.join("restored.pid");
         let mut restore = Command::new(&self.binary);
         restore
-            .args(["restore", "--lazy-pages", "--restore-detached"])
+            // Stopped until the pad has published the move: a game that speaks first would
+            // otherwise answer before any proxy knows its new address, and be dropped.
+            .args([
+                "restore",
+                "--lazy-pages",
+                "--restore-detached",
+                "--leave-stopped",
+            ])
             .arg("-D")
             .arg(dir)
             .arg("--pidfile")

@@ -218,8 +218,52 @@ impl Pad {
             let _ = restored.lazy.wait();
             return Err(format!("could not announce the move: {why}"));
         }
+        // The game goes on once a proxy has followed (a player's datagram waits on one of
+        // its UDP ports), or after FOLLOW_WITHIN for a game nobody is sending to.
+        let udp: Vec<u16> = hello
+            .ports
+            .values()
+            .filter(|p| p.proto == Proto::Udp)
+            .map(|p| p.port)
+            .collect();
+        let deadline = std::time::Instant::now() + FOLLOW_WITHIN;
+        while !udp.iter().any(|p| queued(*p)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(restored.pid),
+            nix::sys::signal::Signal::SIGCONT,
+        );
         Ok((restored, [out_r, err_r]))
     }
+}
+
+/// Longest a restored game waits, stopped, for the proxies to follow its move.
+const FOLLOW_WITHIN: Duration = Duration::from_millis(150);
+
+/// Whether a datagram waits on UDP `port` in this network namespace (`/proc/net/udp{,6}`:
+/// the local address's port, then the `tx_queue:rx_queue` column).
+fn queued(port: u16) -> bool {
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .any(|table| std::fs::read_to_string(table).is_ok_and(|t| udp_queued(&t, port)))
+}
+
+/// [`queued`] over a table's text.
+fn udp_queued(table: &str, port: u16) -> bool {
+    table.lines().skip(1).any(|l| {
+        let mut f = l.split_whitespace();
+        let local = f.nth(1);
+        let queues = f.nth(2);
+        local
+            .and_then(|a| a.rsplit_once(':'))
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+            == Some(port)
+            && queues
+                .and_then(|q| q.split_once(':'))
+                .and_then(|(_, rx)| u64::from_str_radix(rx, 16).ok())
+                .is_some_and(|rx| rx > 0)
+    })
 }
 
 /// Whether this pad can take the game: the protocol's version, and its ports free here.
@@ -275,4 +319,20 @@ pub fn kill_group(pid: i32) {
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_datagram_waiting_on_the_games_port_is_seen_in_the_udp_table() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  120: 00000000:1E61 00000000:0000 07 00000000:00000340 00:00000000 00000000     0        0 4242 2 0000000000000000 0
+  121: 00000000:1E62 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4243 2 0000000000000000 0
+";
+        assert!(udp_queued(table, 7777), "0x1E61 has 0x340 bytes waiting");
+        assert!(!udp_queued(table, 7778), "0x1E62 has none");
+        assert!(!udp_queued(table, 7779), "no such socket");
+    }
 }

@@ -93,6 +93,10 @@ pub struct CompareArgs {
     /// Skip the tick-game rows.
     #[arg(long)]
     pub no_tick: bool,
+    /// Moves of a game per resident size and mode (plain, lazy) for the migration rows;
+    /// 0 skips them. They need root and CRIU (built from .ci/vendor when missing).
+    #[arg(long, default_value_t = 3)]
+    pub move_runs: usize,
 }
 
 /// Which proxy a path goes through.
@@ -203,6 +207,9 @@ pub struct Results {
     pub tick: Vec<crate::tick_rows::TickRow>,
     #[serde(default)]
     pub tick_setting: String,
+    /// What moving a game costs against its memory.
+    #[serde(default)]
+    pub moves: crate::move_cost::MoveCost,
     /// Paths not measured, and why.
     pub skipped: Vec<(String, String)>,
     pub seconds: f64,
@@ -684,7 +691,8 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         0
     };
     let tick_runs = if args.no_tick { 0 } else { 1 };
-    let runs = todo.len() as u64 * u64::from(args.rounds) + 2 + jitter_runs + tick_runs;
+    let move_runs = u64::from(args.move_runs > 0);
+    let runs = todo.len() as u64 * u64::from(args.rounds) + 2 + jitter_runs + tick_runs + move_runs;
     let bar = ProgressBar::new(runs).with_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -831,6 +839,17 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         );
         (rows, setting)
     };
+    let moves = if args.move_runs == 0 {
+        crate::move_cost::MoveCost {
+            rows: Vec::new(),
+            skipped: Some("--move-runs 0".into()),
+        }
+    } else {
+        bar.set_message("moving a game");
+        let m = crate::move_cost::measure(args.move_runs);
+        bar.inc(1);
+        m
+    };
     bar.finish_and_clear();
 
     let all = Results {
@@ -872,6 +891,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         jitter_setting,
         tick,
         tick_setting,
+        moves,
         skipped,
         seconds: began.elapsed().as_secs_f64(),
     };

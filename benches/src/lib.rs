@@ -6,6 +6,7 @@ pub mod demo;
 pub mod fit;
 pub mod loadgen;
 pub mod migrate_demo;
+pub mod move_cost;
 pub mod netns;
 pub mod peers;
 pub mod results;

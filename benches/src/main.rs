@@ -32,6 +32,14 @@ enum Cmd {
     Loadgen(loadgen::LoadArgs),
     /// The full comparison: direct, Spotable, nginx, Quilkin; writes BENCHMARKS.md and plots.
     Compare(compare::CompareArgs),
+    /// What moving a game with CRIU costs on this machine: the pause and the time to the
+    /// last page, plain and lazy, for 10 MB, 200 MB and 1 GB resident (root; the section
+    /// `compare` writes, printed as Markdown).
+    MoveCost {
+        /// Moves per size and mode.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// The identity anchor (the wrapper's, in-process) in front of one game, trusting loopback;
     /// prints `listening ADDR`, runs until killed.
     Anchor {
@@ -91,6 +99,16 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Cmd::Compare(args) => compare::run(&args),
+        Cmd::MoveCost { runs } => {
+            let m = spotable_bench::move_cost::measure(runs);
+            let mut md = String::new();
+            spotable_bench::move_cost::markdown(&mut md, &m);
+            println!("{md}");
+            match m.skipped {
+                Some(why) => Err(anyhow::anyhow!("not measured: {why}")),
+                None => Ok(()),
+            }
+        }
         Cmd::Anchor { listen, game } => run_anchor(listen, game),
         Cmd::Proxy { args } => {
             let argv = std::iter::once("spotable-proxy".into()).chain(args);

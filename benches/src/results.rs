@@ -339,6 +339,7 @@ pub fn markdown(r: &Results) -> String {
     }
     jitter_section(&mut md, r);
     crate::tick_rows::markdown(&mut md, &r.tick, &r.tick_setting);
+    crate::move_cost::markdown(&mut md, &r.moves);
     let _ = writeln!(
         md,
         "\n## Plots\n\n![Throughput by fan-out](results/throughput.svg)\n\n\
@@ -864,6 +865,15 @@ mod tests {
                 sessions_demoted: 8,
             }],
             tick_setting: "Two tick servers.".into(),
+            moves: crate::move_cost::MoveCost {
+                rows: vec![crate::move_cost::MoveRow {
+                    mode: "lazy".into(),
+                    mib: 200,
+                    pause_ms: vec![120.0, 110.0, 130.0],
+                    last_page_ms: vec![900.0, 950.0, 1000.0],
+                }],
+                skipped: None,
+            },
             skipped: vec![("Quilkin ×1".into(), "not installed".into())],
             seconds: 1.0,
         }
@@ -917,6 +927,11 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| Quilkin ×1 | not measured: not installed |"));
+        // The move row: medians, then every run.
+        assert!(
+            md.contains("| 200 MiB | lazy | 120 (120, 110, 130) | 950 (900, 950, 1000) |"),
+            "{md}"
+        );
         assert!(md.contains("| **not met** |"));
         assert!(
             md.contains(

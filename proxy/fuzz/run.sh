@@ -18,7 +18,7 @@ export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module \
 # An explicit --target keeps these flags off build scripts.
 cargo build --release --target "$target" --target-dir target/cov
 [ "$seconds" -gt 0 ] || exit 0
-for t in dedupe sequence notices tokens proxy_header pcap; do
+for t in dedupe sequence notices tokens proxy_header pcap migration; do
   mkdir -p "corpus/$t"
   echo "fuzzing $t for ${seconds}s"
   "target/cov/$target/release/$t" -max_total_time="$seconds" -max_len=512 \

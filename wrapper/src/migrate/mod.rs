@@ -13,7 +13,7 @@ pub mod kube;
 pub mod land;
 pub mod pad;
 pub mod source;
-pub mod wire;
+pub use spotable_migrate_wire as wire;
 
 /// The wrapper's series about moves.
 pub mod names {

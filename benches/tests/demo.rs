@@ -210,7 +210,7 @@ fn demo_migrate_moves_the_tick_server_and_nobody_notices() {
 }
 
 #[test]
-fn demo_migrate_moves_a_studios_game_with_its_players_replayed_from_a_capture() {
+fn demo_migrate_moves_a_game_that_only_answers_with_its_players_replayed_from_a_capture() {
     // Two players' inputs, 33 ms apart for 4 s, as tcpdump would have recorded them.
     let server: std::net::SocketAddr = "10.0.0.1:7777".parse().unwrap();
     let inputs: Vec<[u8; 8]> = (1..=120u64).map(u64::to_be_bytes).collect();
@@ -228,12 +228,13 @@ fn demo_migrate_moves_a_studios_game_with_its_players_replayed_from_a_capture() 
     std::fs::create_dir_all(&dir).unwrap();
     let capture = dir.join("players.pcap");
     std::fs::write(&capture, spotable_pcap::write(&datagrams)).unwrap();
-    let tick = spotable_fixtures::tick::exe().display().to_string();
+    // A game that never speaks first: it answers each datagram (the echo replica).
+    let echo = spotable_fixtures::replica::exe().display().to_string();
     let r = migrate_demo(&[
         "--capture",
         capture.to_str().unwrap(),
         "--",
-        &tick,
+        &echo,
         "--listen",
         "0.0.0.0:{port}",
     ]);

@@ -66,6 +66,7 @@ fn run_anchor(listen: std::net::SocketAddr, game: std::net::SocketAddr) -> anyho
         trust: vec!["127.0.0.0/8".parse()?],
         idle_timeout: std::time::Duration::from_secs(600),
         max_players: 100_000,
+        carried: Vec::new(),
     })?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "listening {}", running.local)?;

@@ -118,6 +118,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<MigrateReport> {
         port: PORT,
         ready_line: tick_game.then(|| format!("listening 0.0.0.0:{PORT}")),
         rival: false,
+        anchor: false,
         inventory: false,
         echo: false,
     })

@@ -101,6 +101,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<SwitchSummary> {
             trust: vec!["127.0.0.0/8".parse()?],
             idle_timeout: Duration::from_secs(120),
             max_players: 1000,
+            carried: Vec::new(),
         })?;
         println!(
             "  game {} on {} behind its anchor on {}",

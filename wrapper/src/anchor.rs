@@ -113,6 +113,9 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Most players at once (each holds a socket).
     pub max_players: usize,
+    /// Players taken over from the anchor of a game that moved here, each on the local port
+    /// the game knew it by.
+    pub carried: Vec<spotable_migrate_wire::AnchoredPlayer>,
 }
 
 /// Who may speak for a player: pure, so it can be tested without sockets.
@@ -206,9 +209,19 @@ pub fn describe(limit: usize) {
 pub struct Handle {
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
+    table: Arc<std::sync::Mutex<Vec<spotable_migrate_wire::AnchoredPlayer>>>,
 }
 
 impl Handle {
+    /// The players now, each with the local port the game knows it by and its carrier: what
+    /// a landing pad's anchor needs for the game to see the same peers after a move.
+    pub fn players(&self) -> Vec<spotable_migrate_wire::AnchoredPlayer> {
+        self.table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Asks the loop to end; it returns at its next wake-up.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
@@ -281,6 +294,10 @@ pub struct Anchor {
     /// The player limit in force: `max_players`, or what the open-file limit leaves room for.
     limit: usize,
     logs: Logs,
+    /// The table as [`Handle::players`] reads it, rewritten when a player comes, goes or
+    /// changes carrier (never per datagram otherwise).
+    table: Arc<std::sync::Mutex<Vec<spotable_migrate_wire::AnchoredPlayer>>>,
+    table_changed: bool,
 }
 
 /// Warnings the anchor writes on its data path, each rate-limited.
@@ -319,7 +336,8 @@ impl Anchor {
             .register(&mut listen, LISTEN, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let stop = Arc::new(AtomicBool::new(false));
-        let anchor = Self {
+        let table = Arc::default();
+        let mut anchor = Self {
             poll,
             listen,
             players: Slab::new(),
@@ -331,9 +349,65 @@ impl Anchor {
             stop: stop.clone(),
             limit: config.max_players,
             logs: Logs::default(),
+            table: Arc::clone(&table),
+            table_changed: false,
             config,
         };
-        Ok((anchor, Handle { stop, waker }))
+        anchor.take_over()?;
+        Ok((anchor, Handle { stop, waker, table }))
+    }
+
+    /// Opens each carried player's socket on the port the game knew it by: the game, moved
+    /// here, sees the same peer for each. A port taken here fails the whole (the pad then
+    /// refuses the game rather than let it take players for strangers).
+    fn take_over(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        for c in std::mem::take(&mut self.config.carried) {
+            let key = open_player(
+                &self.poll,
+                &mut self.players,
+                usize::MAX,
+                self.config.game,
+                Some(c.port),
+                c.player,
+                c.carrier,
+                now,
+            )
+            .map_err(|e| match e {
+                Refused::Socket(e) => io::Error::new(
+                    e.kind(),
+                    format!("the port {} the game knew {} by: {e}", c.port, c.player),
+                ),
+                Refused::Full => io::Error::other("player table full"),
+            })?;
+            self.by_addr.insert(c.player, key);
+        }
+        self.table_changed = true;
+        self.publish_table();
+        Ok(())
+    }
+
+    /// Rewrites what [`Handle::players`] reads, when the table changed.
+    fn publish_table(&mut self) {
+        if !self.table_changed {
+            return;
+        }
+        self.table_changed = false;
+        let now: Vec<spotable_migrate_wire::AnchoredPlayer> = self
+            .players
+            .iter()
+            .filter_map(|(_, p)| {
+                Some(spotable_migrate_wire::AnchoredPlayer {
+                    player: p.addr,
+                    port: p.socket.local_addr().ok()?.port(),
+                    carrier: p.carrier,
+                })
+            })
+            .collect();
+        *self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
     }
 
     /// The bound listen address.
@@ -382,6 +456,7 @@ impl Anchor {
                     pending.push(token);
                 }
             }
+            self.publish_table();
             if now >= next_tick {
                 self.expire(now);
                 self.refresh_limit();
@@ -431,12 +506,14 @@ impl Anchor {
                         &mut self.players,
                         self.limit,
                         self.config.game,
+                        None,
                         player,
                         from,
                         now,
                     ) {
                         Ok(k) => {
                             self.by_addr.insert(player, k);
+                            self.table_changed = true;
                             tracing::debug!(%player, "anchor: new player");
                             k
                         }
@@ -462,7 +539,10 @@ impl Anchor {
                     },
                 };
                 let p = &mut self.players[key];
-                p.carrier = from;
+                if p.carrier != from {
+                    p.carrier = from;
+                    self.table_changed = true;
+                }
                 p.last = now;
                 match p.socket.send(&d.payload[at..]) {
                     Ok(_) => self.tally.to_game += 1,
@@ -542,15 +622,18 @@ impl Anchor {
             let _ = self.poll.registry().deregister(&mut p.socket);
             self.by_addr.remove(&p.addr);
             self.tally.expired += 1;
+            self.table_changed = true;
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn open_player(
     poll: &Poll,
     players: &mut Slab<Player>,
     limit: usize,
     game: SocketAddr,
+    port: Option<u16>,
     addr: SocketAddr,
     carrier: SocketAddr,
     now: Instant,
@@ -558,9 +641,10 @@ fn open_player(
     if players.len() >= limit {
         return Err(Refused::Full);
     }
+    let port = port.unwrap_or(0);
     let any: SocketAddr = match game {
-        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, port).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, port).into(),
     };
     let open = || -> io::Result<UdpSocket> {
         let socket = UdpSocket::bind(any)?;

@@ -387,6 +387,7 @@ async fn run_anchor(args: AnchorArgs) -> Result<i32, BoxError> {
         trust: args.trust.clone(),
         idle_timeout: args.idle_timeout,
         max_players: args.max_players,
+        carried: Vec::new(),
     };
     let running = crate::anchor::spawn(config)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -599,6 +600,7 @@ async fn launch(
                 trust: common.anchor_trust.clone(),
                 idle_timeout: common.anchor_idle_timeout,
                 max_players: common.anchor_max_players,
+                carried: Vec::new(),
             };
             let running = crate::anchor::spawn(config)
                 .map_err(|e| format!("anchor: cannot listen on port {listen}: {e}"))?;
@@ -704,7 +706,15 @@ async fn launch(
         None => (supervisor.run(pid, common.grace, on_stop).await, None),
         Some((game, pipes)) => {
             crate::migrate::names::describe();
-            let plan = crate::migrate::plan(common, &alloc.ports, server, game, pipes)?;
+            let in_front = match (&anchor, &internal) {
+                (Some(running), Some((name, port))) => Some(crate::migrate::AnchorInFront {
+                    handle: running.handle.clone(),
+                    port_name: name.clone(),
+                    game_port: *port,
+                }),
+                _ => None,
+            };
+            let plan = crate::migrate::plan(common, &alloc.ports, server, game, pipes, in_front)?;
             let abort = plan.abort.clone();
             let mover = move || crate::migrate::carry_out(&plan);
             let game = nix::unistd::Pid::from_raw(game);

@@ -27,6 +27,12 @@ const PORT: u16 = 7777;
 
 /// The tick game on node A (and a rival on C), `ballast_mib` resident, a pad on B.
 fn stage(criu: &std::path::Path, ballast_mib: u32, rival: bool) -> Stage {
+    stage_with(criu, ballast_mib, rival, false)
+}
+
+fn stage_with(criu: &std::path::Path, ballast_mib: u32, rival: bool, anchor: bool) -> Stage {
+    // Behind the anchor the game listens on loopback; the anchor holds the game's port.
+    let listen = if anchor { "127.0.0.1" } else { "0.0.0.0" };
     Stage::start(&StageOptions {
         wrapper: env!("CARGO_BIN_EXE_spotable-wrapper").into(),
         proxy: workspace_binary("spotable-proxy", "spotable-proxy"),
@@ -38,11 +44,16 @@ fn stage(criu: &std::path::Path, ballast_mib: u32, rival: bool) -> Stage {
             "--ballast-mib".into(),
             ballast_mib.to_string(),
             "--listen".into(),
-            "0.0.0.0:$SERVER_PORT".into(),
+            format!("{listen}:$SERVER_PORT"),
         ],
         port: PORT,
-        ready_line: Some(format!("listening 0.0.0.0:{PORT}")),
+        ready_line: Some(if anchor {
+            "listening 127.0.0.1:".into()
+        } else {
+            format!("listening 0.0.0.0:{PORT}")
+        }),
         rival,
+        anchor,
         inventory: true,
         echo: true,
     })
@@ -138,7 +149,16 @@ fn a_spot_notice_moves_the_game_to_a_pad_and_no_player_notices() {
     let Some(criu) = spotable_fixtures::criu::require("migration tests") else {
         return;
     };
-    moves_and_carries_on(&criu, 0, Duration::from_millis(250));
+    moves_and_carries_on(&criu, 0, false, Duration::from_millis(250));
+}
+
+#[test]
+fn a_game_behind_the_anchor_sees_the_same_peer_for_each_player_after_the_move() {
+    let Some(criu) = spotable_fixtures::criu::require("migration tests") else {
+        return;
+    };
+    // The game counts players by peer: a player whose peer changed would be a fifth.
+    moves_and_carries_on(&criu, 0, true, Duration::from_millis(250));
 }
 
 #[test]
@@ -146,11 +166,11 @@ fn a_game_with_200_mb_resident_moves_within_300_ms() {
     let Some(criu) = spotable_fixtures::criu::require("migration tests") else {
         return;
     };
-    moves_and_carries_on(&criu, 200, Duration::from_millis(300));
+    moves_and_carries_on(&criu, 200, false, Duration::from_millis(300));
 }
 
-fn moves_and_carries_on(criu: &std::path::Path, ballast_mib: u32, max_gap: Duration) {
-    let mut scene = stage(criu, ballast_mib, false);
+fn moves_and_carries_on(criu: &std::path::Path, ballast_mib: u32, anchor: bool, max_gap: Duration) {
+    let mut scene = stage_with(criu, ballast_mib, false, anchor);
     let imds = scene.runtime.block_on(FakeImds::start()).unwrap();
     imds.set_identity("i-0aaa", "eu-west-1", "ip-a.example", "1.2.3.4");
     let _agent = agent(&imds, &scene.api, &scene.dir);
@@ -218,6 +238,13 @@ fn moves_and_carries_on(criu: &std::path::Path, ballast_mib: u32, max_gap: Durat
         );
     }
     assert!(scene.pad.said("a game landed"));
+    if anchor {
+        let line = scene
+            .pad
+            .find("its players carried over")
+            .expect("the pad ran no anchor");
+        assert!(line.contains(&format!("players={PLAYERS}")), "{line}");
+    }
     // The inventory: the new server ready, then moved, naming the old pod and address.
     let messages = scene.inventory();
     let of = |pod: &str| -> Vec<&str> {

@@ -130,6 +130,11 @@ pub async fn run(common: Common, args: LandArgs) -> Result<i32, BoxError> {
                 binary: common.criu.clone(),
             },
             common.migrate_dir.clone(),
+            (!common.anchor_trust.is_empty()).then(|| super::pad::AnchorPolicy {
+                trust: common.anchor_trust.clone(),
+                idle_timeout: common.anchor_idle_timeout,
+                max_players: common.anchor_max_players,
+            }),
         )
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?,
     );
@@ -202,6 +207,8 @@ pub async fn run(common: Common, args: LandArgs) -> Result<i32, BoxError> {
         let lost = Arc::new(AtomicBool::new(false));
         let watching = lost.clone();
         let control = landed.control;
+        // The anchor lives as long as the game here.
+        let anchor = landed.anchor;
         std::thread::spawn(move || {
             if let Err(why) = super::pad::watch_source(control, &watching) {
                 tracing::warn!(
@@ -265,6 +272,9 @@ pub async fn run(common: Common, args: LandArgs) -> Result<i32, BoxError> {
                 m.reason = Some(format!("move failed: {e}"));
                 outbox.send(m);
                 let _ = std::fs::remove_dir_all(&landed.dir);
+                if let Some(a) = anchor {
+                    let _ = a.stop();
+                }
                 if let Some(c) = &cluster {
                     c.kube
                         .event(&c.pod, "GameLost", &format!("move failed: {e}"), true)
@@ -276,6 +286,9 @@ pub async fn run(common: Common, args: LandArgs) -> Result<i32, BoxError> {
             }
         };
         let _ = std::fs::remove_dir_all(&landed.dir);
+        if let Some(a) = anchor {
+            let _ = a.stop();
+        }
         tracing::info!(exit = ?exit, "game exited");
         let mut m = server.message(Status::Terminated);
         m.exit_code = Some(exit.code());

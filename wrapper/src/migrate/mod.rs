@@ -52,6 +52,14 @@ pub mod names {
     }
 }
 
+/// The identity anchor in front of a movable game: its handle, the named port it holds, and
+/// the loopback port the game listens on behind it.
+pub(crate) struct AnchorInFront {
+    pub(crate) handle: crate::anchor::Handle,
+    pub(crate) port_name: String,
+    pub(crate) game_port: u16,
+}
+
 /// The move the run mode makes of its game `pid` (`pipes`: its output's inodes), from its
 /// flags: the pads to try, where to serve memory, CRIU.
 pub(crate) fn plan(
@@ -60,6 +68,7 @@ pub(crate) fn plan(
     server: &crate::report::ServerInfo,
     pid: i32,
     pipes: [Option<u64>; 2],
+    anchor: Option<AnchorInFront>,
 ) -> Result<source::Plan, String> {
     let page_server = match common.page_server {
         Some(a) => a,
@@ -116,12 +125,17 @@ pub(crate) fn plan(
             address: udp.map(|p| std::net::SocketAddr::new(page_server.ip(), p.port).to_string()),
             pod: base.pod,
             node: base.node,
-            anchor: Vec::new(),
+            anchor: anchor.as_ref().map(|a| wire::Anchored {
+                port_name: a.port_name.clone(),
+                game_port: a.game_port,
+                players: Vec::new(),
+            }),
             pipes,
         },
         work_dir: common.migrate_dir.clone(),
         within: common.move_within,
         abort: std::sync::Arc::default(),
+        anchor: anchor.map(|a| a.handle),
     })
 }
 

@@ -24,6 +24,18 @@ pub struct Pad {
     trust: Vec<IpNet>,
     criu: Criu,
     work_dir: PathBuf,
+    anchor: Option<AnchorPolicy>,
+}
+
+/// How this pad runs the identity anchor of a game that had one (its `--anchor-*` flags).
+#[derive(Debug, Clone)]
+pub struct AnchorPolicy {
+    /// Sources that may speak for players.
+    pub trust: Vec<IpNet>,
+    /// A player silent this long is forgotten.
+    pub idle_timeout: Duration,
+    /// Most players at once.
+    pub max_players: usize,
 }
 
 /// A game that landed and runs here.
@@ -41,21 +53,26 @@ pub struct Landed {
     pub from: SocketAddr,
     /// The source's connection, on which it beats until the last page has left.
     pub control: TcpStream,
+    /// The identity anchor in front of the game, its players carried over.
+    pub anchor: Option<crate::anchor::Running>,
 }
 
 impl Pad {
     /// Listens on `listen` (TCP) for games from `trust`ed networks.
+    /// A game behind an anchor is taken only with `anchor` (this pad's anchor flags).
     pub fn bind(
         listen: SocketAddr,
         trust: Vec<IpNet>,
         criu: Criu,
         work_dir: PathBuf,
+        anchor: Option<AnchorPolicy>,
     ) -> std::io::Result<Self> {
         Ok(Self {
             listener: TcpListener::bind(listen)?,
             trust,
             criu,
             work_dir,
+            anchor,
         })
     }
 
@@ -140,11 +157,11 @@ impl Pad {
             .set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| e.to_string())?;
         let hello = match wire::read(stream) {
-            Ok(Frame::Hello(h)) => h,
+            Ok(Frame::Hello(h)) => *h,
             Ok(other) => return Err(format!("expected a hello, got {other:?}")),
             Err(e) => return Err(e.to_string()),
         };
-        if let Err(why) = check(&hello) {
+        if let Err(why) = check(&hello, self.anchor.is_some()) {
             let _ = wire::write(stream, &Frame::Refuse(why.clone()));
             return Err(why);
         }
@@ -154,7 +171,7 @@ impl Pad {
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let result = self.receive_and_restore(stream, &dir, &hello, announce);
         match result {
-            Ok((restored, output)) => {
+            Ok((restored, output, anchor)) => {
                 wire::write(stream, &Frame::Restored(restored.pid.unsigned_abs()))
                     .map_err(|e| e.to_string())?;
                 Ok(Landed {
@@ -164,6 +181,7 @@ impl Pad {
                     dir,
                     from: peer,
                     control: stream.try_clone().map_err(|e| e.to_string())?,
+                    anchor,
                 })
             }
             Err(why) => {
@@ -179,7 +197,14 @@ impl Pad {
         dir: &std::path::Path,
         hello: &Hello,
         announce: &mut impl FnMut(&Hello, i32) -> Result<(), String>,
-    ) -> Result<(Restored, [std::io::PipeReader; 2]), String> {
+    ) -> Result<
+        (
+            Restored,
+            [std::io::PipeReader; 2],
+            Option<crate::anchor::Running>,
+        ),
+        String,
+    > {
         let mut total = 0u64;
         loop {
             match wire::read(stream).map_err(|e| e.to_string())? {
@@ -199,6 +224,14 @@ impl Pad {
                 other => return Err(format!("expected images, got {other:?}")),
             }
         }
+        // The anchor's players as the source had them once the game was frozen.
+        let anchored = match std::fs::read(dir.join(super::source::ANCHOR_FILE)) {
+            Ok(json) => Some(
+                serde_json::from_slice::<wire::Anchored>(&json)
+                    .map_err(|e| format!("bad anchor players: {e}"))?,
+            ),
+            Err(_) => hello.anchor.clone(),
+        };
         let (out_r, out_w) = std::io::pipe().map_err(|e| e.to_string())?;
         let (err_r, err_w) = std::io::pipe().map_err(|e| e.to_string())?;
         let mut restored = self
@@ -211,6 +244,44 @@ impl Pad {
                 err_w.into(),
             )
             .map_err(|e| e.to_string())?;
+        // The anchor first, with every player on the port the game knows it by: the game's
+        // first words to a player must find its socket.
+        let anchor = match (&anchored, &self.anchor) {
+            (Some(a), Some(policy)) => {
+                let started = hello
+                    .ports
+                    .get(&a.port_name)
+                    .ok_or_else(|| format!("no port {} for the anchor", a.port_name))
+                    .and_then(|p| {
+                        crate::anchor::spawn(crate::anchor::Config {
+                            listen: (std::net::Ipv4Addr::UNSPECIFIED, p.port).into(),
+                            game: (std::net::Ipv4Addr::LOCALHOST, a.game_port).into(),
+                            trust: policy.trust.clone(),
+                            idle_timeout: policy.idle_timeout,
+                            max_players: policy.max_players,
+                            carried: a.players.clone(),
+                        })
+                        .map_err(|e| format!("the anchor: {e}"))
+                    });
+                match started {
+                    Ok(running) => {
+                        tracing::info!(
+                            players = a.players.len(),
+                            listen = %running.local,
+                            "anchor running, its players carried over"
+                        );
+                        Some(running)
+                    }
+                    Err(why) => {
+                        kill_group(restored.pid);
+                        let _ = restored.lazy.kill();
+                        let _ = restored.lazy.wait();
+                        return Err(why);
+                    }
+                }
+            }
+            _ => None,
+        };
         if let Err(why) = announce(hello, restored.pid) {
             // Nobody can reach it: better no game than one the proxies do not know.
             kill_group(restored.pid);
@@ -225,6 +296,7 @@ impl Pad {
             .values()
             .filter(|p| p.proto == Proto::Udp)
             .map(|p| p.port)
+            .chain(anchored.as_ref().map(|a| a.game_port))
             .collect();
         let deadline = std::time::Instant::now() + FOLLOW_WITHIN;
         while !udp.iter().any(|p| queued(*p)) && std::time::Instant::now() < deadline {
@@ -234,7 +306,7 @@ impl Pad {
             nix::unistd::Pid::from_raw(restored.pid),
             nix::sys::signal::Signal::SIGCONT,
         );
-        Ok((restored, [out_r, err_r]))
+        Ok((restored, [out_r, err_r], anchor))
     }
 }
 
@@ -266,13 +338,37 @@ fn udp_queued(table: &str, port: u16) -> bool {
     })
 }
 
-/// Whether this pad can take the game: the protocol's version, and its ports free here.
-fn check(hello: &Hello) -> Result<(), String> {
+/// Whether this pad can take the game: the protocol's version, its ports free here, and an
+/// anchor here (`anchors`) when it had one.
+fn check(hello: &Hello, anchors: bool) -> Result<(), String> {
     if hello.version != VERSION {
         return Err(format!(
             "protocol version {} (this pad speaks {VERSION})",
             hello.version
         ));
+    }
+    if let Some(a) = &hello.anchor {
+        if !anchors {
+            return Err(
+                "the game is behind an anchor and this pad runs none (--anchor-trust)".into(),
+            );
+        }
+        if hello
+            .ports
+            .get(&a.port_name)
+            .is_none_or(|p| p.proto == Proto::Tcp)
+        {
+            return Err(format!(
+                "the anchor's port {} is not a UDP port of the game",
+                a.port_name
+            ));
+        }
+        if std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, a.game_port)).is_err() {
+            return Err(format!(
+                "the game's port {} behind the anchor is taken here",
+                a.game_port
+            ));
+        }
     }
     for (name, p) in &hello.ports {
         let free = match p.proto {

@@ -27,7 +27,13 @@ pub struct Plan {
     pub within: Duration,
     /// Set to call the move off (a second stop signal): heeded before the game is frozen.
     pub abort: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The identity anchor in front of the game: its players go with the game.
+    pub anchor: Option<crate::anchor::Handle>,
 }
+
+/// The image file that carries the anchor's players, taken once the game is frozen (so no
+/// player the game knows is missing from it).
+pub const ANCHOR_FILE: &str = "spotable-anchor.json";
 
 /// Where pads come from.
 #[derive(Debug, Clone)]
@@ -110,6 +116,17 @@ impl Plan {
         let dump = self
             .criu
             .dump_lazy(self.pid, &dir, self.hello.page_server)?;
+        if let (Some(anchor), Some(anchored)) = (&self.anchor, &self.hello.anchor) {
+            let mut now = anchored.clone();
+            now.players = anchor.players();
+            let written = serde_json::to_vec(&now)
+                .map_err(std::io::Error::other)
+                .and_then(|json| std::fs::write(dir.join(ANCHOR_FILE), json));
+            if let Err(e) = written {
+                dump.abort();
+                return Err(e.into());
+            }
+        }
         let frozen = dump.started;
         let sent = match send_images(&mut stream, &dir) {
             Ok(bytes) => bytes,
@@ -226,7 +243,7 @@ fn offer(pad: SocketAddr, hello: &Hello) -> Result<TcpStream, String> {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    wire::write(&mut stream, &Frame::Hello(hello.clone())).map_err(|e| e.to_string())?;
+    wire::write(&mut stream, &Frame::Hello(Box::new(hello.clone()))).map_err(|e| e.to_string())?;
     match wire::read(&mut stream) {
         Ok(Frame::Accept) => Ok(stream),
         Ok(Frame::Refuse(why)) => Err(why),

@@ -35,8 +35,8 @@ pub const SOURCE_SILENCE: std::time::Duration = std::time::Duration::from_secs(2
 /// One frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// The game that comes.
-    Hello(Hello),
+    /// The game that comes (boxed: it is far larger than every other frame).
+    Hello(Box<Hello>),
     /// Part of an image file: its name and the next bytes of it.
     File {
         /// A plain file name.
@@ -76,14 +76,38 @@ pub struct Hello {
     pub pod: Option<spotable_fleet::inventory::PodRef>,
     /// The source's node.
     pub node: Option<String>,
-    /// The anchor's players: each player's address and the loopback port the game knows it
-    /// by, so the game sees the same peer for each after the move.
+    /// The identity anchor in front of the game, when it has one: the pad runs one in its
+    /// place with the same players on the same local ports.
     #[serde(default)]
-    pub anchor: Vec<(std::net::SocketAddr, u16)>,
+    pub anchor: Option<Anchored>,
     /// The inodes of the pipes the game's standard output and error are (the pad gives it
     /// new ones in their place).
     #[serde(default)]
     pub pipes: [Option<u64>; 2],
+}
+
+/// The anchor a moving game had in front of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Anchored {
+    /// The named port the anchor holds (one of [`Hello::ports`]).
+    pub port_name: String,
+    /// The loopback UDP port the game listens on behind it, which the pad must have free.
+    pub game_port: u16,
+    /// Its players.
+    pub players: Vec<AnchoredPlayer>,
+}
+
+/// One player of an anchor, as the game knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnchoredPlayer {
+    /// The player's address (from the proxies' PROXY v2 header).
+    pub player: std::net::SocketAddr,
+    /// The local port of the anchor's socket for the player: the game's peer for it.
+    pub port: u16,
+    /// The proxy that most recently carried the player, where the game's answers go.
+    pub carrier: std::net::SocketAddr,
 }
 
 const HELLO: u8 = 1;
@@ -144,7 +168,7 @@ pub fn read(r: &mut impl Read) -> Result<Frame, WireError> {
         HELLO => {
             let hello: Hello =
                 serde_json::from_slice(&body).map_err(|e| WireError::Message(e.to_string()))?;
-            Frame::Hello(hello)
+            Frame::Hello(Box::new(hello))
         }
         FILE => {
             let n = usize::from(u16::from_be_bytes([
@@ -252,7 +276,15 @@ mod tests {
             address: Some("10.0.1.5:7777".into()),
             pod: None,
             node: Some("ip-10-0-1-5".into()),
-            anchor: vec![("10.0.9.1:40000".parse().unwrap(), 51234)],
+            anchor: Some(Anchored {
+                port_name: "game".into(),
+                game_port: 41000,
+                players: vec![AnchoredPlayer {
+                    player: "203.0.113.7:40000".parse().unwrap(),
+                    port: 51234,
+                    carrier: "10.0.9.1:33000".parse().unwrap(),
+                }],
+            }),
             pipes: [Some(275_293), None],
         }
     }
@@ -260,7 +292,7 @@ mod tests {
     #[test]
     fn every_frame_round_trips() {
         let frames = [
-            Frame::Hello(hello()),
+            Frame::Hello(Box::new(hello())),
             Frame::File {
                 name: "pages-1.img".into(),
                 data: vec![7; 1000],

@@ -486,46 +486,66 @@ proptest! {
 
 #[test]
 fn a_moved_replica_keeps_its_slot_and_its_sessions_at_the_new_address() {
-    // One replica (a primary game moved off a reclaimed node): discovery reports the pad's
-    // address as the old one's move, in the same snapshot that drops the old one.
-    let start = crate::epoch();
-    let primary = Mode::Primary {
-        failover_after: FAILOVER,
-    };
-    let mut t = table(primary, &[7001]);
-    let id = open(&mut t, 5000, start);
-    assert!(matches!(
-        t.on_answer(id, addr(7001), b"tick 1", start + MS),
-        AnswerVerdict::Deliver { .. }
-    ));
-    let mut moved = crate::replicas::test_snapshot(2, &[(7009, ReplicaState::Ready)]);
-    moved.moves = vec![crate::replicas::Move {
-        from: addr(7001),
-        to: addr(7009),
-    }];
-    let mut closed = Vec::new();
-    let report = t.apply(Arc::new(moved), start + 2 * MS, &mut closed);
-    assert!(closed.is_empty(), "the session lives on: {closed:?}");
-    assert_eq!((report.late_joins, report.degraded), (0, 0));
-    assert_eq!(
-        t.get(id).map(|s| s.members().targets().to_vec()),
-        Some(vec![addr(7009)])
-    );
-    // The same session, the same player, no new one opened: the game speaks first.
-    assert!(matches!(
-        t.on_answer(id, addr(7009), b"tick 2", start + 3 * MS),
-        AnswerVerdict::Deliver {
-            failover: false,
-            ..
-        }
-    ));
-    assert!(matches!(
-        t.on_client(0, addr(5000), 10, start + 4 * MS),
-        ClientVerdict::Forward { opened: false, .. }
-    ));
-    assert_eq!(
-        t.on_answer(id, addr(7001), b"late", start + 5 * MS),
-        AnswerVerdict::Drop(DropReason::NotReplica),
-        "the old address is no replica any more"
-    );
+    // One replica (a game moved off a reclaimed node): discovery reports the pad's address
+    // as the old one's move, in the same snapshot that drops the old one. In every mode.
+    for mode in [
+        copies(),
+        tick_field(),
+        Mode::Primary {
+            failover_after: FAILOVER,
+        },
+    ] {
+        let name = mode.name();
+        let start = crate::epoch();
+        let mut t = table(mode, &[7001]);
+        let id = open(&mut t, 5000, start);
+        assert!(
+            matches!(
+                t.on_answer(id, addr(7001), &1u32.to_be_bytes(), start + MS),
+                AnswerVerdict::Deliver { .. }
+            ),
+            "{name}"
+        );
+        let mut moved = crate::replicas::test_snapshot(2, &[(7009, ReplicaState::Ready)]);
+        moved.moves = vec![crate::replicas::Move {
+            from: addr(7001),
+            to: addr(7009),
+        }];
+        let mut closed = Vec::new();
+        let report = t.apply(Arc::new(moved), start + 2 * MS, &mut closed);
+        assert!(
+            closed.is_empty(),
+            "{name}: the session lives on: {closed:?}"
+        );
+        assert_eq!((report.late_joins, report.degraded), (0, 0), "{name}");
+        assert_eq!(
+            t.get(id).map(|s| s.members().targets().to_vec()),
+            Some(vec![addr(7009)]),
+            "{name}"
+        );
+        // The same session, the same player, no new one opened: the game speaks first, and
+        // goes on from where it was (the next tick).
+        assert!(
+            matches!(
+                t.on_answer(id, addr(7009), &2u32.to_be_bytes(), start + 3 * MS),
+                AnswerVerdict::Deliver {
+                    failover: false,
+                    ..
+                }
+            ),
+            "{name}"
+        );
+        assert!(
+            matches!(
+                t.on_client(0, addr(5000), 10, start + 4 * MS),
+                ClientVerdict::Forward { opened: false, .. }
+            ),
+            "{name}"
+        );
+        assert_eq!(
+            t.on_answer(id, addr(7001), &3u32.to_be_bytes(), start + 5 * MS),
+            AnswerVerdict::Drop(DropReason::NotReplica),
+            "{name}: the old address is no replica any more"
+        );
+    }
 }

@@ -109,6 +109,53 @@ fn in_secs(s: u64) -> String {
     humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(s)).to_string()
 }
 
+/// Another controller (Karpenter, NTH) taints the node between the agent's read of its taints
+/// and the agent's patch: the patch is refused as stale (409), the agent reads again, and the
+/// node ends with both taints, the other controller's and ours, beside the one it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taint_added_between_the_cordons_read_and_patch_is_kept() {
+    let w = world().await;
+    let mut agent = agent(&w, false, Action::Cordon);
+    let theirs = serde_json::json!({"key": "karpenter.sh/disrupted", "effect": "NoSchedule"});
+    let node_before = w.api.get(NODES, NODE).unwrap();
+    let mut taints = node_before["spec"]["taints"].as_array().unwrap().clone();
+    taints.push(theirs.clone());
+    w.api
+        .write_after_next_get(NODES, NODE, serde_json::json!({"spec": {"taints": taints}}));
+    w.imds.set(
+        SPOT,
+        &format!(r#"{{"action": "terminate", "time": "{}"}}"#, in_secs(120)),
+    );
+    let reports = agent.tick().await;
+    assert_eq!(reports.len(), 1);
+    assert!(reports[0].cordoned.as_ref().is_some_and(|r| r.is_ok()));
+
+    let verbs: Vec<_> = w
+        .api
+        .actions()
+        .into_iter()
+        .filter(|a| a.path.starts_with(NODES))
+        .map(|a| a.verb)
+        .collect();
+    assert_eq!(
+        verbs,
+        ["PATCH-409", "PATCH"],
+        "the stale patch refused, then retried"
+    );
+    let node = w.api.get(NODES, NODE).unwrap();
+    assert_eq!(node["spec"]["unschedulable"], true);
+    let keys: Vec<&str> = node["spec"]["taints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["key"].as_str())
+        .collect();
+    for key in ["dedicated", "karpenter.sh/disrupted", TAINT_KEY] {
+        assert!(keys.contains(&key), "{key} lost: {keys:?}");
+    }
+    assert_eq!(keys.len(), 3, "{keys:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spot_notice_publishes_then_cordons_then_evicts() {
     let w = world().await;

@@ -106,6 +106,8 @@ fn session_lookup(c: &mut Criterion) {
             fanout: REPLICAS,
             late_join: false,
             replica_header: None,
+            max_sessions: None,
+            max_pps: None,
             token: None,
         };
         let mut table =

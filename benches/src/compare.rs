@@ -359,6 +359,10 @@ fn start_with(
                     ),
                 )?;
                 args.extend([
+                    // The game's packet budget is off for the same reason as the
+                    // per-player limit: the flows send faster than a game's players.
+                    "--game-max-pps".into(),
+                    "0".into(),
                     "--token-bytes".into(),
                     TOKEN.len().to_string(),
                     "--config".into(),

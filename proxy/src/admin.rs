@@ -140,7 +140,9 @@ async fn games(State(state): State<AdminState>) -> axum::Json<GamesView> {
                     state: r.state.as_str().into(),
                 })
                 .collect(),
-            sessions: t.sessions.max(0).unsigned_abs(),
+            sessions: counters.sessions() as u64,
+            max_sessions: settings.max_sessions,
+            max_pps: settings.max_pps.map(|r| r.per_second),
             packets: t.packets,
             delivered: t.delivered,
             drops: t.drops,
@@ -200,11 +202,16 @@ pub struct GameView {
     pub replicas: Vec<ReplicaView>,
     /// Sessions open now.
     pub sessions: u64,
+    /// Most sessions it may hold (`max_sessions`); `null` for no limit of its own.
+    pub max_sessions: Option<usize>,
+    /// Its packet budget, datagrams per second (`max_pps`); `null` for none.
+    pub max_pps: Option<u32>,
     /// Client datagrams routed to it.
     pub packets: u64,
     /// Answers delivered to its players.
     pub delivered: u64,
-    /// Its players' datagrams dropped after routing (rate, session limit, no replica).
+    /// Its players' datagrams dropped after routing (rate, budget, session limits, no
+    /// replica).
     pub drops: u64,
     /// Sessions that began to trust a second replica.
     pub promoted: u64,

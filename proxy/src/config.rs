@@ -97,6 +97,11 @@ pub mod defaults {
     pub const MAX_SESSIONS: usize = 10_000;
     /// `--rate-limit`.
     pub const RATE_LIMIT: u32 = 1000;
+    /// `--game-max-sessions`: a tenth of the default table, so that no one game's players
+    /// (or one player on many ports) can fill it.
+    pub const GAME_MAX_SESSIONS: usize = 1000;
+    /// `--game-max-pps`: the default quota's players at 100 datagrams/s each.
+    pub const GAME_MAX_PPS: u32 = 100_000;
     /// `--max-datagram`.
     pub const MAX_DATAGRAM: usize = crate::udp::MAX_UDP_PAYLOAD;
     /// `--socket-buffer`.
@@ -151,6 +156,11 @@ pub struct GameConfig {
     pub dedupe_window: Option<Duration>,
     /// As the global setting (inherited).
     pub dedupe_max_entries: Option<usize>,
+    /// Most sessions of this game at once, over every worker; 0 for no limit of its own.
+    /// Else `game_max_sessions`.
+    pub max_sessions: Option<usize>,
+    /// Its players' datagrams per second together; 0 for no budget. Else `game_max_pps`.
+    pub max_pps: Option<u32>,
 }
 
 /// Every setting of `spotable-proxy`, declared once: clap reads it from flags
@@ -257,6 +267,16 @@ pub struct Args {
     /// Most sessions (clients) at once; further clients are dropped [default: 10000].
     #[arg(long, value_name = "N")]
     pub max_sessions: Option<usize>,
+    /// Token routing: most sessions of one game at once, for games that set no `max_sessions`
+    /// (a `[[game]]` table's, or the `spotable.io/max-sessions` annotation); 0 for no
+    /// per-game limit [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub game_max_sessions: Option<usize>,
+    /// Token routing: datagrams per second that all players of one game may send together,
+    /// for games that set no `max_pps` (or `spotable.io/max-pps`); over it they are dropped
+    /// before any session is looked up. 0 for no budget [default: 100000].
+    #[arg(long, value_name = "N")]
+    pub game_max_pps: Option<u32>,
     /// Per-client datagrams per second; 0 disables the limit [default: 1000].
     #[arg(long, value_name = "PPS")]
     pub rate_limit: Option<u32>,
@@ -675,12 +695,17 @@ impl Config {
             late_join: a.late_join.unwrap_or(false),
             token,
             replica_header: a.replica_header.and_then(ReplicaHeaderName::header),
+            // The implicit game has the proxy's own limits; routed games get theirs below.
+            max_sessions: None,
+            max_pps: None,
         };
         let replicas = match token {
             Some(spec) => {
                 let template = GameTemplate {
                     spec,
                     settings: settings.clone(),
+                    max_sessions: a.game_max_sessions.unwrap_or(defaults::GAME_MAX_SESSIONS),
+                    max_pps: a.game_max_pps.unwrap_or(defaults::GAME_MAX_PPS),
                     dedupe: global,
                     listen: listen.clone(),
                 };
@@ -835,6 +860,9 @@ pub struct GameTemplate {
     /// The token every datagram carries.
     pub spec: TokenSpec,
     settings: Settings,
+    /// `game_max_sessions`, `game_max_pps`: each game's unless it sets its own.
+    max_sessions: usize,
+    max_pps: u32,
     dedupe: Dedupe,
     listen: Vec<SocketAddr>,
 }
@@ -901,10 +929,21 @@ impl GameTemplate {
                 agreement,
                 fanout,
                 replica_header,
+                max_sessions: Some(g.max_sessions.unwrap_or(self.max_sessions)).filter(|&n| n > 0),
+                max_pps: game_budget(g.max_pps.unwrap_or(self.max_pps)),
                 ..self.settings.clone()
             }),
         })
     }
+}
+
+/// A game's packet budget of `per_second` (0: none). Its burst is a fifth of a second's:
+/// enough for a tick's datagrams to bunch up, too little for a flood to crowd the workers.
+fn game_budget(per_second: u32) -> Option<Rate> {
+    (per_second > 0).then(|| Rate {
+        per_second,
+        burst: (per_second / 5).max(1),
+    })
 }
 
 /// The `[[game]]` tables as games to publish, each with the proxy's settings under its own.
@@ -1306,6 +1345,48 @@ mod tests {
         dedupe = "primary"
         fanout = 1
     "#;
+
+    #[test]
+    fn game_limits_come_from_the_tables_or_the_game_flags_and_never_bind_the_implicit_game() {
+        let tables = format!("{GAMES}\n        max_sessions = 300\n        max_pps = 0\n");
+        let flags = [
+            "--listen",
+            "0.0.0.0:7777",
+            "--token-bytes",
+            "8",
+            "--game-max-sessions",
+            "50",
+            "--game-max-pps",
+            "2000",
+        ];
+        let c = load(&flags, &tables).unwrap();
+        let ReplicaSource::Games { games, .. } = &c.replicas else {
+            panic!("{:?}", c.replicas);
+        };
+        let limits = |i: usize| {
+            let s = &games[i].settings;
+            (s.max_sessions, s.max_pps.map(|r| (r.per_second, r.burst)))
+        };
+        assert_eq!(
+            limits(0),
+            (Some(50), Some((2000, 400))),
+            "the flags' defaults"
+        );
+        assert_eq!(limits(1), (Some(300), None), "its own, 0 for none");
+        assert_eq!(c.proxy.settings.max_sessions, None);
+        assert_eq!(c.proxy.settings.max_pps, None);
+        let c = load(&["--listen", "0.0.0.0:7777", "--token-bytes", "8"], GAMES).unwrap();
+        let ReplicaSource::Games { games, .. } = &c.replicas else {
+            panic!("{:?}", c.replicas);
+        };
+        assert_eq!(
+            games[0].settings.max_sessions,
+            Some(defaults::GAME_MAX_SESSIONS)
+        );
+        let typo = GAMES.replace("fanout = 1", "max_session = 1");
+        let e = load(&["--listen", "0.0.0.0:7777", "--token-bytes", "8"], &typo);
+        assert!(e.unwrap_err().to_string().contains("max_session"));
+    }
 
     #[test]
     fn games_come_from_game_tables_with_their_own_settings() {

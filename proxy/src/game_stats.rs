@@ -1,4 +1,5 @@
-//! Per-game series: how far each game's replicas are trusted (agreement before trust).
+//! Per-game series: how far each game's replicas are trusted (agreement before trust), and
+//! how many sessions each holds against its quota.
 //!
 //! Rendered at scrape time from the games' shared counters, one series per game of the
 //! current set (the implicit game of a proxy without tokens has no `game` label), so a game
@@ -17,6 +18,8 @@ pub mod names {
     pub const PROMOTED: &str = "spotable_sessions_promoted_total";
     /// Sessions that fell back to one replica, by game and `reason`.
     pub const DEMOTED: &str = "spotable_sessions_demoted_total";
+    /// Sessions open now, by game (what `max_sessions` holds it to).
+    pub const SESSIONS: &str = "spotable_game_sessions";
 }
 
 /// The series of every game in `snapshot` (or of the implicit game, counted in `implicit`).
@@ -55,6 +58,13 @@ pub fn render(snapshot: &Snapshot, implicit: &GameCounters) -> String {
          replica's answers, and new ones start as primary until every replica is replaced",
         "",
         &|c| u64::from(c.is_divergent()),
+    );
+    series(
+        names::SESSIONS,
+        "gauge",
+        "Sessions open now, by game, over every worker (a game's max_sessions holds it)",
+        "",
+        &|c| c.sessions() as u64,
     );
     series(
         names::PROMOTED,

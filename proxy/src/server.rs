@@ -89,6 +89,8 @@ pub(crate) fn settings_for_tests() -> Settings {
         fanout: 3,
         late_join: true,
         replica_header: None,
+        max_sessions: None,
+        max_pps: None,
         token: None,
     }
 }

@@ -37,6 +37,8 @@ fn start(replicas: &ReplicaSet, late_join: bool, listen: &[&str]) -> Proxy {
             late_join,
             token: None,
             replica_header: None,
+            max_sessions: None,
+            max_pps: None,
         },
     };
     Proxy::start(config, replicas.clone()).unwrap()

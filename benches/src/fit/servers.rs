@@ -22,6 +22,9 @@ const SETPRIV: &str = "/usr/bin/setpriv";
 pub(super) struct Group {
     child: Child,
     output: Arc<Mutex<VecDeque<String>>>,
+    /// One message from each output reader as it reaches the end of its pipe.
+    finished: std::sync::mpsc::Receiver<()>,
+    readers: usize,
 }
 
 impl Group {
@@ -62,8 +65,12 @@ impl Group {
                 .take()
                 .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
         ];
+        let (done, finished) = std::sync::mpsc::channel();
+        let mut readers = 0;
         for pipe in pipes.into_iter().flatten() {
             let out = output.clone();
+            let done = done.clone();
+            readers += 1;
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                     let mut o = out.lock().unwrap_or_else(PoisonError::into_inner);
@@ -72,9 +79,30 @@ impl Group {
                     }
                     o.push_back(line);
                 }
+                let _ = done.send(());
             });
         }
-        Ok(Self { child, output })
+        Ok(Self {
+            child,
+            output,
+            finished,
+            readers,
+        })
+    }
+
+    /// The last lines it printed, once it has exited: what it wrote just before may still be
+    /// in the pipes, so this waits (a second at most, in case a child of its own holds them
+    /// open) for the readers to reach their end.
+    pub(super) fn last_words(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.readers > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.finished.recv_timeout(left).is_err() {
+                break;
+            }
+            self.readers -= 1;
+        }
+        self.output()
     }
 
     /// The last lines it printed.
@@ -150,7 +178,7 @@ pub(super) fn start(command: &[String]) -> anyhow::Result<Server> {
         if let Some(status) = group.exited() {
             bail!(
                 "the server command exited ({status}) before it bound UDP port {port}:\n{}",
-                group.output()
+                group.last_words()
             );
         }
         if Instant::now() >= deadline {

@@ -6,7 +6,7 @@
 //! hot path nothing.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -101,10 +101,15 @@ impl PartialEq for Game {
 impl Eq for Game {}
 
 /// A game's traffic, summed over the workers. Workers add their own tallies on every tick, so
-/// no shared cache line is written per packet.
+/// no shared cache line is written per packet. Its open sessions are counted exactly (a
+/// session opening or closing touches them once) and its packet budget is drawn in grants:
+/// both are what hold a game to its share of the proxy.
 #[derive(Debug, Default)]
 pub struct GameCounters {
-    sessions: AtomicI64,
+    /// Sessions open now, over every worker's table.
+    open: AtomicUsize,
+    /// Its `max_pps`, shared by the workers.
+    budget: crate::ratelimit::SharedBudget,
     packets: AtomicU64,
     delivered: AtomicU64,
     drops: AtomicU64,
@@ -128,8 +133,6 @@ pub const DIVERGENCE_LOG_INTERVAL: std::time::Duration = std::time::Duration::fr
 /// One worker's additions to a [`GameCounters`] since its last flush.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GameTally {
-    /// Sessions opened less sessions closed.
-    pub sessions: i64,
     /// Client datagrams routed to the game.
     pub packets: u64,
     /// Answers delivered to its players.
@@ -145,7 +148,6 @@ pub struct GameTally {
 impl GameCounters {
     /// Adds a worker's tally.
     pub fn add(&self, t: GameTally) {
-        self.sessions.fetch_add(t.sessions, Ordering::Relaxed);
         self.packets.fetch_add(t.packets, Ordering::Relaxed);
         self.delivered.fetch_add(t.delivered, Ordering::Relaxed);
         self.drops.fetch_add(t.drops, Ordering::Relaxed);
@@ -153,16 +155,52 @@ impl GameCounters {
         self.demoted.fetch_add(t.demoted, Ordering::Relaxed);
     }
 
-    /// The sums so far (`sessions`: open now).
+    /// The sums so far.
     pub fn read(&self) -> GameTally {
         GameTally {
-            sessions: self.sessions.load(Ordering::Relaxed),
             packets: self.packets.load(Ordering::Relaxed),
             delivered: self.delivered.load(Ordering::Relaxed),
             drops: self.drops.load(Ordering::Relaxed),
             promoted: self.promoted.load(Ordering::Relaxed),
             demoted: self.demoted.load(Ordering::Relaxed),
         }
+    }
+
+    /// Sessions of the game open now.
+    pub fn sessions(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Counts a session opening unless `max` are open already.
+    pub fn try_open(&self, max: Option<usize>) -> bool {
+        let max = max.unwrap_or(usize::MAX);
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Counts `n` sessions that are open already (moved here from another counter), over any
+    /// limit: the limit refuses new sessions, never ones that exist.
+    pub fn carry(&self, n: usize) {
+        self.open.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Counts `n` sessions closing (or moving to another counter).
+    pub fn release(&self, n: usize) {
+        // Never below zero, whatever a caller gets wrong: a count that wrapped would refuse
+        // every new session of the game forever.
+        let _ = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| {
+                Some(o.saturating_sub(n))
+            });
+    }
+
+    /// The game's packet budget.
+    pub fn budget(&self) -> &crate::ratelimit::SharedBudget {
+        &self.budget
     }
 
     /// Whether the game's replicas were seen to diverge (and it has not been tried again).

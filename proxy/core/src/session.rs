@@ -19,7 +19,7 @@ use slab::Slab;
 
 use crate::dedupe::{Agreement, Changes, Deduper, MAX_SLOTS, Mode, Slot, SlotState, Verdict};
 use crate::proxy_header::ReplicaHeader;
-use crate::ratelimit::{Limiter, Rate};
+use crate::ratelimit::{Allowance, Limiter, Rate};
 use crate::replicas::{GameCounters, GameTally, ReplicaState, Snapshot};
 use crate::token::{TokenRouter, TokenSpec};
 
@@ -57,11 +57,18 @@ pub enum DropReason {
     FromReplica,
     /// Token routing: too short to carry a token, or a token no game owns.
     UnknownToken,
+    /// A new session of a game that holds its `max_sessions` already.
+    GameSessionLimit,
+    /// Over its game's `max_pps`, the budget all of the game's players share.
+    GameRateLimited,
+    /// A datagram another Spotable proxy (or this one) sent to a replica, come back in as a
+    /// player's: two proxies pointed at each other would pass it back and forth for ever.
+    Loop,
 }
 
 impl DropReason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::Empty,
         DropReason::Oversized,
         DropReason::RateLimited,
@@ -74,6 +81,9 @@ impl DropReason {
         DropReason::SocketError,
         DropReason::FromReplica,
         DropReason::UnknownToken,
+        DropReason::GameSessionLimit,
+        DropReason::GameRateLimited,
+        DropReason::Loop,
     ];
 
     /// Metric label.
@@ -91,6 +101,9 @@ impl DropReason {
             DropReason::SocketError => "socket_error",
             DropReason::FromReplica => "from_replica",
             DropReason::UnknownToken => "unknown_token",
+            DropReason::GameSessionLimit => "game_session_limit",
+            DropReason::GameRateLimited => "game_rate_limited",
+            DropReason::Loop => "loop",
         }
     }
 }
@@ -160,6 +173,12 @@ pub struct Settings {
     pub token: Option<TokenSpec>,
     /// A header to put before every datagram sent to replicas (the player's identity).
     pub replica_header: Option<ReplicaHeader>,
+    /// A routed game's limit on its open sessions (over every worker); `None` for none. The
+    /// implicit game has only the proxy's `--max-sessions`.
+    pub max_sessions: Option<usize>,
+    /// A routed game's packet budget: its players' datagrams per second together, over every
+    /// worker; `None` for none.
+    pub max_pps: Option<Rate>,
 }
 
 /// The global session budget, shared by all workers' tables. One atomic touched per session
@@ -510,6 +529,8 @@ struct GameState {
     counters: Arc<GameCounters>,
     /// Counted since the last [`SessionTable::flush_games`].
     tally: GameTally,
+    /// This worker's grant of the game's packet budget.
+    allowance: Allowance,
 }
 
 impl GameState {
@@ -658,14 +679,21 @@ impl SessionTable {
         body: Range<usize>,
         now: Instant,
     ) -> ClientVerdict<'_> {
-        let Some(tally) = self.games.get_mut(game).map(|g| &mut g.tally) else {
+        let Some(g) = self.games.get_mut(game) else {
             return ClientVerdict::Drop(DropReason::NoReplicas);
         };
-        tally.packets += 1;
+        g.tally.packets += 1;
         // Counted as dropped until it is forwarded.
-        tally.drops += 1;
+        g.tally.drops += 1;
         if body.is_empty() {
             return ClientVerdict::Drop(DropReason::Empty);
+        }
+        // Before any session is looked up or opened: a game over its budget costs the others
+        // no more than reading its datagrams.
+        if let Some(rate) = g.settings.max_pps
+            && !g.allowance.allow(g.counters.budget(), rate, now)
+        {
+            return ClientVerdict::Drop(DropReason::GameRateLimited);
         }
         let (id, opened) = match self.by_client.get(&(listener, client, game)) {
             Some(&id) => (id, false),
@@ -731,7 +759,11 @@ impl SessionTable {
         if members.targets.is_empty() {
             return Err(DropReason::NoReplicas);
         }
+        if !g.counters.try_open(g.settings.max_sessions) {
+            return Err(DropReason::GameSessionLimit);
+        }
         if !self.admission.try_acquire() {
+            g.counters.release(1);
             return Err(DropReason::SessionLimit);
         }
         let seed = self.seed ^ (self.sessions.vacant_key() as u64).rotate_left(17);
@@ -755,9 +787,6 @@ impl SessionTable {
             limited_reported: None,
         });
         self.by_client.insert((listener, client, game), id);
-        if let Some(g) = self.games.get_mut(game) {
-            g.tally.sessions += 1;
-        }
         Ok(id)
     }
 
@@ -839,8 +868,8 @@ impl SessionTable {
         if let Some(s) = self.sessions.try_remove(id) {
             self.by_client.remove(&(s.listener, s.client, s.game));
             self.admission.release();
-            if let Some(g) = self.games.get_mut(s.game) {
-                g.tally.sessions -= 1;
+            if let Some(g) = self.games.get(s.game) {
+                g.counters.release(1);
             }
         }
     }
@@ -922,6 +951,7 @@ impl SessionTable {
                         settings: self.settings.clone(),
                         counters: self.admission.implicit_game(),
                         tally: GameTally::default(),
+                        allowance: Allowance::default(),
                     };
                     let id = self.games.insert(implicit);
                     debug_assert_eq!(id, IMPLICIT_GAME);
@@ -936,11 +966,12 @@ impl SessionTable {
                                 // The game left the set and came back between two of our
                                 // adoptions: its sessions here count in the new counters.
                                 let open = self.sessions.iter().filter(|(_, s)| s.game == id);
-                                let open = open.count() as i64;
+                                let open = open.count();
                                 let g = &mut self.games[id];
                                 g.flush();
+                                g.counters.release(open);
+                                game.counters.carry(open);
                                 g.counters = game.counters.clone();
-                                g.tally.sessions = open;
                             }
                             let g = &mut self.games[id];
                             g.counters.replicas_changed(&game.replicas.replicas);
@@ -955,6 +986,7 @@ impl SessionTable {
                                 settings: game.settings.clone(),
                                 counters: game.counters.clone(),
                                 tally: GameTally::default(),
+                                allowance: Allowance::default(),
                             });
                             self.game_ids.insert(game.name.clone(), id);
                             id
@@ -1058,12 +1090,17 @@ impl SessionTable {
 
 impl Drop for SessionTable {
     fn drop(&mut self) {
-        for _ in 0..self.sessions.len() {
+        for (_, s) in &self.sessions {
             self.admission.release();
+            if let Some(g) = self.games.get(s.game) {
+                g.counters.release(1);
+            }
         }
     }
 }
 
+#[cfg(test)]
+mod quota_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -77,6 +77,8 @@ fn table_ops(data: &[u8], start: Instant) {
         fanout: 4,
         late_join: data.get(1).is_some_and(|b| b & 1 == 1),
         replica_header: None,
+        max_sessions: None,
+        max_pps: None,
         token: None,
     };
     let admission = Admission::new(6);

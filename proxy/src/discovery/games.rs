@@ -24,6 +24,10 @@ pub const FANOUT: &str = "spotable.io/fanout";
 pub const REPLICA_HEADER: &str = "spotable.io/replica-header";
 /// Annotation: the game's agreement before trust (`on` or `off`).
 pub const AGREEMENT: &str = "spotable.io/agreement";
+/// Annotation: most sessions of the game at once (0: no limit of its own).
+pub const MAX_SESSIONS: &str = "spotable.io/max-sessions";
+/// Annotation: the game's packet budget, datagrams per second (0: none).
+pub const MAX_PPS: &str = "spotable.io/max-pps";
 
 /// One object's share of a game.
 #[derive(Debug, Clone)]
@@ -201,6 +205,29 @@ fn read_annotations(m: &Member<'_>, table: &mut GameConfig) -> Result<(), GamePr
         }
         table.agreement = Some(agreement);
     }
+    if let Some(v) = a.get(MAX_SESSIONS) {
+        let n = v
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| problem(MAX_SESSIONS, format!("{v:?} is not a number")))?;
+        if table.max_sessions.is_some_and(|m| m != n) {
+            return Err(problem(
+                MAX_SESSIONS,
+                "differs from another object's".into(),
+            ));
+        }
+        table.max_sessions = Some(n);
+    }
+    if let Some(v) = a.get(MAX_PPS) {
+        let n = v
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| problem(MAX_PPS, format!("{v:?} is not a number")))?;
+        if table.max_pps.is_some_and(|m| m != n) {
+            return Err(problem(MAX_PPS, "differs from another object's".into()));
+        }
+        table.max_pps = Some(n);
+    }
     if let Some(v) = a.get(FANOUT) {
         let n = v
             .trim()
@@ -300,6 +327,49 @@ mod tests {
         assert!(matches!(beta.settings.mode, Mode::Copies { .. }));
         assert_eq!(beta.settings.fanout, 1);
         assert_eq!(beta.replicas[0].state, ReplicaState::Ready);
+    }
+
+    #[test]
+    fn limits_come_from_annotations_or_the_proxys_defaults() {
+        let own = annotations(&[(TOKENS, "aaaa"), (MAX_SESSIONS, "300"), (MAX_PPS, "9000")]);
+        let off = annotations(&[(TOKENS, "bbbb"), (MAX_SESSIONS, "0"), (MAX_PPS, " 0 ")]);
+        let plain = annotations(&[(TOKENS, "cccc")]);
+        let bad = annotations(&[(TOKENS, "dddd"), (MAX_PPS, "lots")]);
+        let member = |object: &str, game, a| Member {
+            object: object.into(),
+            game,
+            annotations: Some(a),
+        };
+        let (games, problems) = games(
+            vec![
+                (member("Service/a", "a", &own), vec![]),
+                (member("Service/b", "b", &off), vec![]),
+                (member("Service/c", "c", &plain), vec![]),
+                (member("Service/d", "d", &bad), vec![]),
+            ],
+            &template(),
+        );
+        let limits: Vec<_> = games
+            .iter()
+            .map(|g| {
+                let pps = g.settings.max_pps.map(|r| (r.per_second, r.burst));
+                (&*g.name, g.settings.max_sessions, pps)
+            })
+            .collect();
+        assert_eq!(
+            limits,
+            [
+                ("a", Some(300), Some((9000, 1800))),
+                ("b", None, None),
+                ("c", Some(1000), Some((100_000, 20_000))),
+            ]
+        );
+        assert_eq!(
+            problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [
+                "Service/d: annotation spotable.io/max-pps: \"lots\" is not a number; game d left out"
+            ]
+        );
     }
 
     #[test]

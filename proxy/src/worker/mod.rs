@@ -128,11 +128,14 @@ struct Logs {
     disconnect: LogLimit,
     session_limit: LogLimit,
     unknown_token: LogLimit,
+    game_session_limit: LogLimit,
+    game_rate_limited: LogLimit,
 }
 
 impl Logs {
-    /// The drops an operator must hear of, not only count: a full table turns players away, and
-    /// unknown tokens mean a matchmaker and the proxies disagree about the games.
+    /// The drops an operator must hear of, not only count: a full table turns players away,
+    /// unknown tokens mean a matchmaker and the proxies disagree about the games, and a game
+    /// held to its limits is flooded or was given too little.
     fn dropped(&mut self, reason: DropReason, client: SocketAddr, now: Instant) {
         let (limit, what) = match reason {
             DropReason::SessionLimit => (
@@ -142,6 +145,14 @@ impl Logs {
             DropReason::UnknownToken => (
                 &mut self.unknown_token,
                 "a datagram without a known game token was dropped",
+            ),
+            DropReason::GameSessionLimit => (
+                &mut self.game_session_limit,
+                "a game at its max_sessions turned a new client away (see /games)",
+            ),
+            DropReason::GameRateLimited => (
+                &mut self.game_rate_limited,
+                "a game's players are over its max_pps: datagrams dropped (see /games)",
             ),
             _ => return,
         };

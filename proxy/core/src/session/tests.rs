@@ -19,6 +19,8 @@ fn settings(mode: Mode) -> Settings {
         fanout: MAX_SLOTS,
         late_join: false,
         replica_header: None,
+        max_sessions: None,
+        max_pps: None,
         token: None,
     }
 }
@@ -945,6 +947,13 @@ fn counted(set: &ReplicaSet, name: &str) -> GameTally {
     g.counters.read()
 }
 
+/// A game's open sessions, over every table: exact at once, no flush needed.
+fn open_in(set: &ReplicaSet, name: &str) -> usize {
+    let snapshot = set.snapshot();
+    let g = snapshot.games.iter().find(|g| &*g.name == name).unwrap();
+    g.counters.sessions()
+}
+
 #[test]
 fn each_game_counts_its_traffic_and_two_tables_add_up() {
     let now = crate::epoch();
@@ -974,19 +983,19 @@ fn each_game_counts_its_traffic_and_two_tables_add_up() {
         GameTally::default(),
         "until a flush"
     );
+    assert_eq!(open_in(&set, "arena"), 2, "sessions count at once");
     t1.flush_games();
     t2.flush_games();
     assert_eq!(
         counted(&set, "arena"),
         GameTally {
-            sessions: 2,
             packets: 4,
             delivered: 1,
             drops: 1,
             ..GameTally::default()
         }
     );
-    assert_eq!(counted(&set, "bazaar").sessions, 1);
+    assert_eq!(open_in(&set, "bazaar"), 1);
     // A republish keeps the counters; closing sessions brings the count down.
     set.publish_games(
         spec(TokenAt::Suffix),
@@ -999,11 +1008,14 @@ fn each_game_counts_its_traffic_and_two_tables_add_up() {
     assert_eq!(counted(&set, "arena").packets, 4);
     let mut closed = Vec::new();
     t1.expire(now + Duration::from_secs(3600), &mut closed);
-    t1.flush_games();
-    assert_eq!(counted(&set, "arena").sessions, 1);
-    // No flush without news: the hot path's tallies only.
-    t1.flush_games();
-    assert_eq!(counted(&set, "arena").sessions, 1);
+    assert_eq!(open_in(&set, "arena"), 1);
+    drop(t2);
+    assert_eq!(
+        open_in(&set, "arena"),
+        0,
+        "a table dropped gives its sessions back"
+    );
+    assert_eq!(open_in(&set, "bazaar"), 0);
 }
 
 #[test]

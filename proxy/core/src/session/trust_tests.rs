@@ -26,6 +26,8 @@ fn settings(mode: Mode) -> Settings {
         fanout: MAX_SLOTS,
         late_join: false,
         replica_header: None,
+        max_sessions: None,
+        max_pps: None,
         token: None,
     }
 }

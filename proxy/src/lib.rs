@@ -16,8 +16,8 @@ mod worker;
 
 pub use server::{Proxy, ProxyConfig, ServerError};
 pub use spotable_core::{
-    Replica, ReplicaSet, ReplicaState, dedupe, histogram, loglimit, proxy_header, ratelimit,
-    replicas, session, token,
+    Replica, ReplicaSet, ReplicaState, dedupe, histogram, loglimit, marker, proxy_header,
+    ratelimit, replicas, session, token,
 };
 pub use spotable_udp as udp;
 pub mod admin;

@@ -172,3 +172,62 @@ fn a_game_flooded_from_many_ports_holds_its_quota_and_the_other_games_players_ge
         spotable_fixtures::process::http_get(proxy.admin.unwrap(), "/healthz").unwrap();
     assert_eq!(status, 200);
 }
+
+/// A free UDP port on `ip` (the proxy binds it next).
+fn free_port(ip: &str) -> u16 {
+    UdpSocket::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn two_proxies_named_as_each_others_replica_pass_a_player_datagram_on_once_and_stay_healthy() {
+    // Each listens on an address of its own too, the other's replica: a typo in two tables.
+    let (pa, pb) = (free_port("127.0.0.2"), free_port("127.0.0.3"));
+    let (a_front, b_front) = (format!("127.0.0.2:{pa}"), format!("127.0.0.3:{pb}"));
+    let a = start_proxy(
+        &[],
+        &[
+            "--listen",
+            &a_front,
+            "--replica",
+            &b_front,
+            "--rate-limit",
+            "0",
+        ],
+    );
+    let b = start_proxy(
+        &[],
+        &[
+            "--listen",
+            &b_front,
+            "--replica",
+            &a_front,
+            "--rate-limit",
+            "0",
+        ],
+    );
+    let player = UdpSocket::bind("127.0.0.1:0").unwrap();
+    player.send_to(b"hello", &a_front).unwrap();
+    let looped = [("reason", "loop")];
+    wait_metric(&b, "spotable_drops_total", &looped, |v| v >= 1.0);
+    let upstream = |p: &spotable_fixtures::process::ProxyProcess| {
+        metric(p, "spotable_upstream_packets_total", &[])
+    };
+    // However long one watches (a second here), the datagram went round no further.
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    while std::time::Instant::now() < until {
+        let sent = upstream(&a) + upstream(&b);
+        assert!(sent <= 64.0, "{sent} datagrams went round");
+        std::thread::sleep(50 * MS);
+    }
+    assert_eq!(upstream(&a), 1.0, "the player's datagram, to B");
+    assert_eq!(upstream(&b), 0.0, "B took it for what it is");
+    for p in [&a, &b] {
+        let (status, _) =
+            spotable_fixtures::process::http_get(p.admin.unwrap(), "/healthz").unwrap();
+        assert_eq!(status, 200);
+    }
+}

@@ -6,6 +6,7 @@
 pub mod dedupe;
 pub mod histogram;
 pub mod loglimit;
+pub mod marker;
 pub mod proxy_header;
 pub mod ratelimit;
 pub mod replicas;

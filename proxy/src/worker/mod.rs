@@ -130,6 +130,7 @@ struct Logs {
     unknown_token: LogLimit,
     game_session_limit: LogLimit,
     game_rate_limited: LogLimit,
+    forwarding_loop: LogLimit,
 }
 
 impl Logs {
@@ -149,6 +150,11 @@ impl Logs {
             DropReason::GameSessionLimit => (
                 &mut self.game_session_limit,
                 "a game at its max_sessions turned a new client away (see /games)",
+            ),
+            DropReason::Loop => (
+                &mut self.forwarding_loop,
+                "a datagram a Spotable proxy sent to a replica came back as a player's and was \
+                 dropped: some replica address leads to a proxy (this one or another)",
             ),
             DropReason::GameRateLimited => (
                 &mut self.game_rate_limited,
@@ -436,6 +442,13 @@ impl<N: Net> Worker<N> {
         let Some(client) = d.from else {
             return false;
         };
+        // A proxy's own datagram to a replica, back as a player's: serving it would start a
+        // loop through every proxy on the way.
+        if self.front_rx.tos(i).is_some_and(crate::marker::is_marked) {
+            self.local.drop(DropReason::Loop, 1);
+            self.logs.dropped(DropReason::Loop, client, now);
+            return false;
+        }
         let verdict = self
             .table
             .on_datagram(listener, client, d.payload, d.truncated, now);

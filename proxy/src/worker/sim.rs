@@ -39,8 +39,9 @@ struct SimSocket {
     inbox: VecDeque<Queued>,
 }
 
-/// A datagram waiting to be read: its sender, its bytes, and when it "arrived".
-type Queued = (SocketAddr, Vec<u8>, Duration);
+/// A datagram waiting to be read: its sender, its bytes, when it "arrived", and its traffic
+/// class (as the front sockets ask the kernel for it).
+type Queued = (SocketAddr, Vec<u8>, Duration, Option<u8>);
 
 /// The network. Sockets are never reused, so a closed session's port stays closed.
 #[derive(Debug, Default)]
@@ -78,7 +79,19 @@ impl SimNet {
 
     /// A client datagram arrives on front `listener`.
     pub(crate) fn client_datagram(&mut self, listener: usize, client: SocketAddr, payload: &[u8]) {
-        self.fronts[listener].push_back((client, payload.to_vec(), self.clock));
+        self.client_datagram_with_tos(listener, client, payload, 0);
+    }
+
+    /// A client datagram with traffic class `tos` arrives on front `listener`.
+    pub(crate) fn client_datagram_with_tos(
+        &mut self,
+        listener: usize,
+        client: SocketAddr,
+        payload: &[u8],
+        tos: u8,
+    ) {
+        let queued = (client, payload.to_vec(), self.clock, Some(tos));
+        self.fronts[listener].push_back(queued);
         self.mark(front_token(listener));
     }
 
@@ -93,7 +106,8 @@ impl SimNet {
             self.filtered += 1;
             return;
         }
-        s.inbox.push_back((from, payload.to_vec(), self.clock));
+        s.inbox
+            .push_back((from, payload.to_vec(), self.clock, None));
         let token = session_token(s.id);
         self.mark(token);
     }
@@ -189,10 +203,10 @@ fn fill(
     }
     let mut n = 0;
     while start + n < batch.capacity() {
-        let Some((from, payload, at)) = queue.pop_front() else {
+        let Some((from, payload, at, tos)) = queue.pop_front() else {
             break;
         };
-        batch.fill(start + n, from, &payload, stamped.then_some(at));
+        batch.fill(start + n, from, &payload, stamped.then_some(at), tos);
         n += 1;
     }
     Ok(n)

@@ -30,6 +30,8 @@ impl Front {
         if stamps && let Err(e) = udp::enable_receive_timestamps(socket.as_fd()) {
             tracing::warn!(%addr, error = %e, "no kernel receive timestamps: time in the proxy counts from each turn instead");
         }
+        // Without the traffic class no loop marker can be read: refuse to run blind.
+        udp::enable_receive_tos(socket.as_fd(), addr.is_ipv6())?;
         Ok(Self {
             socket: UdpSocket::from_std(socket),
             v6: addr.is_ipv6(),
@@ -139,6 +141,7 @@ impl Net for Sockets {
             IpAddr::V4(Ipv4Addr::UNSPECIFIED)
         };
         let socket = udp::bind_ephemeral(any)?;
+        udp::set_tos(socket.as_fd(), v6, crate::marker::TOS)?;
         // Without timestamps answers still flow, timed from the turn instead (the front
         // sockets' warning says so once).
         if self.stamps {

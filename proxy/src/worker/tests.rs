@@ -422,6 +422,26 @@ fn answers_from_strangers_and_truncated_answers_never_reach_the_client() {
 }
 
 #[test]
+fn a_datagram_carrying_the_loop_marker_opens_nothing_and_goes_nowhere() {
+    let mut r = Rig::new(&[A, B]);
+    // Another proxy's copy for its replica, which is really this proxy: whatever its ECN bits.
+    for ecn in [0, 1] {
+        let tos = crate::marker::TOS | ecn;
+        r.net()
+            .client_datagram_with_tos(0, addr(CLIENT + 1), b"looped", tos);
+    }
+    r.settle();
+    assert!(r.net().take_sent().is_empty());
+    assert!(r.net().open_ports().is_empty(), "no session opened");
+    assert_eq!(r.w.local.drops(DropReason::Loop), 2);
+    // A player's datagram with its own class (EF) is served as any other.
+    r.net()
+        .client_datagram_with_tos(0, addr(CLIENT), b"q", 46 << 2);
+    r.settle();
+    assert_eq!(Rig::upstream(&r.net().take_sent()).len(), 2);
+}
+
+#[test]
 fn with_proxy_v2_every_copy_names_the_player_and_answers_come_back_bare() {
     use crate::proxy_header::{self, Header, ReplicaHeader};
     let mut r = Rig::with(&[A, B], |s| s.replica_header = Some(ReplicaHeader::ProxyV2));

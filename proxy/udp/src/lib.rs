@@ -30,9 +30,10 @@ pub struct Datagram<'a> {
 }
 
 /// Control-message room per datagram, in 8-byte words (so `cmsghdr`s stay aligned): one
-/// `SCM_TIMESTAMPNS` needs `CMSG_SPACE(16)` = 32 bytes; the rest is margin for others the
-/// socket may carry, which are skipped.
-const CONTROL_WORDS: usize = 8;
+/// `SCM_TIMESTAMPNS` needs `CMSG_SPACE(16)` = 32 bytes and an `IP_TOS` or `IPV6_TCLASS`
+/// `CMSG_SPACE(4)` = 24 at most; the rest is margin for others the socket may carry, which
+/// are skipped.
+const CONTROL_WORDS: usize = 10;
 
 /// `mmsghdr`s with one address and one iovec each: what both directions hand the kernel.
 struct Headers {
@@ -155,8 +156,16 @@ impl RecvBatch {
 
     /// Puts a datagram in slot `i` as `recv` would have (truncated to the slot size): for
     /// in-memory networks, such as the one the proxy's worker is tested on.
-    /// `received`, when given, is written as the kernel's `SCM_TIMESTAMPNS` would be.
-    pub fn fill(&mut self, i: usize, from: SocketAddr, payload: &[u8], received: Option<Duration>) {
+    /// `received`, when given, is written as the kernel's `SCM_TIMESTAMPNS` would be, and
+    /// `tos` as its `IP_TOS`.
+    pub fn fill(
+        &mut self,
+        i: usize,
+        from: SocketAddr,
+        payload: &[u8],
+        received: Option<Duration>,
+        tos: Option<u8>,
+    ) {
         let len = payload.len().min(self.slot_size);
         let start = i * self.slot_size;
         self.bufs[start..start + len].copy_from_slice(&payload[..len]);
@@ -171,25 +180,42 @@ impl RecvBatch {
             0
         };
         hdr.msg_hdr.msg_controllen = 0;
+        let msg = &mut hdr.msg_hdr;
+        let mut used = 0usize;
         if let Some(at) = received {
             let ts = libc::timespec {
                 tv_sec: at.as_secs() as libc::time_t,
                 tv_nsec: libc::c_long::from(at.subsec_nanos()),
             };
-            let msg = &mut hdr.msg_hdr;
-            // SAFETY: set_control pointed msg_control at this slot's CONTROL_WORDS words,
-            // which hold CMSG_SPACE(size_of::<timespec>()) bytes; FIRSTHDR is non-null for a
-            // buffer that large, and DATA has room for the timespec (written unaligned-safe).
+            // SAFETY: set_control pointed msg_control at this slot's CONTROL_WORDS words; the
+            // first CMSG_SPACE(size_of::<timespec>()) = 32 bytes of them hold this message,
+            // written at the buffer's (8-byte aligned) start, its data unaligned-safe.
             unsafe {
-                let space = libc::CMSG_SPACE(mem::size_of::<libc::timespec>() as u32);
-                msg.msg_controllen = space as _;
-                let cmsg = libc::CMSG_FIRSTHDR(msg);
+                let cmsg = msg.msg_control.cast::<libc::cmsghdr>();
                 (*cmsg).cmsg_level = libc::SOL_SOCKET;
                 (*cmsg).cmsg_type = libc::SCM_TIMESTAMPNS;
                 (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<libc::timespec>() as u32) as _;
                 ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>(), ts);
+                used += libc::CMSG_SPACE(mem::size_of::<libc::timespec>() as u32) as usize;
             }
         }
+        if let Some(tos) = tos {
+            // SAFETY: `used` (0 or 32) plus CMSG_SPACE(1) = 24 bytes stays within the slot's
+            // CONTROL_WORDS * 8 = 80 bytes, and `used` keeps the header 8-byte aligned.
+            unsafe {
+                let cmsg = msg
+                    .msg_control
+                    .cast::<u8>()
+                    .add(used)
+                    .cast::<libc::cmsghdr>();
+                (*cmsg).cmsg_level = libc::IPPROTO_IP;
+                (*cmsg).cmsg_type = libc::IP_TOS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(1) as _;
+                *libc::CMSG_DATA(cmsg) = tos;
+                used += libc::CMSG_SPACE(1) as usize;
+            }
+        }
+        msg.msg_controllen = used as _;
     }
 
     /// Points header `i` at its slot's control buffer, all of it offered to the kernel.
@@ -224,6 +250,41 @@ impl RecvBatch {
                     let secs = u64::try_from(ts.tv_sec).ok()?;
                     let nanos = u32::try_from(ts.tv_nsec).ok()?;
                     return Some(Duration::new(secs, nanos));
+                }
+                cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+            }
+        }
+        None
+    }
+
+    /// The traffic class of the datagram in slot `i` (IPv4 TOS, IPv6 traffic class: DSCP and
+    /// ECN), on sockets with [`enable_receive_tos`]; `None` when the kernel gave none.
+    pub fn tos(&self, i: usize) -> Option<u8> {
+        let msg = &self.headers.hdrs[i].msg_hdr;
+        if msg.msg_control.is_null() || msg.msg_controllen < mem::size_of::<libc::cmsghdr>() {
+            return None;
+        }
+        // SAFETY: as in `received`: the walk stays within [msg_control, + controllen), and
+        // each data read is within its message's cmsg_len (checked first).
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+            while !cmsg.is_null() {
+                let (level, kind) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
+                let len = (*cmsg).cmsg_len as usize;
+                // IPv4 (on either family of socket): one byte. IPv6: an int.
+                if level == libc::IPPROTO_IP
+                    && kind == libc::IP_TOS
+                    && len >= libc::CMSG_LEN(1) as usize
+                {
+                    return Some(*libc::CMSG_DATA(cmsg));
+                }
+                if level == libc::IPPROTO_IPV6
+                    && kind == libc::IPV6_TCLASS
+                    && len >= libc::CMSG_LEN(mem::size_of::<libc::c_int>() as u32) as usize
+                {
+                    let class: libc::c_int =
+                        ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                    return u8::try_from(class).ok();
                 }
                 cmsg = libc::CMSG_NXTHDR(msg, cmsg);
             }
@@ -427,6 +488,58 @@ pub fn enable_receive_timestamps(socket: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// Asks the kernel to hand over each datagram's traffic class (`IP_RECVTOS`, and
+/// `IPV6_RECVTCLASS` on an IPv6 socket, which may carry IPv4 too), read back as
+/// [`RecvBatch::tos`].
+pub fn enable_receive_tos(socket: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
+    set_int(socket, libc::IPPROTO_IP, libc::IP_RECVTOS, 1).or_else(|e| {
+        // An IPv6-only socket has no IPv4 options.
+        if v6 { Ok(()) } else { Err(e) }
+    })?;
+    if v6 {
+        set_int(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 1)?;
+    }
+    Ok(())
+}
+
+/// Sends every datagram of `socket` with traffic class `tos` (IPv4 TOS, and on an IPv6
+/// socket its traffic class as well, for both families it may send).
+pub fn set_tos(socket: BorrowedFd<'_>, v6: bool, tos: u8) -> io::Result<()> {
+    let tos = libc::c_int::from(tos);
+    if v6 {
+        set_int(socket, libc::IPPROTO_IPV6, libc::IPV6_TCLASS, tos)?;
+        // IPv4 through a dual-stack socket takes the IPv4 option; an IPv6-only one has none.
+        let _ = set_int(socket, libc::IPPROTO_IP, libc::IP_TOS, tos);
+        Ok(())
+    } else {
+        set_int(socket, libc::IPPROTO_IP, libc::IP_TOS, tos)
+    }
+}
+
+fn set_int(
+    socket: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid descriptor (borrowed), and a pointer to a live c_int of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            ptr::from_ref(&value).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Dissolves a UDP socket's association (`connect` with `AF_UNSPEC`), so that it receives
 /// from every address again and sends to the address each datagram names. The local port
 /// stays only if it was bound by number ([`bind_ephemeral`]).
@@ -560,10 +673,64 @@ mod tests {
             "{before:?} <= {at:?} <= {after:?}"
         );
         // A filled slot carries the same control message, read back the same way.
-        recv.fill(0, to, b"sim", Some(Duration::new(5, 7)));
+        recv.fill(0, to, b"sim", Some(Duration::new(5, 7)), None);
         assert_eq!(recv.received(0), Some(Duration::new(5, 7)));
-        recv.fill(0, to, b"sim", None);
+        recv.fill(0, to, b"sim", None, None);
         assert_eq!(recv.received(0), None);
+    }
+
+    #[test]
+    fn the_traffic_class_a_sender_sets_is_read_on_both_families() {
+        use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+        for (bind, dual) in [
+            (SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), false),
+            (SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), true),
+        ] {
+            let rx: UdpSocket = bind_ephemeral(bind.ip()).unwrap().into();
+            rx.set_nonblocking(false).unwrap();
+            let port = rx.local_addr().unwrap().port();
+            let mut recv = RecvBatch::new(2, 64);
+            let mut peek = [0u8; 1];
+            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let to = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            tx.send_to(b"before", to).unwrap();
+            rx.peek_from(&mut peek).unwrap();
+            assert_eq!(recv.recv(rx.as_raw_fd(), 0).unwrap(), 1);
+            assert_eq!(recv.tos(0), None, "not asked for");
+            enable_receive_tos(rx.as_fd(), dual).unwrap();
+            set_tos(tx.as_fd(), false, 0xbc).unwrap();
+            tx.send_to(b"marked", to).unwrap();
+            rx.peek_from(&mut peek).unwrap();
+            assert_eq!(recv.recv(rx.as_raw_fd(), 0).unwrap(), 1);
+            assert_eq!(
+                recv.tos(0),
+                Some(0xbc),
+                "IPv4 to a dual-stack socket: {dual}"
+            );
+            if dual {
+                let tx6 = UdpSocket::bind("[::1]:0").unwrap();
+                set_tos(tx6.as_fd(), true, 0xbc).unwrap();
+                tx6.send_to(b"six", SocketAddr::from((Ipv6Addr::LOCALHOST, port)))
+                    .unwrap();
+                rx.peek_from(&mut peek).unwrap();
+                assert_eq!(recv.recv(rx.as_raw_fd(), 1).unwrap(), 1);
+                assert_eq!(recv.get(1).payload, b"six");
+                assert_eq!(recv.tos(1), Some(0xbc), "IPv6");
+            }
+        }
+        // A filled slot carries both messages, each read back.
+        let mut recv = RecvBatch::new(1, 64);
+        let at = Duration::new(5, 7);
+        recv.fill(
+            0,
+            "127.0.0.1:9".parse().unwrap(),
+            b"sim",
+            Some(at),
+            Some(0xbd),
+        );
+        assert_eq!((recv.received(0), recv.tos(0)), (Some(at), Some(0xbd)));
+        recv.fill(0, "127.0.0.1:9".parse().unwrap(), b"sim", None, Some(4));
+        assert_eq!((recv.received(0), recv.tos(0)), (None, Some(4)));
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub mod names {
     /// Seconds since a replica last answered (since it joined, if it never has).
     pub const SILENCE: &str = "spotable_replica_silence_seconds";
     /// A replica's state (1 for the state it is in): `ready` or `draining` as discovery says,
-    /// or `unresponsive` while it answers no session and new sessions pass it over.
+    /// or `unresponsive` while it answers no session and new sessions pass it over, or
+    /// `unreachable` while the kernel reports its port or host unreachable (ICMP).
     pub const STATE: &str = "spotable_replica_state";
     /// How far behind the delivered copy a replica's suppressed copies arrive.
     pub const LAG: &str = "spotable_replica_lag_seconds";
@@ -111,6 +112,8 @@ pub struct Registry {
     totals: Mutex<HashMap<SocketAddr, Counts>>,
     /// When a worker last found each replica answering no session while others answer.
     passed_over: Mutex<HashMap<SocketAddr, Instant>>,
+    /// When a worker last had a replica reported unreachable (ICMP) and not heard since.
+    unreachable: Mutex<HashMap<SocketAddr, Instant>>,
 }
 
 /// How long a worker's finding that a replica is unresponsive stands without being repeated
@@ -144,6 +147,17 @@ impl Registry {
             .unwrap_or_else(PoisonError::into_inner);
         for r in replicas {
             p.insert(canonical(*r), now);
+        }
+    }
+
+    /// A worker holds these replicas unreachable at `now` (reported by ICMP, not heard since).
+    pub fn unreachable(&self, replicas: impl Iterator<Item = SocketAddr>, now: Instant) {
+        let mut u = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for r in replicas {
+            u.insert(canonical(r), now);
         }
     }
 
@@ -185,9 +199,18 @@ impl Registry {
         passed_over.retain(|a, at| {
             present.contains(a) && now.saturating_duration_since(*at) < PASSED_OVER_FOR
         });
-        // Unresponsive until it answers again.
+        let mut unreachable = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        unreachable.retain(|a, at| {
+            present.contains(a) && now.saturating_duration_since(*at) < PASSED_OVER_FOR
+        });
+        // Unresponsive (unreachable) until it answers again.
         let unresponsive =
             |addr: SocketAddr, t: &Counts| passed_over.get(&addr).is_some_and(|at| t.last < *at);
+        let dead =
+            |addr: SocketAddr, t: &Counts| unreachable.get(&addr).is_some_and(|at| t.last < *at);
         let mut out = String::new();
         let mut series = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Counts) -> f64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -282,11 +305,14 @@ impl Registry {
         }
         for (game, addr, state) in &rows {
             let a = canonical(*addr);
-            let silent = totals.get(&a).is_some_and(|t| unresponsive(a, t));
+            let gone = totals.get(&a).is_some_and(|t| dead(a, t));
+            let silent = !gone && totals.get(&a).is_some_and(|t| unresponsive(a, t));
+            let fine = !silent && !gone;
             let states = [
-                ("ready", !silent && *state == ReplicaState::Ready),
-                ("draining", !silent && *state == ReplicaState::Draining),
+                ("ready", fine && *state == ReplicaState::Ready),
+                ("draining", fine && *state == ReplicaState::Draining),
                 ("unresponsive", silent),
+                ("unreachable", gone),
             ];
             for (name, on) in states {
                 let _ = writeln!(

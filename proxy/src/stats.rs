@@ -100,11 +100,17 @@ impl UpstreamError {
 
     /// Classifies an error from a receive on an upstream socket.
     pub fn of(e: &std::io::Error) -> Self {
-        match e.raw_os_error() {
-            Some(libc::ECONNREFUSED) => UpstreamError::Refused,
-            Some(libc::EHOSTUNREACH | libc::EHOSTDOWN) => UpstreamError::HostUnreachable,
-            Some(libc::ENETUNREACH | libc::ENETDOWN) => UpstreamError::NetUnreachable,
-            Some(libc::EMSGSIZE) => UpstreamError::MessageTooBig,
+        e.raw_os_error()
+            .map_or(UpstreamError::Other, Self::of_errno)
+    }
+
+    /// Classifies an error number (a receive's, or one read from the error queue).
+    pub fn of_errno(errno: i32) -> Self {
+        match errno {
+            libc::ECONNREFUSED => UpstreamError::Refused,
+            libc::EHOSTUNREACH | libc::EHOSTDOWN => UpstreamError::HostUnreachable,
+            libc::ENETUNREACH | libc::ENETDOWN => UpstreamError::NetUnreachable,
+            libc::EMSGSIZE => UpstreamError::MessageTooBig,
             _ => UpstreamError::Other,
         }
     }

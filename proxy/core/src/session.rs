@@ -119,15 +119,19 @@ pub enum CloseReason {
     FromReplica,
     /// Its upstream socket could not be opened or failed.
     SocketError,
+    /// Its last live replica was reported unreachable (ICMP port or host unreachable): gone
+    /// before discovery says so.
+    Unreachable,
 }
 
 impl CloseReason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [CloseReason; 4] = [
+    pub const ALL: [CloseReason; 5] = [
         CloseReason::Idle,
         CloseReason::NoReplicas,
         CloseReason::FromReplica,
         CloseReason::SocketError,
+        CloseReason::Unreachable,
     ];
 
     /// Metric label.
@@ -137,6 +141,7 @@ impl CloseReason {
             CloseReason::NoReplicas => "no_replicas",
             CloseReason::FromReplica => "from_replica",
             CloseReason::SocketError => "socket_error",
+            CloseReason::Unreachable => "unreachable",
         }
     }
 }
@@ -502,6 +507,20 @@ pub struct ApplyReport {
     pub degraded: u64,
 }
 
+/// What a replica's unreachable report did to its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UnreachableReport {
+    /// The replica was the one delivering alone, and another took over.
+    pub failover: bool,
+    /// It was the session's last live replica: the session closed.
+    pub closed: Option<Closed>,
+}
+
+/// How long a replica reported unreachable is passed over by new sessions, unless it is heard
+/// from first: long enough for the player's next datagrams, short enough that a restarted
+/// process at the same address is soon used again.
+pub const UNREACHABLE_FOR: Duration = Duration::from_secs(1);
+
 /// A client held to its rate, as reported once per [`RATE_REPORT_INTERVAL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimited {
@@ -562,6 +581,8 @@ pub struct SessionTable {
     divergent: Vec<Arc<str>>,
     /// Replicas that answer no session while others answer (see [`Self::review`]).
     unresponsive: Vec<SocketAddr>,
+    /// Replicas reported unreachable (ICMP), and when last.
+    unreachable: Vec<(SocketAddr, Instant)>,
 }
 
 impl SessionTable {
@@ -587,6 +608,7 @@ impl SessionTable {
             limited: Vec::new(),
             divergent: Vec::new(),
             unresponsive: Vec::new(),
+            unreachable: Vec::new(),
         };
         table.adopt(snapshot);
         table
@@ -752,9 +774,23 @@ impl SessionTable {
             return Err(DropReason::NoReplicas);
         };
         let limit = g.settings.fanout.min(MAX_SLOTS);
-        let chosen = g
-            .replicas
-            .for_new_session(client, limit, &self.unresponsive);
+        let chosen = if self.unreachable.is_empty() {
+            g.replicas
+                .for_new_session(client, limit, &self.unresponsive)
+        } else {
+            // A replica the kernel just reported dead is left out while any other is there.
+            let passed_over = self.passed_over(now);
+            let mut chosen = g.replicas.for_new_session(client, limit, &passed_over);
+            let dead = |r: &crate::replicas::Replica| {
+                self.unreachable.iter().any(|(a, at)| {
+                    *a == r.addr && now.saturating_duration_since(*at) < UNREACHABLE_FOR
+                })
+            };
+            if chosen.iter().any(|r| !dead(r)) {
+                chosen.retain(|r| !dead(r));
+            }
+            chosen
+        };
         let members = Members::new(chosen, client);
         if members.targets.is_empty() {
             return Err(DropReason::NoReplicas);
@@ -790,6 +826,72 @@ impl SessionTable {
         Ok(id)
     }
 
+    /// Replicas new sessions put last: unresponsive, or reported unreachable lately.
+    fn passed_over(&self, now: Instant) -> Vec<SocketAddr> {
+        let mut v = self.unresponsive.clone();
+        v.extend(
+            self.unreachable
+                .iter()
+                .filter(|(_, at)| now.saturating_duration_since(*at) < UNREACHABLE_FOR)
+                .map(|(a, _)| *a),
+        );
+        v
+    }
+
+    /// The kernel tied an ICMP port or host unreachable to a datagram session `id` sent to
+    /// `replica`: its process (or host) is gone, whatever discovery says yet. It leaves the
+    /// session at once, as if discovery had removed it: the primary (or the one replica a
+    /// session not yet in agreement delivers) fails over now rather than after
+    /// `--failover-after` of silence, and a session left with no live replica closes, so the
+    /// player's next datagram opens a fresh one. Should discovery still list it later, it takes
+    /// its slot back as any returning replica does.
+    pub fn on_unreachable(
+        &mut self,
+        id: SessionId,
+        replica: SocketAddr,
+        now: Instant,
+    ) -> UnreachableReport {
+        let Some(session) = self.sessions.get_mut(id) else {
+            return UnreachableReport::default();
+        };
+        let Some(slot) = session.members.slot_of(replica) else {
+            return UnreachableReport::default();
+        };
+        match self.unreachable.iter_mut().find(|(a, _)| *a == replica) {
+            Some((_, at)) => *at = now,
+            None => self.unreachable.push((replica, now)),
+        }
+        session.members.states[slot] = SlotState::Gone;
+        session.members.owed[slot] = None;
+        session.members.rebuild_targets(session.client);
+        if session.members.live() == 0 {
+            let closed = Closed {
+                id,
+                client: session.client,
+                reason: CloseReason::Unreachable,
+            };
+            self.close(id);
+            return UnreachableReport {
+                failover: false,
+                closed: Some(closed),
+            };
+        }
+        UnreachableReport {
+            failover: session
+                .dedupe
+                .on_slots_changed(&session.members.states, now),
+            closed: None,
+        }
+    }
+
+    /// Replicas reported unreachable within [`UNREACHABLE_FOR`] of `now` and not heard from
+    /// since; forgets the rest.
+    pub fn unreachable(&mut self, now: Instant) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.unreachable
+            .retain(|(_, at)| now.saturating_duration_since(*at) < UNREACHABLE_FOR);
+        self.unreachable.iter().map(|(a, _)| *a)
+    }
+
     /// An answer arrived on session `id`'s upstream socket from `from`.
     pub fn on_answer(
         &mut self,
@@ -805,6 +907,9 @@ impl SessionTable {
             return AnswerVerdict::Drop(DropReason::NotReplica);
         };
         session.members.heard(slot, now);
+        if !self.unreachable.is_empty() {
+            self.unreachable.retain(|(a, _)| *a != from);
+        }
         let verdict = session
             .dedupe
             .on_answer(slot, payload, now, &session.members.states);

@@ -38,6 +38,8 @@ use crate::udp::{MAX_UDP_PAYLOAD, RecvBatch, SendOutcome};
 const WAKER: Token = Token(0);
 const FRONT_BASE: usize = 1;
 const SESSION_BASE: usize = 1 << 16;
+/// Error readiness of session sockets (ICMP reports queued), read before their answers.
+const ERROR_BASE: usize = 1 << 40;
 /// Client datagrams taken per `recvmmsg`.
 const FRONT_BATCH: usize = 32;
 /// Replica answers buffered before they are delivered in one `sendmmsg` per listener.
@@ -57,6 +59,11 @@ fn front_token(listener: usize) -> Token {
 /// The token of session `id`'s upstream socket.
 fn session_token(id: SessionId) -> Token {
     Token(SESSION_BASE + id)
+}
+
+/// The token of errors queued on session `id`'s upstream socket.
+fn error_token(id: SessionId) -> Token {
+    Token(ERROR_BASE + id)
 }
 
 /// Test hook: `SPOTABLE_TEST_FAULT=worker-panic-after-ms=N` makes worker 0 panic N ms after
@@ -97,6 +104,13 @@ pub(crate) trait Net {
     fn open(&mut self, id: SessionId, v6: bool) -> io::Result<Self::Upstream>;
     /// Closes a session's socket.
     fn close(&mut self, socket: Self::Upstream);
+    /// Drains the ICMP reports queued on a session's socket (each tied to the replica address
+    /// the provoking datagram went to) into `out`; their readiness is `error_token(id)`.
+    fn errors(
+        &mut self,
+        socket: &Self::Upstream,
+        out: &mut Vec<crate::udp::SendError>,
+    ) -> io::Result<usize>;
     /// Reads replica answers into slots `start..` of `batch`.
     fn recv(
         &mut self,
@@ -131,6 +145,7 @@ struct Logs {
     game_session_limit: LogLimit,
     game_rate_limited: LogLimit,
     forwarding_loop: LogLimit,
+    unreachable: LogLimit,
 }
 
 impl Logs {
@@ -265,6 +280,8 @@ pub(crate) struct Worker<N: Net> {
     per_replica_version: u64,
     /// Games newly seen to diverge, due in the log.
     divergent: Vec<Arc<str>>,
+    /// ICMP reports read from a session's socket.
+    reports: Vec<crate::udp::SendError>,
 }
 
 impl<N: Net> Worker<N> {
@@ -309,6 +326,7 @@ impl<N: Net> Worker<N> {
             forwarded_at: Vec::with_capacity(FRONT_BATCH),
             turn_clock: Duration::ZERO,
             divergent: Vec::new(),
+            reports: Vec::new(),
         }
     }
 
@@ -330,6 +348,10 @@ impl<N: Net> Worker<N> {
             let drained = match token {
                 WAKER => {
                     self.on_wake(now);
+                    true
+                }
+                Token(t) if t >= ERROR_BASE => {
+                    self.on_errors(t - ERROR_BASE, now);
                     true
                 }
                 Token(t) if t >= SESSION_BASE => self.on_upstream(t - SESSION_BASE, now),
@@ -531,14 +553,17 @@ impl<N: Net> Worker<N> {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) => {
-                    // A connected socket reports a replica's or the network's ICMP errors here,
-                    // once each; answers may still be queued behind them (edge-triggered: read
-                    // on). Anything else ends this turn.
+                    // A replica's or the network's ICMP report comes here too, its details in
+                    // the error queue (read them first); answers may still be queued behind
+                    // it (edge-triggered: read on). Anything else ends this turn.
                     let kind = UpstreamError::of(&e);
-                    self.local.upstream_error(kind);
                     if kind.is_report() {
+                        if self.on_errors(id, now) == 0 {
+                            self.local.upstream_error(kind);
+                        }
                         continue;
                     }
+                    self.local.upstream_error(kind);
                     if let Some(held) = self.logs.upstream_receive.hit(now) {
                         tracing::warn!(session = id, error = %e, held, "receive from replicas failed");
                     }
@@ -583,6 +608,54 @@ impl<N: Net> Worker<N> {
             }
         }
         false
+    }
+
+    /// Reads the ICMP reports queued on session `id`'s socket and acts on them: a replica whose
+    /// port or host is unreachable leaves the session at once (see
+    /// [`SessionTable::on_unreachable`]). Returns how many reports were read.
+    fn on_errors(&mut self, id: SessionId, now: Instant) -> usize {
+        let Some(up) = self.upstreams.get(id).and_then(Option::as_ref) else {
+            return 0;
+        };
+        self.reports.clear();
+        if let Err(e) = self.net.errors(&up.socket, &mut self.reports) {
+            if let Some(held) = self.logs.upstream_receive.hit(now) {
+                tracing::warn!(session = id, error = %e, held, "reading ICMP reports failed");
+            }
+            return 0;
+        }
+        let n = self.reports.len();
+        for i in 0..n {
+            let report = self.reports[i];
+            let kind = UpstreamError::of_errno(report.errno);
+            self.local.upstream_error(kind);
+            if !matches!(
+                kind,
+                UpstreamError::Refused | UpstreamError::HostUnreachable
+            ) {
+                continue;
+            }
+            let out = self.table.on_unreachable(id, report.to, now);
+            if out.failover {
+                self.local.failovers += 1;
+            }
+            if let Some(closed) = out.closed {
+                if let Some(held) = self.logs.unreachable.hit(now) {
+                    tracing::info!(
+                        client = %closed.client,
+                        replica = %report.to,
+                        held,
+                        "session closed: its last replica is unreachable; the player's next \
+                         datagram opens a new session"
+                    );
+                }
+                self.closed.clear();
+                self.closed.push(closed);
+                self.close_sockets();
+                break;
+            }
+        }
+        n
     }
 
     /// Sends buffered answers to their clients, one batch per listener.
@@ -657,6 +730,9 @@ impl<N: Net> Worker<N> {
         self.shared
             .replica_stats
             .passed_over(self.table.unresponsive(), now);
+        self.shared
+            .replica_stats
+            .unreachable(self.table.unreachable(now), now);
         self.shared.transit.flush(&mut self.transit);
         if self.fault_at.is_some_and(|at| now >= at) {
             panic!("injected fault (SPOTABLE_TEST_FAULT)");
@@ -694,7 +770,8 @@ impl<N: Net> Worker<N> {
         let untold = self
             .closed
             .iter()
-            .filter(|c| c.reason != CloseReason::Idle)
+            // Idle closes are routine; unreachable ones are logged where they happen.
+            .filter(|c| !matches!(c.reason, CloseReason::Idle | CloseReason::Unreachable))
             .count()
             .saturating_sub(told);
         if untold > 0 {

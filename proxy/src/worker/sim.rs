@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use mio::Token;
 
-use super::{Net, WAKER, front_token, session_token};
+use super::{Net, WAKER, error_token, front_token, session_token};
 use crate::session::SessionId;
 use crate::udp::{RecvBatch, SendOutcome};
 
@@ -37,6 +37,8 @@ struct SimSocket {
     open: bool,
     connected: Option<SocketAddr>,
     inbox: VecDeque<Queued>,
+    /// ICMP reports queued for the socket (its error queue).
+    errors: Vec<crate::udp::SendError>,
 }
 
 /// A datagram waiting to be read: its sender, its bytes, when it "arrived", and its traffic
@@ -109,6 +111,20 @@ impl SimNet {
         s.inbox
             .push_back((from, payload.to_vec(), self.clock, None));
         let token = session_token(s.id);
+        self.mark(token);
+    }
+
+    /// The kernel reports port unreachable for a datagram the session socket on `port` sent
+    /// to `replica` (its process is gone): queued, and the socket's error readiness raised.
+    pub(crate) fn unreachable_at(&mut self, port: u16, replica: SocketAddr) {
+        let Some(s) = self.sockets.iter_mut().find(|s| s.port == port && s.open) else {
+            return;
+        };
+        s.errors.push(crate::udp::SendError {
+            to: replica,
+            errno: libc::ECONNREFUSED,
+        });
+        let token = error_token(s.id);
         self.mark(token);
     }
 
@@ -256,6 +272,7 @@ impl Net for SimNet {
             open: true,
             connected: None,
             inbox: VecDeque::new(),
+            errors: Vec::new(),
         });
         Ok(self.sockets.len() - 1)
     }
@@ -264,6 +281,16 @@ impl Net for SimNet {
         let s = &mut self.sockets[socket];
         s.open = false;
         s.inbox.clear();
+    }
+
+    fn errors(
+        &mut self,
+        socket: &usize,
+        out: &mut Vec<crate::udp::SendError>,
+    ) -> io::Result<usize> {
+        let queued = std::mem::take(&mut self.sockets[*socket].errors);
+        out.extend_from_slice(&queued);
+        Ok(queued.len())
     }
 
     fn recv(&mut self, socket: &usize, batch: &mut RecvBatch, start: usize) -> io::Result<usize> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::{ANSWER_ARENA, Net, WAKER, front_token, session_token};
+use super::{ANSWER_ARENA, Net, SESSION_BASE, WAKER, error_token, front_token, session_token};
 use crate::dedupe::MAX_SLOTS;
 use crate::session::SessionId;
 use crate::udp::{self, RecvBatch, SendBatch, SendOutcome};
@@ -88,7 +88,15 @@ impl Sockets {
             Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
             _ => {}
         }
-        ready.extend(self.events.iter().map(|e| e.token()));
+        for e in self.events.iter() {
+            let token = e.token();
+            // A session socket's queued ICMP reports are read before its answers, so that a
+            // replica known dead has left the session before answers are judged.
+            if e.is_error() && token.0 >= SESSION_BASE {
+                ready.push(error_token(token.0 - SESSION_BASE));
+            }
+            ready.push(token);
+        }
         Ok(())
     }
 }
@@ -142,6 +150,8 @@ impl Net for Sockets {
         };
         let socket = udp::bind_ephemeral(any)?;
         udp::set_tos(socket.as_fd(), v6, crate::marker::TOS)?;
+        // ICMP reports tied to the replica that provoked them, unconnected sockets included.
+        udp::enable_errors(socket.as_fd(), v6)?;
         // Without timestamps answers still flow, timed from the turn instead (the front
         // sockets' warning says so once).
         if self.stamps {
@@ -157,6 +167,10 @@ impl Net for Sockets {
     fn close(&mut self, mut up: Upstream) {
         // Dropping the socket closes it; deregistering first keeps epoll tidy.
         let _ = self.poll.registry().deregister(&mut up.socket);
+    }
+
+    fn errors(&mut self, up: &Upstream, out: &mut Vec<udp::SendError>) -> io::Result<usize> {
+        udp::read_errors(up.socket.as_fd(), out)
     }
 
     fn recv(&mut self, up: &Upstream, batch: &mut RecvBatch, start: usize) -> io::Result<usize> {

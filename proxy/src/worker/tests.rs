@@ -564,3 +564,70 @@ fn without_kernel_timestamps_transit_counts_from_the_turn() {
         );
     }
 }
+
+#[test]
+fn an_icmp_report_from_the_primary_fails_it_over_before_its_peers_answers_are_judged() {
+    let mut r = Rig::with(&[A, B], |s| {
+        s.mode = crate::dedupe::Mode::Primary {
+            failover_after: Duration::from_millis(50),
+        };
+        s.late_join = false;
+    });
+    r.client_sends(&numbered(1));
+    r.settle();
+    let port = r.session_port();
+    r.net().take_sent();
+    r.net().answer_at(port, addr(A), &numbered(1));
+    r.net().answer_at(port, addr(B), &numbered(1));
+    r.settle();
+    assert_eq!(
+        Rig::delivered(&r.net().take_sent()),
+        [(CLIENT, numbered(1))]
+    );
+    // A's process dies. The next datagram provokes port unreachable, which the kernel queues
+    // before B's answer is read: B speaks at once, with no 50 ms of silence first.
+    r.now += Duration::from_millis(2);
+    r.client_sends(&numbered(2));
+    r.settle();
+    r.net().unreachable_at(port, addr(A));
+    r.net().answer_at(port, addr(B), &numbered(2));
+    r.settle();
+    assert_eq!(
+        Rig::delivered(&r.net().take_sent()),
+        [(CLIENT, numbered(2))]
+    );
+    assert_eq!(r.w.local.failovers, 1);
+    // Nothing more goes to A.
+    r.client_sends(&numbered(3));
+    r.settle();
+    let to: Vec<u16> = Rig::upstream(&r.net().take_sent())
+        .iter()
+        .map(|u| u.1)
+        .collect();
+    assert_eq!(to, [B]);
+}
+
+#[test]
+fn a_session_whose_last_replica_is_unreachable_closes_and_the_next_datagram_reopens() {
+    let mut r = Rig::with(&[A], |s| s.late_join = false);
+    r.client_sends(b"q");
+    r.settle();
+    let port = r.session_port();
+    // A rolling replacement: B is up, A still listed, and A's process dies.
+    r.publish(&[A, B]);
+    r.settle();
+    r.net().take_sent();
+    r.net().unreachable_at(port, addr(A));
+    r.settle();
+    assert!(
+        r.net().open_ports().is_empty(),
+        "the session closed at once"
+    );
+    r.client_sends(b"q2");
+    r.settle();
+    let to: Vec<u16> = Rig::upstream(&r.net().take_sent())
+        .iter()
+        .map(|u| u.1)
+        .collect();
+    assert_eq!(to, [B], "the fresh session passes the dead replica over");
+}

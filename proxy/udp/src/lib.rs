@@ -388,6 +388,9 @@ impl SendBatch {
     fn flush(&mut self, fd: RawFd, n: usize) -> SendOutcome {
         let mut outcome = SendOutcome::default();
         let mut off = 0;
+        // The message already sent again once because an earlier datagram's ICMP report
+        // came back on it.
+        let mut retried = None;
         while off < n {
             // SAFETY: headers off..n were filled by send_all in this call; their iovecs point at
             // payloads the caller still borrows and their names at self.addrs.
@@ -416,6 +419,11 @@ impl SendBatch {
                     outcome.failed += (n - off) as u64;
                     break;
                 }
+                // A socket that queues ICMP errors (enable_errors), or a connected one, hands a
+                // pending report (port or host unreachable, about an earlier datagram to some
+                // replica) to the next send, which fails for it without being sent: send it
+                // again, once. If that fails too, the error is this datagram's own.
+                _ if is_report(&err) && retried != Some(off) => retried = Some(off),
                 // This one destination failed (no route, wrong family…); go on with the rest.
                 _ => {
                     outcome.failed += 1;
@@ -425,6 +433,21 @@ impl SendBatch {
         }
         outcome
     }
+}
+
+/// An error that reports on an earlier datagram (ICMP): the socket is fine.
+pub fn is_report(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNREFUSED
+                | libc::EHOSTUNREACH
+                | libc::EHOSTDOWN
+                | libc::ENETUNREACH
+                | libc::ENETDOWN
+                | libc::EMSGSIZE
+        )
+    )
 }
 
 /// A non-blocking UDP socket on an ephemeral port of `any` (0.0.0.0 or [::], dual-stack),
@@ -537,6 +560,98 @@ fn set_int(
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// Asks the kernel to queue the ICMP errors a socket's datagrams provoke, each with the
+/// address it was sent to (`IP_RECVERR`, and `IPV6_RECVERR` on an IPv6 socket), as quinn-udp
+/// does: an unconnected socket hears of them only so. Read them with [`read_errors`].
+pub fn enable_errors(socket: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
+    if v6 {
+        set_int(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1)?;
+        // IPv4 through a dual-stack socket reports through the IPv4 option.
+        let _ = set_int(socket, libc::IPPROTO_IP, libc::IP_RECVERR, 1);
+        Ok(())
+    } else {
+        set_int(socket, libc::IPPROTO_IP, libc::IP_RECVERR, 1)
+    }
+}
+
+/// One error the kernel tied to a datagram the socket sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendError {
+    /// Where the datagram that provoked it was going.
+    pub to: SocketAddr,
+    /// The error (`ECONNREFUSED` for port unreachable, `EHOSTUNREACH`, `ENETUNREACH`,
+    /// `EMSGSIZE`…).
+    pub errno: i32,
+}
+
+/// Drains `socket`'s error queue (see [`enable_errors`]) into `out`, without blocking; returns
+/// how many it read. Errors without a destination or an extended error record are skipped.
+pub fn read_errors(socket: BorrowedFd<'_>, out: &mut Vec<SendError>) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut n = 0;
+    loop {
+        let mut name = SockAddrStorage::zeroed();
+        // The offending datagram's head comes back too; its bytes are not wanted.
+        let mut head = [0u8; 64];
+        let mut iov = libc::iovec {
+            iov_base: head.as_mut_ptr().cast(),
+            iov_len: head.len(),
+        };
+        let mut control = [0u64; 16];
+        // SAFETY: all-zero is a valid msghdr; every pointer is filled below before use.
+        let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+        msg.msg_name = ptr::from_mut(&mut name).cast();
+        msg.msg_namelen = mem::size_of::<SockAddrStorage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = mem::size_of_val(&control) as _;
+        // SAFETY: msg points at live buffers of the sizes it declares, all owned here.
+        let r = unsafe {
+            libc::recvmsg(
+                socket.as_raw_fd(),
+                &mut msg,
+                libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(n),
+                io::ErrorKind::Interrupted => continue,
+                _ => Err(e),
+            };
+        }
+        n += 1;
+        let Some(to) = decode(&name, msg.msg_namelen) else {
+            continue;
+        };
+        // SAFETY: the walk stays within [msg_control, + controllen), which the kernel wrote;
+        // the record is read only when its message is long enough to hold it.
+        let errno = unsafe {
+            let mut found = None;
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                let (level, kind) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
+                let ours = (level == libc::IPPROTO_IP && kind == libc::IP_RECVERR)
+                    || (level == libc::IPPROTO_IPV6 && kind == libc::IPV6_RECVERR);
+                let size = mem::size_of::<libc::sock_extended_err>() as u32;
+                if ours && (*cmsg).cmsg_len as usize >= libc::CMSG_LEN(size) as usize {
+                    let ee: libc::sock_extended_err =
+                        ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                    found = i32::try_from(ee.ee_errno).ok();
+                    break;
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+            found
+        };
+        if let Some(errno) = errno {
+            out.push(SendError { to, errno });
+        }
     }
 }
 
@@ -731,6 +846,43 @@ mod tests {
         assert_eq!((recv.received(0), recv.tos(0)), (Some(at), Some(0xbd)));
         recv.fill(0, "127.0.0.1:9".parse().unwrap(), b"sim", None, Some(4));
         assert_eq!((recv.received(0), recv.tos(0)), (None, Some(4)));
+    }
+
+    #[test]
+    fn port_unreachable_is_tied_to_the_address_that_provoked_it() {
+        use std::net::SocketAddr;
+        for any in ["127.0.0.1", "::"] {
+            let sock: UdpSocket = bind_ephemeral(any.parse().unwrap()).unwrap().into();
+            enable_errors(sock.as_fd(), any.contains(':')).unwrap();
+            let live = UdpSocket::bind("127.0.0.1:0").unwrap();
+            // A port nobody holds: the kernel answers with ICMP port unreachable.
+            let dead = UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let mut send = SendBatch::new(2);
+            let to = [live.local_addr().unwrap(), dead];
+            let out = send.fan_out(sock.as_raw_fd(), b"hello", &to, any.contains(':'));
+            assert_eq!(out.sent, 2);
+            let mut errors = Vec::new();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while errors.is_empty() && std::time::Instant::now() < deadline {
+                read_errors(sock.as_fd(), &mut errors).unwrap();
+            }
+            let want: SocketAddr = dead;
+            assert_eq!(
+                errors,
+                vec![SendError {
+                    to: want,
+                    errno: libc::ECONNREFUSED
+                }],
+                "{any}"
+            );
+            // Drained: nothing more, and the live replica got its datagram.
+            assert_eq!(read_errors(sock.as_fd(), &mut errors).unwrap(), 0);
+            let mut buf = [0u8; 8];
+            assert_eq!(live.recv(&mut buf).unwrap(), 5);
+        }
     }
 
     #[test]

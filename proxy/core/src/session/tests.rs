@@ -1066,3 +1066,106 @@ fn a_set_with_a_shared_or_misfit_token_is_refused_whole() {
     );
     assert_eq!(set.snapshot(), before, "nothing changed");
 }
+
+fn primary() -> Mode {
+    Mode::Primary {
+        failover_after: Duration::from_millis(50),
+    }
+}
+
+#[test]
+fn an_unreachable_primary_fails_over_at_once_and_is_sent_nothing_more() {
+    let now = crate::epoch();
+    let mut t = table(settings(primary()), 10, &[7001, 7002]);
+    let id = open(&mut t, 5000, now);
+    // The first to answer speaks for the session.
+    assert!(matches!(
+        t.on_answer(id, addr(7001), b"a", now),
+        AnswerVerdict::Deliver {
+            failover: false,
+            ..
+        }
+    ));
+    assert_eq!(
+        t.on_answer(id, addr(7002), b"b", now),
+        AnswerVerdict::Duplicate { behind: None }
+    );
+    // Its process dies; the kernel says so at the next datagram: no 50 ms of silence needed.
+    let later = now + MS;
+    let r = t.on_unreachable(id, addr(7001), later);
+    assert_eq!(
+        r,
+        UnreachableReport {
+            failover: true,
+            closed: None
+        }
+    );
+    assert_eq!(t.get(id).unwrap().members().targets(), [addr(7002)]);
+    assert!(matches!(
+        t.on_answer(id, addr(7002), b"c", later),
+        AnswerVerdict::Deliver { .. }
+    ));
+    // A report about a replica the session no longer has, or a stranger, changes nothing.
+    assert_eq!(
+        t.on_unreachable(id, addr(7001), later),
+        UnreachableReport::default()
+    );
+    assert_eq!(
+        t.on_unreachable(id, addr(9999), later),
+        UnreachableReport::default()
+    );
+}
+
+#[test]
+fn a_session_whose_last_replica_is_unreachable_closes_and_the_next_opens_elsewhere() {
+    let now = crate::epoch();
+    let mut s = settings(copies());
+    s.fanout = 1;
+    let mut t = table(s, 10, &[7001, 7002]);
+    let id = open(&mut t, 5000, now);
+    let first = t.get(id).unwrap().members().targets()[0];
+    let other = if first == addr(7001) {
+        addr(7002)
+    } else {
+        addr(7001)
+    };
+    let r = t.on_unreachable(id, first, now);
+    assert_eq!(
+        r.closed,
+        Some(Closed {
+            id,
+            client: addr(5000),
+            reason: CloseReason::Unreachable
+        })
+    );
+    assert!(t.is_empty());
+    assert_eq!(t.unreachable(now).collect::<Vec<_>>(), [first]);
+    // The player's next datagram opens a fresh session, on the replica that is there.
+    let id = open(&mut t, 5000, now + MS);
+    assert_eq!(t.get(id).unwrap().members().targets(), [other]);
+    // Forgotten once the time is up (a restarted process at that address is used again)…
+    assert_eq!(t.unreachable(now + UNREACHABLE_FOR).count(), 0);
+}
+
+#[test]
+fn a_replica_reported_unreachable_that_answers_is_trusted_again() {
+    let now = crate::epoch();
+    let mut t = table(settings(copies()), 10, &[7001, 7002]);
+    let a = open(&mut t, 5000, now);
+    let b = open(&mut t, 5001, now);
+    t.on_unreachable(a, addr(7001), now);
+    assert_eq!(t.unreachable(now).collect::<Vec<_>>(), [addr(7001)]);
+    // Another session still has it, and hears it: it was a passing loss, not a death.
+    assert!(matches!(
+        t.on_answer(b, addr(7001), b"x", now + MS),
+        AnswerVerdict::Deliver { .. }
+    ));
+    assert_eq!(t.unreachable(now + MS).count(), 0);
+    // The session that dropped it takes it back when discovery next speaks of it.
+    let report = apply(&mut t, snapshot(2, &ready(&[7001, 7002, 7003])), now + MS);
+    assert_eq!(
+        report.sessions_changed, 1,
+        "the other had nothing to change (no late join)"
+    );
+    assert!(t.get(a).unwrap().members().targets().contains(&addr(7001)));
+}

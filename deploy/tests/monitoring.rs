@@ -215,6 +215,8 @@ fn the_alerting_rules_pass_promtool_and_their_unit_tests() {
         "SpotableKernelDrops",
         "SpotableAgentDrainPastDeadline",
         "SpotableGameDivergent",
+        "SpotableForwardingLoop",
+        "SpotableGameAtItsLimits",
     ] {
         assert!(alerts.contains(want), "no alert {want}: {alerts:?}");
     }

@@ -93,6 +93,22 @@ pub struct CompareArgs {
     /// Skip the tick-game rows.
     #[arg(long)]
     pub no_tick: bool,
+    /// Noisy-neighbour rows: the flooded game's `max_pps`, and the flood (datagrams/s offered,
+    /// from this many ports); the quiet game runs at --latency-rate for --latency-time.
+    #[arg(long, default_value_t = 2000)]
+    pub neighbour_budget: u32,
+    #[arg(long, default_value_t = 40_000)]
+    pub neighbour_flood_rate: u64,
+    #[arg(long, default_value_t = 512)]
+    pub neighbour_ports: u32,
+    /// An earlier build to measure beside this one (A/B on the same machine, in the same
+    /// rounds): a `spotable-bench` or `spotable-proxy` binary, e.g. from `benches/baseline.sh
+    /// REV`. Adds its fan-out 1 and 2 rows, and the target that this build is within 3 % of it.
+    #[arg(long, value_name = "BIN")]
+    pub baseline: Option<PathBuf>,
+    /// Skip the noisy-neighbour rows.
+    #[arg(long)]
+    pub no_neighbour: bool,
     /// Moves of a game per resident size and mode (plain, lazy) for the migration rows;
     /// 0 skips them. They need root and CRIU (built from .ci/vendor when missing).
     #[arg(long, default_value_t = 3)]
@@ -131,6 +147,9 @@ pub struct Route {
     /// PROXY v2 headers to an identity anchor in front of each replica.
     #[serde(default)]
     pub anchor: bool,
+    /// Spotable: the `--baseline` build, not this one.
+    #[serde(default)]
+    pub baseline: bool,
 }
 
 /// The routing token of the token paths: one game behind the proxy, as a fleet would have
@@ -140,6 +159,9 @@ pub const TOKEN: &str = "bench-01";
 impl Route {
     pub fn name(&self) -> String {
         match &self.dedupe {
+            Some(d) if self.baseline => {
+                format!("{} ×{} ({d}, baseline)", self.proxy.label(), self.fanout)
+            }
             Some(d) if self.anchor => {
                 format!(
                     "{} ×{} ({d}, PROXY v2 + anchor)",
@@ -210,6 +232,9 @@ pub struct Results {
     /// What moving a game costs against its memory.
     #[serde(default)]
     pub moves: crate::move_cost::MoveCost,
+    /// A game's players beside another game's flood.
+    #[serde(default)]
+    pub neighbour: crate::neighbour::Neighbour,
     /// Paths not measured, and why.
     pub skipped: Vec<(String, String)>,
     pub seconds: f64,
@@ -245,17 +270,13 @@ struct Env {
     front_ip: Ipv4Addr,
     tmp: PathBuf,
     peers: PeerPaths,
+    /// `--baseline`: the earlier build the baseline paths run.
+    baseline: Option<PathBuf>,
 }
 
 impl Env {
     fn loadgen(&self, target: SocketAddr, extra: &[String]) -> anyhow::Result<Report> {
-        let (cmd, bind) = match &self.netns {
-            Some(ns) => (ns.command(&self.exe), format!("{}:0", ns.ns_ip)),
-            None => (
-                std::process::Command::new(&self.exe),
-                "127.0.0.1:0".to_string(),
-            ),
-        };
+        let (cmd, bind) = self.command();
         run_loadgen(cmd, target, &bind, extra)
     }
 
@@ -266,10 +287,46 @@ impl Env {
         run_loadgen(cmd, target, "0.0.0.0:0", extra)
     }
 
+    fn command(&self) -> (std::process::Command, String) {
+        match &self.netns {
+            Some(ns) => (ns.command(&self.exe), format!("{}:0", ns.ns_ip)),
+            None => (
+                std::process::Command::new(&self.exe),
+                "127.0.0.1:0".to_string(),
+            ),
+        }
+    }
+
     fn replicas(&self, n: usize) -> anyhow::Result<Vec<ReplicaProcess>> {
         (0..n)
             .map(|_| process::spawn_replica(&self.exe, &["replica", "--listen", "0.0.0.0:0"]))
             .collect()
+    }
+}
+
+impl crate::neighbour::Load for Env {
+    fn spawn(&self, target: SocketAddr, extra: &[String]) -> anyhow::Result<std::process::Child> {
+        let (mut cmd, bind) = self.command();
+        cmd.arg("loadgen")
+            .args(["--target", &target.to_string(), "--bind", &bind, "--json"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot run the load generator")
+    }
+
+    fn front_ip(&self) -> Ipv4Addr {
+        self.front_ip
+    }
+
+    fn exe(&self) -> &Path {
+        &self.exe
+    }
+
+    fn tmp(&self) -> &Path {
+        &self.tmp
     }
 }
 
@@ -382,7 +439,17 @@ fn start_with(
                 args.extend(["--sequence-offset", "0", "--sequence-width", "8"].map(String::from));
             }
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            let p = process::spawn_proxy(&env.exe, &["proxy"], &refs, false)?;
+            let p = match (&env.baseline, path.baseline) {
+                (Some(bin), true) => {
+                    // A spotable-bench runs the proxy as a subcommand; a spotable-proxy is it.
+                    let bench = bin
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().contains("bench"));
+                    let prefix: &[&str] = if bench { &["proxy"] } else { &[] };
+                    process::spawn_proxy(bin, prefix, &refs, false)?
+                }
+                _ => process::spawn_proxy(&env.exe, &["proxy"], &refs, false)?,
+            };
             (
                 SocketAddr::new(env.front_ip.into(), p.addr.port()),
                 Some(p.process),
@@ -435,6 +502,7 @@ fn route(proxy: Proxy, fanout: usize, dedupe: Option<&str>) -> Route {
         dedupe: dedupe.map(String::from),
         token: false,
         anchor: false,
+        baseline: false,
     }
 }
 
@@ -634,11 +702,22 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         netns,
         tmp,
         peers: PeerPaths::discover(&workspace),
+        baseline: args.baseline.clone(),
     };
 
     let mut skipped = Vec::new();
     let mut todo = Vec::new();
-    for path in paths() {
+    let mut all_paths = paths();
+    if let Some(bin) = &args.baseline {
+        anyhow::ensure!(bin.is_file(), "--baseline {}: no such file", bin.display());
+        for fanout in [1, 2] {
+            all_paths.push(Route {
+                baseline: true,
+                ..route(Proxy::Spotable, fanout, Some("copies"))
+            });
+        }
+    }
+    for path in all_paths {
         let why = match path.proxy {
             Proxy::Nginx => env.peers.nginx_missing(),
             Proxy::Quilkin if env.netns.is_none() => Some(
@@ -696,7 +775,13 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     };
     let tick_runs = if args.no_tick { 0 } else { 1 };
     let move_runs = u64::from(args.move_runs > 0);
-    let runs = todo.len() as u64 * u64::from(args.rounds) + 2 + jitter_runs + tick_runs + move_runs;
+    let neighbour_runs = u64::from(!args.no_neighbour);
+    let runs = todo.len() as u64 * u64::from(args.rounds)
+        + 2
+        + jitter_runs
+        + tick_runs
+        + move_runs
+        + neighbour_runs;
     let bar = ProgressBar::new(runs).with_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -843,6 +928,23 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         );
         (rows, setting)
     };
+    let neighbour = if args.no_neighbour {
+        crate::neighbour::Neighbour::default()
+    } else {
+        bar.set_message("a noisy neighbour");
+        let settings = crate::neighbour::Settings {
+            budget: args.neighbour_budget,
+            flood_rate: args.neighbour_flood_rate,
+            flood_ports: args.neighbour_ports,
+            quiet_rate: args.latency_rate,
+            quiet_players: args.flows,
+            seconds: args.latency_time.as_secs_f64(),
+            rounds: args.rounds,
+        };
+        let n = crate::neighbour::run(&env, &settings, args.workers)?;
+        bar.inc(1);
+        n
+    };
     let moves = if args.move_runs == 0 {
         crate::move_cost::MoveCost {
             rows: Vec::new(),
@@ -896,6 +998,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         tick,
         tick_setting,
         moves,
+        neighbour,
         skipped,
         seconds: began.elapsed().as_secs_f64(),
     };

@@ -7,6 +7,7 @@ pub mod fit;
 pub mod loadgen;
 pub mod migrate_demo;
 pub mod move_cost;
+pub mod neighbour;
 pub mod netns;
 pub mod peers;
 pub mod results;

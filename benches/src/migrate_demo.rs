@@ -224,7 +224,13 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<MigrateReport> {
         players_disconnected: 0,
         events,
     };
-    for got in &answers {
+    for (i, got) in answers.iter().enumerate() {
+        // A player replayed from a capture stops when its capture ends: it is disconnected
+        // only if it went unanswered for its last half second of playing.
+        let stopped = scripts
+            .as_ref()
+            .and_then(|s| s[i].last())
+            .map_or(end, |(at, _)| (start + *at).min(end));
         let after: Vec<Instant> = got
             .iter()
             .map(|(at, _)| *at)
@@ -237,7 +243,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<MigrateReport> {
                 .max(at.duration_since(prev).as_secs_f64() * 1e3);
             prev = *at;
         }
-        if end.saturating_duration_since(prev) > Duration::from_millis(500) {
+        if stopped.saturating_duration_since(prev) > Duration::from_millis(500) {
             report.players_disconnected += 1;
         }
         if tick_game {

@@ -76,6 +76,7 @@ fn find<'a>(
             && p.path.fanout == fanout
             && !p.path.token
             && !p.path.anchor
+            && !p.path.baseline
             && (dedupe.is_none() || p.path.dedupe.as_deref() == dedupe)
     })
 }
@@ -144,6 +145,37 @@ pub fn targets(r: &Results) -> Vec<Target> {
             met: None,
         },
     });
+    for (what, fanout, ours) in [
+        (
+            "fan-out 1 throughput within 3 % of the baseline build",
+            1,
+            s1,
+        ),
+        (
+            "fan-out 2 throughput within 3 % of the baseline build",
+            2,
+            s2,
+        ),
+    ] {
+        let base = r.paths.iter().find(|p| {
+            p.path.baseline && p.path.fanout == fanout && p.path.dedupe.as_deref() == Some("copies")
+        });
+        if base.is_some() {
+            out.push(throughput_target(what, "answers/s", ours.zip(base), 0.97));
+        }
+    }
+    if let Some((lost, p99)) = crate::neighbour::goals(&r.neighbour) {
+        out.push(Target {
+            what: "noisy neighbour: beside a flood over its game's budget, another game loses ≤ 1 %",
+            measured: format!("{lost:.2} % lost"),
+            met: Some(lost <= 1.0),
+        });
+        out.push(Target {
+            what: "noisy neighbour: its p99 within 1.5× of its p99 beside the floor",
+            measured: format!("{p99:.2}×"),
+            met: Some(p99 <= 1.5),
+        });
+    }
     out
 }
 
@@ -339,6 +371,7 @@ pub fn markdown(r: &Results) -> String {
     }
     jitter_section(&mut md, r);
     crate::tick_rows::markdown(&mut md, &r.tick, &r.tick_setting);
+    crate::neighbour::markdown(&mut md, &r.neighbour);
     crate::move_cost::markdown(&mut md, &r.moves);
     let _ = writeln!(
         md,
@@ -776,6 +809,7 @@ mod tests {
                 dedupe: dedupe.map(String::from),
                 token: false,
                 anchor: false,
+                baseline: false,
             },
             throughput,
             throughput_rounds: vec![tput],
@@ -818,6 +852,7 @@ mod tests {
                     dedupe: Some("copies".into()),
                     token: false,
                     anchor: false,
+                    baseline: false,
                 },
                 kill_at_ms: 2000.0,
                 report: Report {
@@ -865,6 +900,7 @@ mod tests {
                 sessions_demoted: 8,
             }],
             tick_setting: "Two tick servers.".into(),
+            neighbour: crate::neighbour::Neighbour::default(),
             moves: crate::move_cost::MoveCost {
                 rows: vec![crate::move_cost::MoveRow {
                     mode: "lazy".into(),

@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use spotable_fixtures::imds::FakeImds;
-use spotable_fixtures::migration::{NS, NodeProc, Stage, StageOptions};
+use spotable_fixtures::migration::{Stage, StageOptions};
 use spotable_fixtures::process::{scrape, workspace_binary};
 use spotable_fixtures::tick::{self, Snapshot};
 
@@ -131,7 +131,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<MigrateReport> {
     );
     let imds = stage.runtime.block_on(FakeImds::start())?;
     imds.set_identity("i-0demo", "eu-west-1", "ip-a.example", "203.0.113.10");
-    let _agent = agent(&imds, &stage)?;
+    let agent = workspace_binary("spotable-agent", "spotable-agent");
+    let _agent = stage.agent(&agent, &imds.endpoint(), false)?;
 
     // The players.
     let start = Instant::now();
@@ -308,23 +309,6 @@ fn fields(line: &str, keys: &[&str]) -> String {
         .filter(|w| keys.iter().any(|k| w.starts_with(&format!("{k}="))))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// The real agent on node A, watching the fake instance metadata.
-fn agent(imds: &FakeImds, stage: &Stage) -> anyhow::Result<NodeProc> {
-    let kubeconfig = stage.api.write_kubeconfig(&stage.dir, NS)?;
-    let mut c = std::process::Command::new(workspace_binary("spotable-agent", "spotable-agent"));
-    c.args([
-        "--node-name",
-        "node-a",
-        "--imds-endpoint",
-        &imds.endpoint(),
-        "--poll-interval",
-        "100ms",
-    ])
-    .env("KUBECONFIG", kubeconfig)
-    .env_remove("QUEUE_URL");
-    NodeProc::start(c, "agent", false)
 }
 
 /// One player until `stop`: the capture's datagrams with their timing, or a numbered input

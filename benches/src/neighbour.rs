@@ -223,13 +223,7 @@ pub fn markdown(md: &mut String, n: &Neighbour) {
          | beside the quiet game | its p50 µs | its p99 µs | p99 vs alone | lost | flood sent/s | \
          dropped for the budget/s | dropped as unknown/s |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|",
-        s.quiet_players,
-        s.quiet_rate,
-        s.seconds,
-        s.flood_rate,
-        s.flood_ports,
-        s.budget,
-        s.rounds
+        s.quiet_players, s.quiet_rate, s.seconds, s.flood_rate, s.flood_ports, s.budget, s.rounds
     );
     let alone = n.rows.first().map_or(1.0, |r| r.quiet.rtt_us.p99.max(1e-9));
     for r in &n.rows {

@@ -10,14 +10,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::UdpSocket;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use spotable_fixtures::imds::FakeImds;
 use spotable_fixtures::kube::FakeApi;
-use spotable_fixtures::migration::{LEASES, NS, NodeProc, SLICES, Stage, StageOptions, slice};
+use spotable_fixtures::migration::{LEASES, SLICES, Stage, StageOptions, slice};
 use spotable_fixtures::process::{scrape, scrape_until, workspace_binary};
 use spotable_fixtures::tick::{self, PlayerLog};
 
@@ -78,23 +77,6 @@ fn players(
         })
         .collect();
     (logs, threads)
-}
-
-/// The real agent on node A, watching the fake instance metadata.
-fn agent(imds: &FakeImds, api: &FakeApi, dir: &std::path::Path) -> NodeProc {
-    let kubeconfig = api.write_kubeconfig(dir, NS).unwrap();
-    let mut c = Command::new(workspace_binary("spotable-agent", "spotable-agent"));
-    c.args([
-        "--node-name",
-        "node-a",
-        "--imds-endpoint",
-        &imds.endpoint(),
-        "--poll-interval",
-        "100ms",
-    ])
-    .env("KUBECONFIG", kubeconfig)
-    .env_remove("QUEUE_URL");
-    NodeProc::start(c, "agent", true).unwrap()
 }
 
 /// What a player saw: its snapshots before the move and after it.
@@ -173,7 +155,8 @@ fn moves_and_carries_on(criu: &std::path::Path, ballast_mib: u32, anchor: bool, 
     let mut scene = stage_with(criu, ballast_mib, false, anchor);
     let imds = scene.runtime.block_on(FakeImds::start()).unwrap();
     imds.set_identity("i-0aaa", "eu-west-1", "ip-a.example", "1.2.3.4");
-    let _agent = agent(&imds, &scene.api, &scene.dir);
+    let agent = workspace_binary("spotable-agent", "spotable-agent");
+    let _agent = scene.agent(&agent, &imds.endpoint(), true).unwrap();
     let start = Instant::now();
     let end = start + Duration::from_secs(7);
     let (logs, threads) = players(&scene, end);

@@ -941,7 +941,12 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
             seconds: args.latency_time.as_secs_f64(),
             rounds: args.rounds,
         };
-        let n = crate::neighbour::run(&env, &settings, args.workers)?;
+        // A section that cannot run here is reported, not fatal: the rest of the run stands.
+        let n = crate::neighbour::run(&env, &settings, args.workers).unwrap_or_else(|e| {
+            bar.suspend(|| eprintln!("compare: no noisy-neighbour rows: {e:#}"));
+            skipped.push(("noisy neighbour".into(), format!("{e:#}")));
+            crate::neighbour::Neighbour::default()
+        });
         bar.inc(1);
         n
     };

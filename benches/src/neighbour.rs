@@ -101,7 +101,8 @@ pub fn run(load: &dyn Load, s: &Settings, workers: usize) -> anyhow::Result<Neig
         "--workers",
         &workers,
         "--log-level",
-        "warn",
+        // The proxy says where it listens at info; the rest only when it matters.
+        "warn,spotable_proxy::server=info,spotable_edge=info",
         "--rate-limit",
         "0",
         "--token-bytes",

@@ -22,43 +22,22 @@ struct Games {
     _dir: TempConfig,
 }
 
-/// A config file that is removed with the test.
-struct TempConfig(std::path::PathBuf);
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// Replicas of game A answer with `/A` appended, game B's with `/B`: every answer says
 /// which game served it, and the copies of one game answer alike.
 fn start() -> Games {
     let a: Vec<_> = (0..2).map(|_| replica(&["--tag", "/A"])).collect();
     let b: Vec<_> = (0..2).map(|_| replica(&["--tag", "/B"])).collect();
-    let list = |rs: &[ReplicaProcess]| {
-        rs.iter()
-            .map(|r| format!("\"{}\"", r.addr))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    // One file per test (they run in parallel): named after a replica's unique port.
-    let path = std::env::temp_dir().join(format!(
-        "spotable-games-{}-{}.toml",
-        std::process::id(),
-        a[0].addr.port()
-    ));
-    std::fs::write(
-        &path,
-        format!(
+    let dir = TempConfig::write(
+        "games",
+        a[0].addr.port(),
+        &format!(
             "[[game]]\nname = \"arena-1\"\ntokens = [\"arena-01\"]\nreplicas = [{}]\n\n\
              [[game]]\nname = \"arena-2\"\ntokens = [\"arena-02\"]\nreplicas = [{}]\n",
-            list(&a),
-            list(&b)
+            toml_list(&a),
+            toml_list(&b)
         ),
-    )
-    .unwrap();
-    let config = path.display().to_string();
+    );
+    let config = dir.arg();
     // One lag histogram per game, as a fleet of many games would run it.
     let proxy = start_proxy(
         &[],
@@ -75,7 +54,7 @@ fn start() -> Games {
         a,
         b,
         proxy,
-        _dir: TempConfig(path),
+        _dir: dir,
     }
 }
 

@@ -282,14 +282,7 @@ fn a_rolling_replacement_never_leaves_a_streaming_player_deaf() {
     let answers = rx.finish_at_seq(1999);
     let left = last_original_left.unwrap();
 
-    let seqs: Vec<u64> = answers
-        .iter()
-        .map(|(_, a)| spotable_fixtures::wire::seq_of(a).unwrap())
-        .collect();
-    let mut unique = seqs.clone();
-    unique.sort_unstable();
-    unique.dedup();
-    assert_eq!(unique.len(), seqs.len(), "duplicates delivered");
+    let unique = distinct_seqs(&answers);
     // Until the last original replica left, nothing was lost.
     for n in 0..1190 {
         assert!(
@@ -360,14 +353,7 @@ fn the_last_original_replica_dying_before_discovery_knows_costs_a_few_datagrams(
     });
     let answers = rx.finish_at_seq(1199);
     let killed_at = killed_at.unwrap();
-    let seqs: Vec<u64> = answers
-        .iter()
-        .map(|(_, a)| spotable_fixtures::wire::seq_of(a).unwrap())
-        .collect();
-    let mut unique = seqs.clone();
-    unique.sort_unstable();
-    unique.dedup();
-    assert_eq!(unique.len(), seqs.len(), "duplicates delivered");
+    let unique = distinct_seqs(&answers);
     for n in 0..395 {
         assert!(
             unique.binary_search(&n).is_ok(),

@@ -16,15 +16,6 @@ const MS: Duration = Duration::from_millis(1);
 const FLOODED: &[u8] = b"arena-01";
 const QUIET: &[u8] = b"arena-02";
 
-/// A config file that is removed with the test.
-struct TempConfig(std::path::PathBuf);
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 type Started = (
     Vec<ReplicaProcess>,
     spotable_fixtures::process::ProxyProcess,
@@ -34,30 +25,17 @@ type Started = (
 /// Two games of two echo replicas each; `arena-1` with `limits` in its table.
 fn start(limits: &str, proxy_args: &[&str]) -> Started {
     let replicas: Vec<_> = (0..4).map(|_| replica(&[])).collect();
-    let list = |rs: &[ReplicaProcess]| {
-        rs.iter()
-            .map(|r| format!("\"{}\"", r.addr))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    // One file per test (they run in parallel): named after a replica's unique port.
-    let path = std::env::temp_dir().join(format!(
-        "spotable-tenants-{}-{}.toml",
-        std::process::id(),
-        replicas[0].addr.port()
-    ));
-    std::fs::write(
-        &path,
-        format!(
+    let config = TempConfig::write(
+        "tenants",
+        replicas[0].addr.port(),
+        &format!(
             "[[game]]\nname = \"arena-1\"\ntokens = [\"arena-01\"]\nreplicas = [{}]\n{limits}\n\n\
              [[game]]\nname = \"arena-2\"\ntokens = [\"arena-02\"]\nreplicas = [{}]\n",
-            list(&replicas[..2]),
-            list(&replicas[2..])
+            toml_list(&replicas[..2]),
+            toml_list(&replicas[2..])
         ),
-    )
-    .unwrap();
-    let config = TempConfig(path);
-    let file = config.0.display().to_string();
+    );
+    let file = config.arg();
     let mut args = vec!["--token-bytes", "8", "--config", &file];
     args.extend_from_slice(proxy_args);
     let proxy = start_proxy(&[], &args);

@@ -40,14 +40,7 @@ fn a_primary_whose_process_dies_is_failed_over_on_the_kernels_word_not_after_sil
         }
     });
     let answers = rx.finish_at_seq(999);
-    let seqs: Vec<u64> = answers
-        .iter()
-        .map(|(_, a)| spotable_fixtures::wire::seq_of(a).unwrap())
-        .collect();
-    let mut unique = seqs.clone();
-    unique.sort_unstable();
-    unique.dedup();
-    assert_eq!(unique.len(), seqs.len(), "duplicates delivered");
+    let unique = distinct_seqs(&answers);
     // From shortly before the kill to the end: what the death cost (a stall of the machine
     // elsewhere would be primary mode's ordinary silence rule, not this).
     let lost: Vec<u64> = (490..1000)

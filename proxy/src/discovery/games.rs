@@ -205,39 +205,30 @@ fn read_annotations(m: &Member<'_>, table: &mut GameConfig) -> Result<(), GamePr
         }
         table.agreement = Some(agreement);
     }
-    if let Some(v) = a.get(MAX_SESSIONS) {
-        let n = v
-            .trim()
-            .parse::<usize>()
-            .map_err(|_| problem(MAX_SESSIONS, format!("{v:?} is not a number")))?;
-        if table.max_sessions.is_some_and(|m| m != n) {
-            return Err(problem(
-                MAX_SESSIONS,
-                "differs from another object's".into(),
-            ));
-        }
-        table.max_sessions = Some(n);
+    number(a, MAX_SESSIONS, &mut table.max_sessions).map_err(|r| problem(MAX_SESSIONS, r))?;
+    number(a, MAX_PPS, &mut table.max_pps).map_err(|r| problem(MAX_PPS, r))?;
+    number(a, FANOUT, &mut table.fanout).map_err(|r| problem(FANOUT, r))?;
+    Ok(())
+}
+
+/// Reads the number under `annotation` into `into`, which another object of the game may have
+/// set already: then they must agree.
+fn number<T: std::str::FromStr + PartialEq>(
+    annotations: &BTreeMap<String, String>,
+    annotation: &str,
+    into: &mut Option<T>,
+) -> Result<(), String> {
+    let Some(v) = annotations.get(annotation) else {
+        return Ok(());
+    };
+    let n = v
+        .trim()
+        .parse::<T>()
+        .map_err(|_| format!("{v:?} is not a number"))?;
+    if into.as_ref().is_some_and(|m| *m != n) {
+        return Err("differs from another object's".into());
     }
-    if let Some(v) = a.get(MAX_PPS) {
-        let n = v
-            .trim()
-            .parse::<u32>()
-            .map_err(|_| problem(MAX_PPS, format!("{v:?} is not a number")))?;
-        if table.max_pps.is_some_and(|m| m != n) {
-            return Err(problem(MAX_PPS, "differs from another object's".into()));
-        }
-        table.max_pps = Some(n);
-    }
-    if let Some(v) = a.get(FANOUT) {
-        let n = v
-            .trim()
-            .parse::<usize>()
-            .map_err(|_| problem(FANOUT, format!("{v:?} is not a number")))?;
-        if table.fanout.is_some_and(|f| f != n) {
-            return Err(problem(FANOUT, "differs from another object's".into()));
-        }
-        table.fanout = Some(n);
-    }
+    *into = Some(n);
     Ok(())
 }
 

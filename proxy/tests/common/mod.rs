@@ -180,6 +180,55 @@ pub fn counts(answers: &[Vec<u8>]) -> HashMap<u64, usize> {
     m
 }
 
+/// A config file that is removed with the test.
+pub struct TempConfig(pub PathBuf);
+
+impl TempConfig {
+    /// Writes `text` to a file of its own (tests run in parallel: `unique`, a replica's port,
+    /// tells them apart).
+    pub fn write(name: &str, unique: u16, text: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "spotable-{name}-{}-{unique}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        Self(path)
+    }
+
+    /// Its path, as a flag takes it.
+    pub fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Replicas' addresses as a TOML array's items.
+pub fn toml_list(replicas: &[ReplicaProcess]) -> String {
+    replicas
+        .iter()
+        .map(|r| format!("\"{}\"", r.addr))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The sequence numbers of stamped answers, sorted; asserts none arrived twice.
+pub fn distinct_seqs(answers: &[(Instant, Vec<u8>)]) -> Vec<u64> {
+    let mut seqs: Vec<u64> = answers
+        .iter()
+        .map(|(_, a)| wire::seq_of(a).expect("stamped answer"))
+        .collect();
+    let all = seqs.len();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), all, "duplicates delivered");
+    seqs
+}
+
 /// Asserts that every number in `0..count` arrived exactly `times` times and nothing else did.
 pub fn assert_each(answers: &[Vec<u8>], count: u64, times: usize) {
     let c = counts(answers);

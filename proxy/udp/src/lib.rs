@@ -231,65 +231,21 @@ impl RecvBatch {
     /// demand, apart from [`get`](Self::get), so that only the callers who want it pay.
     pub fn received(&self, i: usize) -> Option<Duration> {
         let msg = &self.headers.hdrs[i].msg_hdr;
-        if msg.msg_control.is_null() || msg.msg_controllen < mem::size_of::<libc::cmsghdr>() {
-            return None;
-        }
-        // SAFETY: msg_control points at this slot's control words (set_control), and
-        // msg_controllen is what the kernel (or `fill`) wrote there, never more than the
-        // buffer; the CMSG_* macros walk only within [msg_control, msg_control + controllen).
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(msg);
-            while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::SOL_SOCKET
-                    && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
-                    && (*cmsg).cmsg_len as usize
-                        >= libc::CMSG_LEN(mem::size_of::<libc::timespec>() as u32) as usize
-                {
-                    let ts: libc::timespec =
-                        ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>());
-                    let secs = u64::try_from(ts.tv_sec).ok()?;
-                    let nanos = u32::try_from(ts.tv_nsec).ok()?;
-                    return Some(Duration::new(secs, nanos));
-                }
-                cmsg = libc::CMSG_NXTHDR(msg, cmsg);
-            }
-        }
-        None
+        let ts: libc::timespec = control(msg, libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS)?;
+        let secs = u64::try_from(ts.tv_sec).ok()?;
+        let nanos = u32::try_from(ts.tv_nsec).ok()?;
+        Some(Duration::new(secs, nanos))
     }
 
     /// The traffic class of the datagram in slot `i` (IPv4 TOS, IPv6 traffic class: DSCP and
     /// ECN), on sockets with [`enable_receive_tos`]; `None` when the kernel gave none.
     pub fn tos(&self, i: usize) -> Option<u8> {
         let msg = &self.headers.hdrs[i].msg_hdr;
-        if msg.msg_control.is_null() || msg.msg_controllen < mem::size_of::<libc::cmsghdr>() {
-            return None;
-        }
-        // SAFETY: as in `received`: the walk stays within [msg_control, + controllen), and
-        // each data read is within its message's cmsg_len (checked first).
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(msg);
-            while !cmsg.is_null() {
-                let (level, kind) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
-                let len = (*cmsg).cmsg_len as usize;
-                // IPv4 (on either family of socket): one byte. IPv6: an int.
-                if level == libc::IPPROTO_IP
-                    && kind == libc::IP_TOS
-                    && len >= libc::CMSG_LEN(1) as usize
-                {
-                    return Some(*libc::CMSG_DATA(cmsg));
-                }
-                if level == libc::IPPROTO_IPV6
-                    && kind == libc::IPV6_TCLASS
-                    && len >= libc::CMSG_LEN(mem::size_of::<libc::c_int>() as u32) as usize
-                {
-                    let class: libc::c_int =
-                        ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
-                    return u8::try_from(class).ok();
-                }
-                cmsg = libc::CMSG_NXTHDR(msg, cmsg);
-            }
-        }
-        None
+        // IPv4 (on either family of socket): one byte. IPv6: an int.
+        control::<u8>(msg, libc::IPPROTO_IP, libc::IP_TOS).or_else(|| {
+            control::<libc::c_int>(msg, libc::IPPROTO_IPV6, libc::IPV6_TCLASS)
+                .and_then(|class| u8::try_from(class).ok())
+        })
     }
 
     /// The datagram in slot `i` (as filled by the last [`recv`](Self::recv) covering it).
@@ -303,6 +259,38 @@ impl RecvBatch {
             truncated: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
         }
     }
+}
+
+/// Plain data a control message carries: every bit pattern is a valid value.
+trait Pod: Copy {}
+impl Pod for u8 {}
+impl Pod for libc::c_int {}
+impl Pod for libc::timespec {}
+impl Pod for libc::sock_extended_err {}
+
+/// The first control message of `msg` at `level` and of `kind` that is long enough to hold a
+/// `T`, read as one.
+fn control<T: Pod>(msg: &libc::msghdr, level: libc::c_int, kind: libc::c_int) -> Option<T> {
+    if msg.msg_control.is_null() || msg.msg_controllen < mem::size_of::<libc::cmsghdr>() {
+        return None;
+    }
+    // SAFETY: msg_control points at a buffer of msg_controllen bytes that the kernel (or
+    // `fill`) wrote; the CMSG_* macros walk only within it, a message's data is read only when
+    // its cmsg_len covers a T, and T is plain data (any bit pattern is a value).
+    unsafe {
+        let wanted = libc::CMSG_LEN(mem::size_of::<T>() as u32) as usize;
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == level
+                && (*cmsg).cmsg_type == kind
+                && (*cmsg).cmsg_len as usize >= wanted
+            {
+                return Some(ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<T>()));
+            }
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+        }
+    }
+    None
 }
 
 /// What a batched send achieved.
@@ -600,15 +588,15 @@ pub fn read_errors(socket: BorrowedFd<'_>, out: &mut Vec<SendError>) -> io::Resu
             iov_base: head.as_mut_ptr().cast(),
             iov_len: head.len(),
         };
-        let mut control = [0u64; 16];
+        let mut space = [0u64; 16];
         // SAFETY: all-zero is a valid msghdr; every pointer is filled below before use.
         let mut msg: libc::msghdr = unsafe { mem::zeroed() };
         msg.msg_name = ptr::from_mut(&mut name).cast();
         msg.msg_namelen = mem::size_of::<SockAddrStorage>() as libc::socklen_t;
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = mem::size_of_val(&control) as _;
+        msg.msg_control = space.as_mut_ptr().cast();
+        msg.msg_controllen = mem::size_of_val(&space) as _;
         // SAFETY: msg points at live buffers of the sizes it declares, all owned here.
         let r = unsafe {
             libc::recvmsg(
@@ -629,26 +617,9 @@ pub fn read_errors(socket: BorrowedFd<'_>, out: &mut Vec<SendError>) -> io::Resu
         let Some(to) = decode(&name, msg.msg_namelen) else {
             continue;
         };
-        // SAFETY: the walk stays within [msg_control, + controllen), which the kernel wrote;
-        // the record is read only when its message is long enough to hold it.
-        let errno = unsafe {
-            let mut found = None;
-            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-            while !cmsg.is_null() {
-                let (level, kind) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
-                let ours = (level == libc::IPPROTO_IP && kind == libc::IP_RECVERR)
-                    || (level == libc::IPPROTO_IPV6 && kind == libc::IPV6_RECVERR);
-                let size = mem::size_of::<libc::sock_extended_err>() as u32;
-                if ours && (*cmsg).cmsg_len as usize >= libc::CMSG_LEN(size) as usize {
-                    let ee: libc::sock_extended_err =
-                        ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
-                    found = i32::try_from(ee.ee_errno).ok();
-                    break;
-                }
-                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-            }
-            found
-        };
+        let record = control::<libc::sock_extended_err>(&msg, libc::IPPROTO_IP, libc::IP_RECVERR)
+            .or_else(|| control(&msg, libc::IPPROTO_IPV6, libc::IPV6_RECVERR));
+        let errno = record.and_then(|ee| i32::try_from(ee.ee_errno).ok());
         if let Some(errno) = errno {
             out.push(SendError { to, errno });
         }
